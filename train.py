@@ -1,0 +1,492 @@
+"""Train Mini-Gemini with one hand-written Accelerate loop.
+
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py recipes/tiny_pretrain.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train.py recipes/mgm_7b_finetune.yaml \
+        --output_dir runs/mgm7b --resume auto
+
+The recipe (YAML) comes first; any field of ModelArguments (model.py), DataArguments (data.py) or TrainArguments
+(below) can follow it on the command line and wins. Reading order: arguments, main (setup, then the loop), helpers.
+Loss scaling: every micro-batch loss is (sum of its token losses) / (supervised tokens of the whole optimizer step,
+all micro-batches and ranks), so accumulation and data parallelism give exactly the gradient of one big batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import (DistributedDataParallelKwargs, gather_object, is_tensorboard_available,
+                              is_wandb_available, set_seed)
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+import data
+import model as mgm
+from data import IGNORE_INDEX
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = "runs/mgm"
+    stage: str = "finetune"              # pretrain (projector + mining) | finetune (LLM too), see DESIGN.md
+    tune: str = "full"                   # full | lora | qlora (qlora needs bits 4 or 8 in the model arguments)
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # Switches on top of the stage (MGM / DeepSpeed-VisualChat): what else trains, what does not.
+    freeze_projector: bool = False       # keep the projector (and mining) as loaded, e.g. from pretrained_mm_path
+    train_embeddings: bool = False       # freeze the LLM but train its token embeddings and lm_head (DS-VisualChat)
+    tune_vision_tower: bool = False      # last half of the CLIP layers
+    tune_vision_tower_aux: bool = False  # last ConvNeXt stage
+    # Optimizer and schedule: AdamW, linear warmup then cosine to zero, stepped once per optimizer step.
+    learning_rate: float = 2e-5
+    projector_lr: float | None = None    # default: learning_rate
+    mining_lr: float | None = None       # default: projector_lr
+    vision_tower_lr: float | None = None  # default: learning_rate
+    lr_multi: str = ""                   # "name:factor,...": lr *= factor for parameters whose name contains name
+    weight_decay: float = 0.0            # never applied to norms and biases
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0           # <= 0: no clipping (the norm is still logged)
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = -1                  # > 0: overrides num_epochs
+    seed: int = 42
+    num_workers: int = 4
+    # Logging, evaluation, checkpoints.
+    logging_steps: int = 1
+    report_to: str = "tensorboard"       # comma list of accelerate trackers (tensorboard, wandb), or "none"
+    eval_data_path: str = ""             # held-out records (same format as data_path): eval loss every eval_steps
+    eval_steps: int = 0                  # 0: only at the end
+    save_steps: int = 500
+    save_total_limit: int = 2
+    resume: str = ""                     # "auto": newest complete checkpoint in output_dir; or a checkpoint dir
+    max_bad_steps: int = 3               # stop after this many non-finite steps in a row
+    ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
+
+
+def parse_args(argv: list[str] | None = None):
+    """(model_args, data_args, train_args) from `recipe.yaml [--field value ...]`; the command line wins."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        with open(argv.pop(0)) as f:
+            argv = recipe_to_argv(yaml.safe_load(f) or {}) + argv
+    # "resolve": a field that two dataclasses share (e.g. image_grid) is one option that sets both.
+    parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments), conflict_handler="resolve")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run one training stage; returns the export directory."""
+    model_args, data_args, args = parse_args(argv)
+    config = resolved_config(model_args, data_args, args)
+    check_args(model_args, args)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, not once per process
+        log_with=trackers(args.report_to), project_dir=args.output_dir,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)],
+    )
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # an accelerate config's value wins
+        raise ValueError(f"the accelerate config sets gradient_accumulation_steps="
+                         f"{accelerator.gradient_accumulation_steps}; set it in the recipe only")
+    accelerator.print(f"distributed: {accelerator.distributed_type}, {accelerator.num_processes} process(es), "
+                      f"mixed precision: {accelerator.mixed_precision}")
+    set_seed(args.seed)  # identical initialisation of new modules on every rank
+
+    # Model, trainable parameters, data.
+    model, tokenizer = mgm.build_model(model_args)
+    if args.tune in ("lora", "qlora"):
+        model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    table = mgm.set_stage(model, args.stage, tune=args.tune, freeze_projector=args.freeze_projector,
+                          train_embeddings=args.train_embeddings, tune_vision_tower=args.tune_vision_tower,
+                          tune_vision_tower_aux=args.tune_vision_tower_aux)
+    accelerator.print(table)
+    with accelerator.main_process_first():
+        dataset = data.build_dataset(data_args, tokenizer, model.image_settings(), model.tokens_per_image)
+    loader = train_loader(dataset, data_args, args, tokenizer, accelerator)
+    G = args.gradient_accumulation_steps
+    total_steps = args.max_steps if args.max_steps > 0 else int(args.num_epochs * loader.batch_sampler.batches_per_epoch) // G
+    if total_steps < 1:
+        raise ValueError(f"no optimizer step to take: {loader.batch_sampler.batches_per_epoch} batches per rank per epoch, accumulation {G}")
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+
+    optimizer = torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_at, peak=1.0, warmup=warmup, total=total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_save_state_pre_hook(keep_only_trainables)
+    eval_loader = None
+    if args.eval_data_path:
+        eval_set = data.build_dataset(dataclasses.replace(data_args, data_path=args.eval_data_path), tokenizer,
+                                      model_image_settings(accelerator, model), tokens_per_image(accelerator, model))
+        eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
+            eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers))
+
+    # Resume: weights of the trainables, optimizer, scheduler, RNG, data position, step and counters.
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for stale in list_checkpoints(args.output_dir, complete=False):  # left by a crash in the middle of a save
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    ckpt = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+    if ckpt:
+        accelerator.load_state(ckpt, strict=False)  # the checkpoint holds only the trainable weights
+        accelerator.print(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, "
+                          f"batch {state.batch_in_epoch})")
+    metrics = MetricsFile(os.path.join(args.output_dir, "metrics.jsonl"), accelerator, after_step=state.step)
+    accelerator.init_trackers("mgm", config=flat_scalars(config))
+    accelerator.print(f"{total_steps} optimizer steps of {args.per_device_batch_size} x {G} x "
+                      f"{accelerator.num_processes} samples ({loader.batch_sampler.batches_per_epoch} batches per rank per epoch), "
+                      f"warmup {warmup}")
+
+    # The loop: one iteration = one optimizer step over G micro-batches on every rank.
+    batches = batch_stream(loader, state)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    tick, done_tokens, done_samples = time.time(), 0, 0
+    model.train()
+    while state.step < total_steps:
+        window = [next(batches) for _ in range(G)]
+        for record_id, reason in gather_object([s for b in window for s in b["skipped"]]):
+            kind = data.reason_kind(reason)
+            state.skipped_samples[kind] = state.skipped_samples.get(kind, 0) + 1
+            accelerator.print(f"skipped record {record_id}: {reason}")
+        loss, tokens, samples = forward_backward(accelerator, model, window)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
+                                                else float("inf"))
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16")
+        if bad:  # skip the update, keep the schedule a function of the step (fp16 overflows are the scaler's job)
+            state.skipped_steps += 1
+            state.bad_in_a_row += 1
+            ids = gather_object([i for b in window for i in b.get("ids", [])])
+            accelerator.print(f"step {state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, "
+                              f"update skipped; samples: {ids}")
+            if state.bad_in_a_row >= args.max_bad_steps:
+                raise RuntimeError(f"{state.bad_in_a_row} non-finite steps in a row, the last at step "
+                                   f"{state.step + 1}; sample ids of its batch: {ids}")
+        else:
+            optimizer.step()
+            state.bad_in_a_row = 0
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        done_tokens += tokens
+        done_samples += samples
+        bar.update(1)
+
+        if state.step % args.logging_steps == 0 or state.step == total_steps:
+            seconds = max(time.time() - tick, 1e-9)
+            log = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "tokens_per_s": done_tokens / seconds, "samples_per_s": done_samples / seconds,
+                   "peak_mem_gb": peak_memory_gb(), "epoch": state.epoch, "skipped_steps": state.skipped_steps}
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{log['lr']:.2e}")
+            bar.write(f"step {state.step}/{total_steps} | loss {loss:.4f} | lr {log['lr']:.3e} | grad norm "
+                      f"{grad_norm:.3f} | {log['tokens_per_s']:.0f} tok/s | {log['samples_per_s']:.2f} samples/s "
+                      f"| peak mem {log['peak_mem_gb']:.2f} GB") if accelerator.is_local_main_process else None
+            accelerator.log(log, step=state.step)
+            metrics.write(state.step, log)
+            tick, done_tokens, done_samples = time.time(), 0, 0
+        if eval_loader is not None and (state.step == total_steps or args.eval_steps and
+                                        state.step % args.eval_steps == 0):
+            eval_loss = evaluate(accelerator, model, eval_loader)
+            bar.write(f"step {state.step} | eval loss {eval_loss:.4f}") if accelerator.is_local_main_process else None
+            accelerator.log({"eval_loss": eval_loss}, step=state.step)
+            metrics.write(state.step, {"eval_loss": eval_loss})
+        if state.step % args.save_steps == 0 or state.step == total_steps:
+            save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit)
+    bar.close()
+
+    export_dir = os.path.join(args.output_dir, "export")
+    export(accelerator, model, tokenizer, export_dir, config)
+    accelerator.print(f"exported to {export_dir}")
+    accelerator.end_training()
+    return export_dir
+
+
+# ---- Arguments -----------------------------------------------------------------------------------------------------
+
+def recipe_to_argv(recipe: dict) -> list[str]:
+    """A flat YAML mapping as command-line options (an unknown key is an argparse error, as on the command line)."""
+    argv = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        argv += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+    return argv
+
+
+def resolved_config(*arg_objects) -> dict:
+    """One flat mapping of every field: a valid recipe, saved with every checkpoint and export."""
+    config = {}
+    for obj in arg_objects:
+        config.update(dataclasses.asdict(obj))
+    return config
+
+
+def check_args(model_args, args: TrainArguments) -> None:
+    bits = getattr(model_args, "bits", 16)
+    if args.stage not in ("pretrain", "finetune") or args.tune not in ("full", "lora", "qlora"):
+        raise ValueError(f"stage must be pretrain|finetune and tune full|lora|qlora, got {args.stage}/{args.tune}")
+    if (args.tune == "qlora") != (bits in (4, 8)):
+        raise ValueError(f"tune={args.tune} with bits={bits}: qlora needs bits 4 or 8, and a quantized LLM "
+                         "can only be trained through LoRA adapters")
+    if args.save_total_limit < 1:
+        raise ValueError("save_total_limit must be >= 1 (the newest checkpoint is never deleted)")
+
+
+def trackers(report_to: str) -> list[str]:
+    wanted = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    return [t for t in wanted if available.get(t, True)]  # unknown names: let accelerate complain
+
+
+def flat_scalars(config: dict) -> dict:
+    """Trackers (tensorboard hparams) accept only scalars."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+# ---- Parameters and schedule ---------------------------------------------------------------------------------------
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model, args: TrainArguments) -> list[dict]:
+    """AdamW groups: projector, mining and towers get their own lr; norms and biases no weight decay."""
+    projector_lr = args.projector_lr or args.learning_rate
+    own_lr = {}
+    for module, lr in [(model.projector, projector_lr), (model.mining, args.mining_lr or projector_lr),
+                       (model.vision_tower, args.vision_tower_lr), (model.vision_tower_aux, args.vision_tower_lr)]:
+        for p in module.parameters() if module is not None and lr else []:
+            own_lr[id(p)] = lr
+    multipliers = [(name, float(factor)) for name, factor in
+                   (item.split(":") for item in args.lr_multi.split(",") if item.strip())]
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = own_lr.get(id(p), args.learning_rate)
+        for key, factor in multipliers:
+            lr *= factor if key in name else 1.0
+        decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else args.weight_decay
+        groups.setdefault((lr, decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+# ---- Data ----------------------------------------------------------------------------------------------------------
+
+def collate_fn(tokenizer):
+    return partial(data.collate, pad_token_id=tokenizer.pad_token_id)
+
+
+def train_loader(dataset, data_args, args: TrainArguments, tokenizer, accelerator) -> torch.utils.data.DataLoader:
+    """This rank's batches. data.py's sampler is rank-aware (so accelerate must not shard it again) and each epoch's
+    order is a pure function of (seed, epoch); resume starts it at a batch index without loading what it skips.
+    The loader's own generator keeps the global RNG untouched, so resuming does not shift dropout masks."""
+    sampler = data.GroupedBatchSampler(
+        dataset.lengths(), dataset.is_multimodal(), args.per_device_batch_size, seed=args.seed,
+        num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        group_by_modality_length=data_args.group_by_modality_length)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args.seed))
+
+
+@dataclass
+class TrainState:
+    """Everything about the run's progress that is not a tensor; saved with every checkpoint."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0      # batches of this epoch already consumed (by every rank)
+    skipped_steps: int = 0       # non-finite steps whose update was skipped
+    bad_in_a_row: int = 0
+    skipped_samples: dict = field(default_factory=dict)  # unusable records dropped by data.py, by kind
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+def batch_stream(loader, state: TrainState):
+    """Batches forever, epoch after epoch, from the position in `state`; the position advances as batches are
+    handed out, so between two optimizer steps it is exactly what a checkpoint must record."""
+    while True:
+        loader.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        for batch in loader:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+# ---- One optimizer step --------------------------------------------------------------------------------------------
+
+def forward_backward(accelerator, model, window: list[dict]) -> tuple[float, int, int]:
+    """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches).
+
+    Returns (loss of the step over all ranks, LLM tokens, samples). Each micro-batch loss is its token-loss sum
+    divided by the supervised tokens of the whole step on all ranks; `accelerator.backward` divides by G and DDP/FSDP
+    average over ranks, so scaling by G * world size makes the gradient exactly that of one big batch.
+    """
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)  # the LLM loss shifts by one
+    num_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
+    scale = len(window) * accelerator.num_processes
+    step_loss = torch.zeros((), device=accelerator.device)
+    tokens = samples = 0
+    for batch in window:
+        with accelerator.accumulate(model):
+            out = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items)
+            accelerator.backward(out.loss * scale)
+        step_loss += out.loss.detach().float()
+        tokens += int(batch["attention_mask"].sum())
+        samples += batch["input_ids"].shape[0]
+    assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
+    loss = accelerator.reduce(step_loss, reduction="sum").item()
+    counts = accelerator.reduce(torch.tensor([tokens, samples], device=accelerator.device), reduction="sum")
+    return loss, int(counts[0]), int(counts[1])
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+            if k not in ("ids", "skipped")}
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, eval_loader) -> float:
+    """Mean token loss over the held-out set (one sample per forward, so duplicates from even sharding drop out)."""
+    model.eval()
+    totals = []
+    for batch in eval_loader:
+        out = model(**model_inputs(batch, accelerator.device), num_items_in_batch=1)  # the sum of token losses
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        totals.append(torch.stack([out.loss.float(), n.float().to(out.loss.device)])[None])
+    model.train()
+    sums = accelerator.gather_for_metrics(torch.cat(totals)).sum(0)
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+class MetricsFile:
+    """metrics.jsonl in the output dir, one line per log; on resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: str, accelerator, after_step: int):
+        self.path, self.main = path, accelerator.is_main_process
+        if self.main and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= after_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, step: int, values: dict) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+# ---- Checkpoints and export ----------------------------------------------------------------------------------------
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit: int) -> None:
+    """accelerator.save_state into checkpoint-XXXXXX.tmp, then one rename: a crash mid-save leaves the previous
+    checkpoint whole and this one absent. Rotation keeps the newest `limit` complete checkpoints."""
+    final = os.path.join(output_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "train_config.yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        debug_hang("save", step)
+        if os.path.exists(final):  # re-saving a step after resuming from an older checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def list_checkpoints(output_dir: str, complete: bool = True) -> list[str]:
+    """Complete checkpoints oldest first, or (complete=False) the temp dirs of unfinished saves."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = os.listdir(output_dir)
+    if not complete:
+        return [os.path.join(output_dir, n) for n in names if n.startswith("checkpoint-") and n.endswith(".tmp")]
+    steps = sorted((int(m.group(1)), n) for n in names if (m := CHECKPOINT.match(n)))
+    return [os.path.join(output_dir, n) for _, n in steps]
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def keep_only_trainables(models, weights, output_dir) -> None:
+    """save_state hook: write only the trainable weights (frozen towers and a frozen LLM come from the base
+    checkpoints when the run is rebuilt); FSDP and DeepSpeed save their own shards and pass no weights here."""
+    for m, w in zip(models, weights):
+        trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+        for key in [k for k in w if k not in trainable]:
+            del w[key]
+
+
+def export(accelerator, model, tokenizer, export_dir: str, config: dict) -> None:
+    """The final, self-contained export (model.py decides what a stage exports) plus the resolved config."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(export_dir, tokenizer=tokenizer, state_dict=state_dict)
+        with open(os.path.join(export_dir, "train_config.yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+    accelerator.wait_for_everyone()
+
+
+def model_image_settings(accelerator, model) -> dict:
+    return accelerator.unwrap_model(model).image_settings()
+
+
+def tokens_per_image(accelerator, model) -> int:
+    return accelerator.unwrap_model(model).tokens_per_image
+
+
+def debug_hang(point: str, step: int) -> None:
+    """Testing aid: MGM_DEBUG_HANG=save:6 blocks the process at that point (checkpoint written, not yet renamed),
+    so a test can kill -9 it there. Unset in normal runs."""
+    if os.environ.get("MGM_DEBUG_HANG") == f"{point}:{step}":
+        print(f"MGM_DEBUG_HANG pid={os.getpid()} at {point}:{step}", flush=True)
+        while True:
+            time.sleep(60)
+
+
+if __name__ == "__main__":
+    main()
