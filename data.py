@@ -4,6 +4,8 @@ Public entry points come first; helpers below.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from conversation import ConversationError, Segment, Template, get_template, normalize_messages
@@ -98,15 +100,25 @@ def _encode_piece(tokenizer, text: str, *, literal: bool, anchored: bool) -> lis
 
 def _adds_prefix_space(tokenizer) -> bool:
     """True for SentencePiece-style tokenizers that put "▁" in front of every text they encode."""
-    def enc(t):
-        return tokenizer(t, add_special_tokens=False)["input_ids"]
-    return enc("\n") + enc("a") != enc("\na")
+    return _tokenizer_facts(tokenizer)[0]
 
 
 def _bos_ids(tokenizer) -> list[int]:
     """What the tokenizer itself puts in front of a text (BOS or nothing); never an EOS it would append."""
-    ids = tokenizer("", add_special_tokens=True)["input_ids"]
-    return [i for i in ids if i != tokenizer.eos_token_id or i == tokenizer.bos_token_id]
+    return list(_tokenizer_facts(tokenizer)[1])
+
+
+_TOKENIZER_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a cache: same answer per tokenizer
+
+
+def _tokenizer_facts(tokenizer) -> tuple[bool, tuple[int, ...]]:
+    if tokenizer not in _TOKENIZER_FACTS:
+        def enc(t):
+            return tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        bos = tuple(i for i in ids if i != tokenizer.eos_token_id or i == tokenizer.bos_token_id)
+        _TOKENIZER_FACTS[tokenizer] = (enc("\n") + enc("a") != enc("\na"), bos)
+    return _TOKENIZER_FACTS[tokenizer]
 
 
 def _place_image_tags(messages: list[dict], num_images: int | None) -> list[dict]:
@@ -151,6 +163,7 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_le
 # other processes) with SkippedSamples. A batch whose samples were all skipped has B = 0.
 # Reasons read "<kind>: <detail>"; the kind (text before the first colon) is what summaries count.
 import argparse  # noqa: E402  (this section's imports; kept here so the sections can be edited independently)
+import bisect  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -201,7 +214,8 @@ class DataArguments:
     group_by_modality_length: bool = True
     max_image_pixels: int = 89_478_485  # bigger images are rejected as decompression bombs (Pillow's own limit)
     cache_dir: str | None = None        # datasets cache for the normalized records (default: HF_DATASETS_CACHE)
-    num_proc: int | None = None         # processes for normalizing parquet / datasets sources
+    num_proc: int | None = None         # processes for normalizing sources and measuring lengths (packing)
+    packing: bool = False               # whole samples packed into rows of max_length; a batch is then B rows
     # Image sizes, grid and mean/std are not here: they come from the model (model.image_settings()).
 
 
@@ -210,14 +224,30 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     """Records of data_args.data_path -> a map-style dataset of tokenized samples with image tensors.
 
     image_settings: model.image_settings() (image_size, image_size_aux, image_mean, image_std, image_grid,
-    image_global); None for a text-only model. tokens_per_image: LLM positions one image takes (max_length check)."""
+    image_global); None for a text-only model. tokens_per_image: LLM positions one image takes (max_length check).
+    With data_args.packing the exact length of every record is measured here (once; cached), so that under
+    accelerator.main_process_first() one process does the work and the others read the cache."""
     if data_args.bad_sample not in ("skip", "error"):
         raise ValueError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
     records = load_records(data_args.data_path, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc)
     processor = None
     if image_settings is not None:
         processor = ImageProcessor(**image_settings, aspect_ratio=data_args.image_aspect_ratio)
-    return SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
+    dataset = SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
+    if data_args.packing:
+        dataset.measure_lengths()
+    return dataset
+
+
+def build_sampler(dataset: SupervisedDataset, data_args: DataArguments, batch_size: int, *, num_replicas: int = 1,
+                  rank: int = 0, seed: int = 0) -> GroupedBatchSampler | PackedBatchSampler:
+    """This rank's batch sampler: packed rows (data_args.packing; batch_size rows of up to max_length positions)
+    or modality/length-grouped padded batches (batch_size samples). Both resume with set_epoch(epoch, start_batch)."""
+    if data_args.packing:
+        return PackedBatchSampler(dataset.lengths(), data_args.max_length, batch_size, num_replicas=num_replicas,
+                                  rank=rank, seed=seed)
+    return GroupedBatchSampler(dataset.lengths(), dataset.is_multimodal(), batch_size, num_replicas=num_replicas,
+                               rank=rank, seed=seed, group_by_modality_length=data_args.group_by_modality_length)
 
 
 def load_records(data_path: str | list[str], *, cache_dir: str | None = None,
@@ -332,17 +362,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """Map-style dataset: index -> {"id", "input_ids", "labels", "images" [n, V, 3, S, S] | None,
     "images_aux" [n, 3, A, A] | None}, or, for a bad record under bad_sample="skip", {"id", "skipped": reason}.
 
+    A pack (list of indices, as PackedBatchSampler yields them) -> the list of its samples.
     Text-only records carry no image tensors at all. Records live in Arrow (self.records), never in a Python list."""
 
     def __init__(self, records: datasets.Dataset, tokenizer, args: DataArguments,
                  processor: ImageProcessor | None, tokens_per_image: int = 1):
         self.records, self.tokenizer, self.args = records, tokenizer, args
         self.processor, self.tokens_per_image = processor, tokens_per_image
+        self.measured_lengths: np.ndarray | None = None   # set by measure_lengths()
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | list[int]) -> dict | list[dict]:
+        if isinstance(i, list):
+            return [self[j] for j in i]
         record = self.records[int(i)]
         try:
             return self.sample(record)
@@ -421,11 +455,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return load_image(source, self.args.image_folder, self.args.max_image_pixels)
 
     def lengths(self) -> np.ndarray:
-        """Estimated LLM length of every record (words + images * tokens_per_image), from the Arrow columns."""
+        """LLM length of every record, images expanded: exact once measure_lengths() ran (build_dataset runs it when
+        packing), else an estimate from the Arrow columns (words + images * tokens_per_image)."""
+        if self.measured_lengths is not None:
+            return self.measured_lengths
         columns = self.records.select_columns(["n_words", "n_images"]).with_format("numpy")
         n_images = np.asarray(columns["n_images"])
         n_images = np.where(n_images < 0, self.args.num_frames, n_images)
         return np.asarray(columns["n_words"]).astype(np.int64) + n_images * self.tokens_per_image
+
+    def measure_lengths(self) -> np.ndarray:
+        """Exact LLM length of every record as __getitem__ will build it (tokenized and truncated like training, each
+        image counted tokens_per_image); 0 for a record that tokenization rejects. Text only: no image is opened.
+        Runs as a datasets.map (data_args.num_proc processes) whose result is cached in Arrow next to the records,
+        keyed by the tokenizer and the settings that change a length; packs are built from these."""
+        a = self.args
+        settings = DataArguments("", image_folder=a.image_folder, template=a.template, max_length=a.max_length,
+                                 num_frames=a.num_frames)
+        columns = self.records.select_columns(["id", "conversations", "video", "n_images", "problem"])  # no bytes
+        measured = columns.map(
+            _measure_batch, batched=True, remove_columns=columns.column_names, num_proc=a.num_proc,
+            features=datasets.Features({"length": datasets.Value("int32")}), desc="measuring token lengths",
+            fn_kwargs={"tokenizer": self.tokenizer, "args": settings, "tokens_per_image": self.tokens_per_image})
+        self.measured_lengths = np.asarray(measured.with_format("numpy")["length"], dtype=np.int64)
+        return self.measured_lengths
 
     def is_multimodal(self) -> np.ndarray:
         return np.asarray(self.records.select_columns(["n_images"]).with_format("numpy")["n_images"]) != 0
@@ -434,9 +487,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
 def collate(samples: list[dict], pad_token_id: int) -> dict:
     """Samples -> the batch of INTERFACES.md: right-padded input_ids/labels, attention_mask, images as one flat
     [N, V, 3, S, S] tensor with per-sample image_counts, ids, and skipped = [(id, reason)] for dropped samples.
-    Use functools.partial(collate, pad_token_id=...) as the DataLoader's collate_fn."""
+    Use functools.partial(collate, pad_token_id=...) as the DataLoader's collate_fn. With a PackedBatchSampler the
+    DataLoader hands over packs (lists of samples) instead, and they become packed rows (collate_packed)."""
     if pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to unk or eos) first")
+    if samples and isinstance(samples[0], list):
+        return collate_packed(samples, pad_token_id)
     skipped = [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
     samples = [s for s in samples if "skipped" not in s]
     lengths = torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long)
@@ -456,6 +512,46 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         "images_aux": torch.cat(images_aux) if images_aux else None,
         "image_counts": torch.tensor([0 if s["images"] is None else len(s["images"]) for s in samples],
                                      dtype=torch.long),
+        "ids": [s["id"] for s in samples],
+        "skipped": skipped,
+    }
+
+
+def collate_packed(packs: list[list[dict]], pad_token_id: int) -> dict:
+    """Packs of samples -> one row each: the samples' tokens back to back, rows right-padded to the longest.
+
+    The batch is collate()'s plus position_ids [B, T] that restart at 0 at every sample. They count input_ids (an
+    image placeholder is one position here; the model's splice widens it to tokens_per_image and keeps the
+    restarts), and they are how the model and transformers tell packed samples apart: no attention across them.
+    A row's padding tail is a sequence of its own (positions from 0 again). Each sample's first label is
+    IGNORE_INDEX, so the previous sample's last token predicts nothing, as at the end of a padded row; the loss and
+    the supervised-token count are then those of the same samples padded. image_counts are per row, images in
+    sample order, and ids name every packed sample (len(ids) = samples in the batch)."""
+    skipped = [(s["id"], s["skipped"]) for pack in packs for s in pack if "skipped" in s]
+    packs = [kept for pack in packs if (kept := [s for s in pack if "skipped" not in s])]
+    sizes = [[len(s["input_ids"]) for s in pack] for pack in packs]
+    used = torch.tensor([sum(n) for n in sizes], dtype=torch.long)
+    width = int(used.max()) if packs else 0
+    input_ids = torch.full((len(packs), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    for row, (pack, n) in enumerate(zip(packs, sizes)):
+        input_ids[row, :used[row]] = torch.cat([s["input_ids"] for s in pack])
+        labels[row, :used[row]] = torch.cat([s["labels"].index_fill(0, torch.tensor([0]), IGNORE_INDEX)
+                                             for s in pack])
+        position_ids[row] = torch.cat([torch.arange(k) for k in (*n, width - int(used[row]))])
+    samples = [s for pack in packs for s in pack]
+    images = [s["images"] for s in samples if s["images"] is not None]
+    images_aux = [s["images_aux"] for s in samples if s["images_aux"] is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": (torch.arange(width)[None] < used[:, None]).long(),
+        "position_ids": position_ids,
+        "images": torch.cat(images) if images else None,
+        "images_aux": torch.cat(images_aux) if images_aux else None,
+        "image_counts": torch.tensor([sum(0 if s["images"] is None else len(s["images"]) for s in pack)
+                                      for pack in packs], dtype=torch.long),
         "ids": [s["id"] for s in samples],
         "skipped": skipped,
     }
@@ -548,6 +644,87 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
             short = -len(steps[-1]) % self.num_replicas   # top up the last step so every rank gets a batch
             steps[-1] = np.concatenate([steps[-1], order[np.arange(short) % len(order)]])
         return [np.array_split(steps[j], self.num_replicas)[self.rank] for j in rng.permutation(len(steps))]
+
+
+class PackedBatchSampler(torch.utils.data.Sampler):
+    """Batches of packs for one rank: DataLoader(dataset, batch_sampler=this, collate_fn=collate). A pack is a list
+    of dataset indices whose lengths sum to at most max_length; collate turns each pack into one row.
+
+    Each epoch is a pure function of (seed, epoch): the indices are shuffled and every `buffer` of them is packed
+    best-fit decreasing (pack_lengths); a buffer's packs are sorted by length, so a batch holds rows of similar
+    length (little padding), then cut into global steps of batch_size * num_replicas packs, and the step order is
+    shuffled. Rank r takes the r-th slice of every step; the last step is topped up by wrapping around so every rank
+    has the same number of batches (the only samples seen twice in an epoch). Modalities mix freely in a row.
+    Lengths must be exact (SupervisedDataset.measure_lengths) or rows may overflow; a longer sample gets a row alone.
+    Resume mid-epoch with set_epoch(epoch, start_batch=batches already consumed). The number of packs may differ by
+    a few between epochs: batches_per_epoch is that of the epoch set last. Do not let accelerate shard its
+    DataLoader again."""
+
+    def __init__(self, lengths, max_length: int, batch_size: int, *, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, buffer: int = 16384):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.max_length, self.batch_size, self.buffer = max_length, batch_size, buffer
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch, self.start_batch = 0, 0
+        self._cached: tuple[int, list[list[np.ndarray]]] | None = None   # (epoch, its batches): packing takes seconds
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(self.epoch))
+
+    def __len__(self) -> int:
+        """Batches left in this epoch from start_batch (batches_per_epoch for a whole epoch)."""
+        return max(0, self.batches_per_epoch - self.start_batch)
+
+    def __iter__(self):
+        for batch in self.epoch_batches(self.epoch)[self.start_batch:]:
+            yield [pack.tolist() for pack in batch]
+
+    def epoch_batches(self, epoch: int) -> list[list[np.ndarray]]:
+        """This rank's batches of the epoch, each a list of packs (arrays of dataset indices)."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        packs = []
+        for start in range(0, len(order), self.buffer):
+            chunk = order[start:start + self.buffer]
+            chunk_packs = [chunk[p] for p in pack_lengths(self.lengths[chunk], self.max_length)]
+            packs += sorted(chunk_packs, key=lambda p: -int(self.lengths[p].sum()))
+        step = self.batch_size * self.num_replicas
+        steps = [packs[i:i + step] for i in range(0, len(packs), step)]
+        if steps:   # top up the last step so every rank gets a batch of packs
+            steps[-1] = steps[-1] + [packs[i % len(packs)] for i in range(-len(steps[-1]) % self.num_replicas)]
+        batches = []
+        for j in rng.permutation(len(steps)):
+            share = len(steps[j]) // self.num_replicas   # exact: every step holds a multiple of num_replicas
+            batches.append(steps[j][self.rank * share:(self.rank + 1) * share])
+        self._cached = (epoch, batches)
+        return batches
+
+
+def pack_lengths(lengths, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: longest first, each item into the fullest pack it still fits (a new pack
+    when none has room). Returns packs as lists of positions into `lengths`, each summing to <= capacity unless
+    an item alone is longer. Ties go to the older pack, so the result is deterministic."""
+    rooms: list[tuple[int, int]] = []   # (room left, pack number), sorted: bisect finds the tightest fit
+    packs: list[list[int]] = []
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        n = int(lengths[i])
+        k = bisect.bisect_left(rooms, (n, -1))
+        if k < len(rooms):
+            room, p = rooms.pop(k)
+        else:
+            room, p = capacity, len(packs)
+            packs.append([])
+        packs[p].append(int(i))
+        bisect.insort(rooms, (room - n, p))
+    return packs
 
 
 def check(data_path: str, tokenizer, template: str, *, image_folder: str = ".", max_length: int = 2048,
@@ -669,6 +846,22 @@ def _json_records(path: str, stamp: str):
             yield _normalize_record(record, f"{source}:{line_no}")
 
 
+def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int) -> dict:
+    """SupervisedDataset.measure_lengths' map function: a batch of records (no image column) -> {"length"}."""
+    measurer = SupervisedDataset(None, tokenizer, args, None, tokens_per_image)
+    lengths = []
+    for j in range(len(batch["id"])):
+        record = {k: v[j] for k, v in batch.items()}
+        record["images"] = [{}] * max(record["n_images"], 0)   # parse() only counts them
+        try:
+            conversations, sources = measurer.parse(record)
+            tokens = measurer.tokenize(conversations, len(sources))
+            lengths.append(len(tokens["input_ids"]) + len(sources) * (tokens_per_image - 1))
+        except BadSample:
+            lengths.append(0)
+    return {"length": lengths}
+
+
 def _normalize_batch(batch: dict, indices: list[int], source: str) -> dict:
     rows = [_normalize_record({k: v[j] for k, v in batch.items()}, f"{source}:{i}") for j, i in enumerate(indices)]
     return {k: [row[k] for row in rows] for k in RECORD_FEATURES}
@@ -718,4 +911,5 @@ def _normalize_record(record, fallback_id: str) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import data   # run as the module `data`: its functions then hash alike, so `check` and training share the cache
+    sys.exit(data.main())

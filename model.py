@@ -18,13 +18,14 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           DynamicCache)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -88,7 +89,7 @@ def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGem
     if args.pretrained_mm_path:
         model.load_mm_weights(args.pretrained_mm_path)
     if args.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model.llm)
     return model
 
 
@@ -124,17 +125,31 @@ class MiniGemini(nn.Module):
                     image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
                     image_grid=self.config.image_grid, image_global=self.config.image_global)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Blocks FSDP wraps one by one (accelerate's TRANSFORMER_BASED_WRAP reads this): the LLM's decoder layers,
+        the LR tower's encoder layers, the ConvNeXt stages."""
+        names = set()
+        for module in (self.llm, self.vision_tower.model):
+            base = module.get_base_model() if _is_peft(module) else module
+            names.update(getattr(base, "_no_split_modules", None) or [])
+        if self.vision_tower_aux is not None:
+            names.add(type(self.vision_tower_aux.stages[0]).__name__)
+        return sorted(names)
+
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, images_aux=None, image_counts=None,
-                position_ids=None, num_items_in_batch=None, **kw) -> CausalLMOutputWithPast:
+                position_ids=None, num_items_in_batch=None, ids=None, **kw) -> CausalLMOutputWithPast:
         """Loss = summed token cross-entropy / num_items_in_batch when given (train.py passes the supervised-token
         count of the whole optimizer step), else the mean. position_ids given = packed rows (restart per sample):
-        the LLM then isolates the samples itself (transformers detects packing from position ids)."""
+        the LLM then isolates the samples itself (transformers detects packing from position ids).
+        `ids` (the batch's record ids) is accepted and ignored, so a collated batch can be passed as **batch."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pad_left = bool((attention_mask[:, 0] == 0).any())
         inputs = self.prepare_inputs(input_ids, attention_mask, labels, images, images_aux, image_counts,
                                      position_ids=position_ids, pad_left=pad_left)
+        kw.setdefault("use_cache", False)     # a cache here would also hide packing from transformers' mask code
         return self.llm(**inputs, num_items_in_batch=num_items_in_batch, **kw)
 
     def encode_images(self, images, images_aux=None) -> torch.Tensor:
@@ -144,10 +159,10 @@ class MiniGemini(nn.Module):
         if self.vision_tower_aux is not None:
             if images_aux is None:
                 raise ValueError("this model has an HR tower: pass images_aux")
-            hr = self.vision_tower_aux(images_aux)                                   # [N, C, H, W]
-            hr = hr_views(hr, self.config.image_grid, self.config.image_global, v)   # [N, V, C, h, w]
+            maps = self.vision_tower_aux.stage_maps(images_aux)                      # 4 x [N, c_s, H_s, W_s]
             cls = feats.shape[1] - self.vision_tower.num_patches                     # mining works on the patch grid
-            mined = self.mining(feats[:, cls:], hr.flatten(0, 1))
+            mined = self.mining(feats[:, cls:], maps, grid=self.config.image_grid,
+                                image_global=self.config.image_global)
             feats = torch.cat([feats[:, :cls].to(mined.dtype), mined], 1)
         feats = self.projector(feats.to(_dtype(self.projector)))                     # [N*V, T, hidden]
         feats = feats.reshape(n, -1, feats.shape[-1])
@@ -189,7 +204,10 @@ class MiniGemini(nn.Module):
         input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         inputs = self.prepare_inputs(input_ids, attention_mask, None, images, images_aux, image_counts, pad_left=True)
         inputs.pop("labels")
-        eos = eos_token_id if eos_token_id is not None else self.llm.config.get_text_config().eos_token_id
+        if eos_token_id is None:     # generation_config may list several (Llama-3: <|eot_id|> and <|end_of_text|>)
+            gen = getattr(self.llm, "generation_config", None)
+            eos_token_id = getattr(gen, "eos_token_id", None) or self.llm.config.get_text_config().eos_token_id
+        eos = eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         mask, pos = inputs["attention_mask"], inputs["position_ids"]
@@ -223,14 +241,17 @@ class MiniGemini(nn.Module):
         return self
 
     # ---- export / load --------------------------------------------------------------------------------------
-    def save_pretrained(self, path, tokenizer=None, weights: str = "auto"):
+    def save_pretrained(self, path, tokenizer=None, weights: str = "auto", state_dict=None):
         """Write an export directory. weights: "full" (self-contained), "pretrain" (projector + mining only, plus
         references to the base checkpoints), "lora" (adapters + non-LLM trainables + base references), or "auto":
-        pretrain after set_stage(..., "pretrain"), lora when LoRA is applied, else full."""
+        pretrain after set_stage(..., "pretrain"), lora when LoRA is applied, else full.
+        state_dict: an already gathered full state dict (FSDP / ZeRO-3), used instead of this module's own."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         lora = _is_peft(self.llm)
         kind = weights if weights != "auto" else "pretrain" if self.stage == "pretrain" else "lora" if lora else "full"
+        state = state_dict if state_dict is not None else self.state_dict()
+        llm_state = {k.removeprefix("llm."): v for k, v in state.items() if k.startswith("llm.")}
         meta = dict(format="mini-gemini", export=kind, args=asdict(self.config), image_settings=self.image_settings(),
                     llm_config=self.llm.config.to_dict(), vision_config=self.vision_tower.model.config.to_dict(),
                     vision_aux_config=self.vision_tower_aux.spec if self.vision_tower_aux else None,
@@ -238,13 +259,12 @@ class MiniGemini(nn.Module):
         if kind == "full":
             if lora:
                 raise ValueError("merge_lora(model) before a full export, or export weights='lora'")
-            self.llm.save_pretrained(path / "llm")
-            save_file(_contiguous({k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}),
-                      path / FULL_WEIGHTS)
+            self.llm.save_pretrained(path / "llm", state_dict=llm_state)
+            save_file(_contiguous({k: v for k, v in state.items() if not k.startswith("llm.")}), path / FULL_WEIGHTS)
         else:
-            save_file(_contiguous(self.mm_state_dict()), path / MM_WEIGHTS)
+            save_file(_contiguous(self.mm_state_dict(state)), path / MM_WEIGHTS)
             if kind == "lora":
-                self.llm.save_pretrained(path / "adapter")
+                self.llm.save_pretrained(path / "adapter", state_dict=llm_state)
                 meta["lora_config"] = self.llm.peft_config["default"].to_dict()
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=_jsonable))
         if tokenizer is not None:
@@ -283,16 +303,17 @@ class MiniGemini(nn.Module):
             model.load_mm_weights(path)
         return model.eval()
 
-    def mm_state_dict(self) -> dict:
+    def mm_state_dict(self, state=None) -> dict:
         """Projector + mining + any other trainable non-LLM weights (+ the rows of added image tokens):
         what pretrain and LoRA exports hold besides adapters."""
-        state = {k: v for k, v in self.state_dict().items() if k.startswith(("projector.", "mining."))}
-        for name, p in self.named_parameters():
-            if p.requires_grad and name.startswith(("vision_tower.", "vision_tower_aux.")):
-                state[name] = p.detach()
+        state = state if state is not None else self.state_dict()
+        tuned = {n for n, p in self.named_parameters() if p.requires_grad and n.startswith("vision_tower")}
+        out = {k: v for k, v in state.items() if k.startswith(("projector.", "mining.")) or k in tuned}
         if self.im_start_end_ids:
-            state["llm_image_token_rows"] = self.llm.get_input_embeddings().weight[self.im_start_end_ids].detach()
-        return state
+            embed_name = next(n for n, p in self.named_parameters()
+                              if p is self.llm.get_input_embeddings().weight)
+            out["llm_image_token_rows"] = state[embed_name][self.im_start_end_ids]
+        return out
 
     def load_mm_weights(self, path):
         path = Path(path)
@@ -320,6 +341,8 @@ def set_stage(model: MiniGemini, stage: str, *, tune_vision_tower=False, tune_vi
     if model.mining is not None:
         model.mining.requires_grad_(True)
     if stage == "finetune":
+        if model.config.bits < 16 and not _is_peft(model.llm):
+            raise ValueError("a 4/8-bit LLM trains only through LoRA: apply_lora(model) before set_stage")
         for name, p in model.llm.named_parameters():
             p.requires_grad_(not _is_peft(model.llm) or "lora_" in name)
     if model._row_hook is not None:
@@ -397,7 +420,7 @@ def load_llm(ref, *, dtype, bits=16, attention="sdpa", random_init=False, device
 
 def add_image_tokens(llm, tokenizer) -> list[int]:
     """Add <im_start>/<im_end> to the tokenizer and the embeddings; new rows start at the mean of the old ones."""
-    added = tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
+    tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
     old = llm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -405,7 +428,6 @@ def add_image_tokens(llm, tokenizer) -> list[int]:
             for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
                 if emb is not None and emb.weight.shape[0] > old:
                     emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
-    del added
     return tokenizer.convert_tokens_to_ids([IM_START, IM_END])
 
 
@@ -453,7 +475,7 @@ class VisionTower(nn.Module):
 
     def gradient_checkpointing(self, on=True):
         if on:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
 
     def forward(self, pixels):
         out = self.model(pixels.to(_dtype(self)), output_hidden_states=True)
@@ -511,14 +533,25 @@ class ConvNeXtTower(nn.Module):
             stage.grad_checkpointing = on
 
     def forward(self, pixels):
+        """The full concatenated map [N, C, H/4, W/4] (what PatchInfoMining.reference reads; the model itself
+        passes stage_maps to the mining, which never builds this map)."""
+        return upsample_concat(self.stage_maps(pixels))
+
+    def stage_maps(self, pixels) -> list[torch.Tensor]:
+        """The four stage outputs at their own resolutions, finest first: [N, c_s, H/2^(s+2), W/2^(s+2)]."""
         x = self.stem(pixels.to(_dtype(self)))
         outs = []
         for stage in self.stages:
             x = stage(x)
             outs.append(x)
-        size = outs[0].shape[-2:]
-        return torch.cat([F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype)
-                          for o in outs], 1)
+        return outs
+
+
+def upsample_concat(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Stage maps, finest first -> each upsampled (bilinear) to the first one's size, concatenated on channels."""
+    size = maps[0].shape[-2:]
+    return torch.cat([F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False).to(m.dtype)
+                      for m in maps], 1)
 
 
 def hr_views(hr, grid: int, image_global: bool, views: int) -> torch.Tensor:
@@ -543,7 +576,14 @@ def hr_views(hr, grid: int, image_global: bool, views: int) -> torch.Tensor:
 # =============================================================================================================
 class PatchInfoMining(nn.Module):
     """Each LR token (query) attends over its own MxM window of HR positions (keys, values); single head,
-    softmax(QK^T / sqrt(d)); the result is added to the LR token. Q = Linear(LN(LR)), K, V = Linear(LN(HR))."""
+    softmax(QK^T / sqrt(d)); the result is added to the LR token. Q = Linear(LN(LR)), K, V = Linear(LN(HR)).
+
+    forward is memory-light: the HR map (all stages upsampled to stage-0 resolution and concatenated, e.g. 2880
+    channels at 384x384 for HD) is never materialized. It is built one band of LR rows at a time, straight from the
+    stage maps, and under autograd each band is recomputed in backward instead of kept. `reference` is the plain
+    version on the full map, kept for tests and benchmarks."""
+
+    max_tile_elements = 2 ** 25     # HR values (views x channels x band positions) one band may hold: 64 MB in bf16
 
     def __init__(self, dim: int, aux_dim: int):
         super().__init__()
@@ -551,12 +591,49 @@ class PatchInfoMining(nn.Module):
         self.key = nn.Sequential(nn.LayerNorm(aux_dim), nn.Linear(aux_dim, dim))
         self.value = nn.Sequential(nn.LayerNorm(aux_dim), nn.Linear(aux_dim, dim))
 
-    def forward(self, lr, hr):
-        """lr [N, G*G, d] (row-major grid), hr [N, C, G*M, G*M] -> [N, G*G, d]."""
-        return self.reference(lr, hr)
+    def forward(self, lr, hr, *, grid: int = 1, image_global: bool = False):
+        """lr [N*V, G*G, d] (row-major grid; the V views of an image adjacent, ordered as hr_views orders them);
+        hr: the HR tower's stage maps, finest first ([N, c_s, H_s, H_s], each upsampled to the first one's side H
+        and concatenated on channels), or one already concatenated map [N, C, H, H]. Equals
+        reference(lr, hr_views(concatenated map, grid, image_global, V).flatten(0, 1)) -> [N*V, G*G, d]."""
+        lr = lr.to(_dtype(self))
+        maps = [m.to(lr.dtype) for m in ([hr] if torch.is_tensor(hr) else hr)]
+        side = maps[0].shape[-1]
+        if any(m.shape[-1] != m.shape[-2] for m in maps):
+            raise ValueError(f"HR maps must be square, got {[tuple(m.shape[-2:]) for m in maps]}")
+        mats = [view_matrices(side, m.shape[-1], grid, image_global).to(lr) for m in maps]   # (rows, cols) each
+        views, h = mats[0].shape[1:3]
+        g = math.isqrt(lr.shape[1])
+        if len(lr) != len(maps[0]) * views:
+            raise ValueError(f"{len(lr)} LR views for {len(maps[0])} HR images, but image_grid={grid}, "
+                             f"image_global={image_global} make {views} views per image")
+        if h % g:
+            raise ValueError(f"HR map {h}x{h} per view is not a multiple of the LR grid {g}")
+        m = h // g
+        channels = sum(x.shape[1] for x in maps)
+        rows = max(1, min(g, self.max_tile_elements // (len(lr) * channels * m * h)))   # LR rows per band
+        q = self.query(lr)
+        out = []
+        for i in range(0, g, rows):
+            args = (q[:, i * g:(i + rows) * g], maps, mats, i * m, min(g, i + rows) * m, m)
+            out.append(checkpoint(self._band, *args, use_reentrant=False) if torch.is_grad_enabled()
+                       else self._band(*args))
+        return lr + torch.cat(out, 1)
+
+    def _band(self, q, maps, mats, r0: int, r1: int, m: int):
+        """Queries of the LR rows whose windows cover HR rows [r0, r1) of every view -> their attention output."""
+        views = mats[0].shape[1]
+        band = torch.stack([torch.cat([_interpolate_band(x, mat[0, v], mat[1, v], r0, r1)
+                                       for x, mat in zip(maps, mats)], -1)
+                            for v in range(views)], 1)                 # [N, V, r1-r0, h, C], channels last
+        b, rows, cols, c = band.flatten(0, 1).shape
+        windows = band.reshape(b, rows // m, m, cols // m, m, c).transpose(2, 3).reshape(b, -1, m * m, c)
+        k, v = self.key(windows), self.value(windows)                  # [N*V, rows*G, M*M, d]
+        att = (q[:, :, None] @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return (att.softmax(-1) @ v).squeeze(2)
 
     def reference(self, lr, hr):
-        """Plain version: materializes every window as [N, G*G, M*M, C]."""
+        """Plain version: lr [N, G*G, d], hr [N, C, G*M, G*M]; materializes every window as [N, G*G, M*M, C]."""
         lr, hr = lr.to(_dtype(self)), hr.to(_dtype(self))
         windows = hr_windows(hr, math.isqrt(lr.shape[1]))
         q = self.query(lr)[:, :, None]                                   # [N, P, 1, d]
@@ -573,6 +650,48 @@ def hr_windows(hr, grid: int) -> torch.Tensor:
     m = h // grid
     x = hr.reshape(n, c, grid, m, grid, m).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(n, grid * grid, m * m, c)
+
+
+def view_matrices(side: int, src: int, grid: int, image_global: bool) -> torch.Tensor:
+    """What hr_views does to a stage map of side `src` once upsampled (bilinear) to `side`, as matrices:
+    view v of the map x is rows[v] @ x @ cols[v]^T. Returns [2 (rows, cols), V, side // grid, src], float64.
+    Bilinear resizing is separable, so a crop takes a slice of the upsampling matrix and the global view the
+    downsampling matrix times it: the same weights F.interpolate uses, applied to only the rows a band needs."""
+    up = _resize_matrix(src, side)
+    if grid == 1:
+        return torch.stack([up[None], up[None]])
+    h = side // grid
+    tiles = [up[i * h:(i + 1) * h] for i in range(grid)]
+    rows = [tiles[i] for i in range(grid) for _ in range(grid)]
+    cols = [tiles[j] for _ in range(grid) for j in range(grid)]
+    if image_global:
+        small = _resize_matrix(side, h) @ up
+        rows, cols = [small, *rows], [small, *cols]
+    return torch.stack([torch.stack(rows), torch.stack(cols)])
+
+
+def _resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """[dst, src]: F.interpolate(mode="bilinear", align_corners=False) along one axis, as a matrix."""
+    eye = torch.eye(src, dtype=torch.float64)[:, None]                  # src one-hot signals of length src
+    return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[:, 0].T
+
+
+def _interpolate_band(x, rows, cols, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of rows @ x @ cols^T for x [N, c, H_s, W_s], channels last: [N, r1-r0, w, c]. Reads only the
+    source rows and columns with a weight; two plain matmuls with the channels innermost (no transposes of the
+    result, which dominate otherwise)."""
+    rows = rows[r0:r1]
+    (top, bottom), (left, right) = _support(rows), _support(cols)
+    x = x[:, :, top:bottom, left:right].permute(0, 2, 3, 1)              # [N, h', w', c]
+    n, h, w, c = x.shape
+    x = (rows[:, top:bottom] @ x.reshape(n, h, w * c)).reshape(-1, w, c)  # [N*r, w', c]
+    return (cols[:, left:right] @ x).reshape(n, len(rows), len(cols), c)
+
+
+def _support(matrix) -> tuple[int, int]:
+    """The range of columns of `matrix` with a nonzero weight."""
+    used = matrix.abs().sum(0).nonzero()
+    return int(used.min()), int(used.max()) + 1
 
 
 # =============================================================================================================
@@ -723,6 +842,14 @@ AttentionMaskInterface.register("mmca", _mmca_mask)
 # =============================================================================================================
 # Small helpers
 # =============================================================================================================
+def enable_checkpointing(model):
+    """Activation (gradient) checkpointing of a transformers model, non-reentrant (works with frozen inputs)."""
+    if hasattr(model, "activation_checkpointing_enable"):     # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def sample_next(logits, do_sample, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if not do_sample:
         return logits.argmax(-1)
@@ -733,7 +860,7 @@ def sample_next(logits, do_sample, temperature=1.0, top_k=0, top_p=1.0, generato
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(-1, descending=True)
         drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > top_p   # keep the first over p
-        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 

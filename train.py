@@ -1,8 +1,8 @@
 """Train Mini-Gemini with one hand-written Accelerate loop.
 
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py recipes/tiny_pretrain.yaml
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train.py recipes/mgm_7b_finetune.yaml \
-        --output_dir runs/mgm7b --resume auto
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train.py recipes/mgm_7b_pretrain.yaml
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py recipes/mgm_7b_qlora_finetune.yaml \
+        --output_dir runs/qlora --resume auto
 
 The recipe (YAML) comes first; any field of ModelArguments (model.py), DataArguments (data.py) or TrainArguments
 (below) can follow it on the command line and wins. Reading order: arguments, main (setup, then the loop), helpers.
@@ -26,8 +26,9 @@ from functools import partial
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, gather_object, is_tensorboard_available,
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, gather_object, is_tensorboard_available,
                               is_wandb_available, set_seed)
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -38,16 +39,17 @@ from data import IGNORE_INDEX
 
 @dataclass
 class TrainArguments:
-    output_dir: str = "runs/mgm"
+    output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs
+    export_dir: str = ""                 # the final export; default: <output_dir>/export
     stage: str = "finetune"              # pretrain (projector + mining) | finetune (LLM too), see DESIGN.md
     tune: str = "full"                   # full | lora | qlora (qlora needs bits 4 or 8 in the model arguments)
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     # Switches on top of the stage (MGM / DeepSpeed-VisualChat): what else trains, what does not.
-    freeze_projector: bool = False       # keep the projector (and mining) as loaded, e.g. from pretrained_mm_path
+    freeze_projector: bool = False       # keep the projector as loaded (pretrained_mm_path); mining still trains
     train_embeddings: bool = False       # freeze the LLM but train its token embeddings and lm_head (DS-VisualChat)
-    tune_vision_tower: bool = False      # last half of the CLIP layers
+    tune_vision_tower: bool = False      # last half of the CLIP layers that feed the selected layer
     tune_vision_tower_aux: bool = False  # last ConvNeXt stage
     # Optimizer and schedule: AdamW, linear warmup then cosine to zero, stepped once per optimizer step.
     learning_rate: float = 2e-5
@@ -84,7 +86,7 @@ def parse_args(argv: list[str] | None = None):
     if argv and argv[0].endswith((".yaml", ".yml")):
         with open(argv.pop(0)) as f:
             argv = recipe_to_argv(yaml.safe_load(f) or {}) + argv
-    # "resolve": a field that two dataclasses share (e.g. image_grid) is one option that sets both.
+    # "resolve": a field two of the dataclasses share would be one option that sets both.
     parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments), conflict_handler="resolve")
     return parser.parse_args_into_dataclasses(args=argv)
 
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> str:
     config = resolved_config(model_args, data_args, args)
     check_args(model_args, args)
     accelerator = Accelerator(
+        cpu=not has_accelerator(),  # accelerate 1.15 runs gloo multi-process on CPU only when told
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, not once per process
         log_with=trackers(args.report_to), project_dir=args.output_dir,
@@ -108,35 +111,34 @@ def main(argv: list[str] | None = None) -> str:
     set_seed(args.seed)  # identical initialisation of new modules on every rank
 
     # Model, trainable parameters, data.
-    model, tokenizer = mgm.build_model(model_args)
-    if args.tune in ("lora", "qlora"):
-        model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    table = mgm.set_stage(model, args.stage, tune=args.tune, freeze_projector=args.freeze_projector,
-                          train_embeddings=args.train_embeddings, tune_vision_tower=args.tune_vision_tower,
-                          tune_vision_tower_aux=args.tune_vision_tower_aux)
-    accelerator.print(table)
+    tokenizer = load_tokenizer(model_args.llm)
+    quantized = model_args.bits in (4, 8)  # each process loads its 4/8-bit LLM straight onto its own device
+    model = build(model_args, args, tokenizer, device=accelerator.device if quantized else None)
+    accelerator.print(mgm.trainable_table(model))
     with accelerator.main_process_first():
         dataset = data.build_dataset(data_args, tokenizer, model.image_settings(), model.tokens_per_image)
+        eval_set = data.build_dataset(dataclasses.replace(data_args, data_path=args.eval_data_path), tokenizer,
+                                      model.image_settings(), model.tokens_per_image) if args.eval_data_path else None
     loader = train_loader(dataset, data_args, args, tokenizer, accelerator)
     G = args.gradient_accumulation_steps
-    total_steps = args.max_steps if args.max_steps > 0 else int(args.num_epochs * loader.batch_sampler.batches_per_epoch) // G
+    per_epoch = loader.batch_sampler.batches_per_epoch
+    total_steps = args.max_steps if args.max_steps > 0 else int(args.num_epochs * per_epoch) // G
     if total_steps < 1:
-        raise ValueError(f"no optimizer step to take: {loader.batch_sampler.batches_per_epoch} batches per rank per epoch, accumulation {G}")
+        raise ValueError(f"no optimizer step to take: {per_epoch} batches per rank per epoch, accumulation {G}")
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     optimizer = torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_at, peak=1.0, warmup=warmup, total=total_steps))
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:  # DeepSpeed reads the batch from a prepared loader (ours is not one) and clips itself
+        ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.per_device_batch_size,
+                                          gradient_clipping=max(args.max_grad_norm, 0.0))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    accelerator.register_save_state_pre_hook(keep_only_trainables)
-    eval_loader = None
-    if args.eval_data_path:
-        eval_set = data.build_dataset(dataclasses.replace(data_args, data_path=args.eval_data_path), tokenizer,
-                                      model_image_settings(accelerator, model), tokens_per_image(accelerator, model))
-        eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
-            eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers))
-
+    checkpoint_trainables_only(accelerator)
+    eval_loader = None if eval_set is None else accelerator.prepare(torch.utils.data.DataLoader(
+        eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers))
     # Resume: weights of the trainables, optimizer, scheduler, RNG, data position, step and counters.
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -145,74 +147,69 @@ def main(argv: list[str] | None = None) -> str:
     accelerator.wait_for_everyone()
     ckpt = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
     if ckpt:
-        accelerator.load_state(ckpt, strict=False)  # the checkpoint holds only the trainable weights
+        accelerator.load_state(ckpt)
         accelerator.print(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batch_in_epoch})")
     metrics = MetricsFile(os.path.join(args.output_dir, "metrics.jsonl"), accelerator, after_step=state.step)
     accelerator.init_trackers("mgm", config=flat_scalars(config))
     accelerator.print(f"{total_steps} optimizer steps of {args.per_device_batch_size} x {G} x "
-                      f"{accelerator.num_processes} samples ({loader.batch_sampler.batches_per_epoch} batches per rank per epoch), "
+                      f"{accelerator.num_processes} samples ({per_epoch} batches per rank per epoch), "
                       f"warmup {warmup}")
 
     # The loop: one iteration = one optimizer step over G micro-batches on every rank.
     batches = batch_stream(loader, state)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
-    tick, done_tokens, done_samples = time.time(), 0, 0
+    say = bar.write if accelerator.is_local_main_process else (lambda message: None)
+    meter = Throughput()
     model.train()
     while state.step < total_steps:
         window = [next(batches) for _ in range(G)]
-        for record_id, reason in gather_object([s for b in window for s in b["skipped"]]):
-            kind = data.reason_kind(reason)
-            state.skipped_samples[kind] = state.skipped_samples.get(kind, 0) + 1
-            accelerator.print(f"skipped record {record_id}: {reason}")
+        count_skipped_samples(accelerator, state, window, say)
         loss, tokens, samples = forward_backward(accelerator, model, window)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
-                                                else float("inf"))
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16")
-        if bad:  # skip the update, keep the schedule a function of the step (fp16 overflows are the scaler's job)
-            state.skipped_steps += 1
-            state.bad_in_a_row += 1
-            ids = gather_object([i for b in window for i in b.get("ids", [])])
-            accelerator.print(f"step {state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, "
-                              f"update skipped; samples: {ids}")
+                                                else float("inf"))  # None under DeepSpeed before its first step
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if is_bad(loss, grad_norm, accelerator):  # skip the update; the schedule stays a function of the step
+            ids = gather_object([i for b in window for i in b["ids"]])
+            state.skipped_steps, state.bad_in_a_row = state.skipped_steps + 1, state.bad_in_a_row + 1
+            say(f"step {state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, update skipped; "
+                f"samples: {ids}")
             if state.bad_in_a_row >= args.max_bad_steps:
                 raise RuntimeError(f"{state.bad_in_a_row} non-finite steps in a row, the last at step "
                                    f"{state.step + 1}; sample ids of its batch: {ids}")
         else:
             optimizer.step()
             state.bad_in_a_row = 0
+        lr = scheduler.get_last_lr()[0]  # the lr this step used (first parameter group)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        done_tokens += tokens
-        done_samples += samples
         bar.update(1)
+        meter.add(tokens, samples)
 
         if state.step % args.logging_steps == 0 or state.step == total_steps:
-            seconds = max(time.time() - tick, 1e-9)
-            log = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_s": done_tokens / seconds, "samples_per_s": done_samples / seconds,
-                   "peak_mem_gb": peak_memory_gb(), "epoch": state.epoch, "skipped_steps": state.skipped_steps}
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{log['lr']:.2e}")
-            bar.write(f"step {state.step}/{total_steps} | loss {loss:.4f} | lr {log['lr']:.3e} | grad norm "
-                      f"{grad_norm:.3f} | {log['tokens_per_s']:.0f} tok/s | {log['samples_per_s']:.2f} samples/s "
-                      f"| peak mem {log['peak_mem_gb']:.2f} GB") if accelerator.is_local_main_process else None
+            log = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **meter.rates(), "peak_mem_gb": peak_memory_gb(),
+                   "epoch": state.epoch, "skipped_steps": state.skipped_steps}
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            say(f"step {state.step}/{total_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm or 0:.3f} | "
+                f"{log['tokens_per_s']:.0f} tok/s | {log['samples_per_s']:.2f} samples/s | "
+                f"peak mem {log['peak_mem_gb']:.2f} GB")
             accelerator.log(log, step=state.step)
             metrics.write(state.step, log)
-            tick, done_tokens, done_samples = time.time(), 0, 0
-        if eval_loader is not None and (state.step == total_steps or args.eval_steps and
-                                        state.step % args.eval_steps == 0):
+        if eval_loader is not None and (state.step == total_steps or
+                                        args.eval_steps > 0 and state.step % args.eval_steps == 0):
             eval_loss = evaluate(accelerator, model, eval_loader)
-            bar.write(f"step {state.step} | eval loss {eval_loss:.4f}") if accelerator.is_local_main_process else None
+            say(f"step {state.step} | eval loss {eval_loss:.4f}")
             accelerator.log({"eval_loss": eval_loss}, step=state.step)
             metrics.write(state.step, {"eval_loss": eval_loss})
         if state.step % args.save_steps == 0 or state.step == total_steps:
             save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit)
     bar.close()
+    if state.skipped_samples:
+        accelerator.print(f"skipped samples by kind: {state.skipped_samples}")
 
-    export_dir = os.path.join(args.output_dir, "export")
-    export(accelerator, model, tokenizer, export_dir, config)
+    export_dir = args.export_dir or os.path.join(args.output_dir, "export")
+    export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
     accelerator.print(f"exported to {export_dir}")
     accelerator.end_training()
     return export_dir
@@ -241,20 +238,36 @@ def resolved_config(*arg_objects) -> dict:
 
 
 def check_args(model_args, args: TrainArguments) -> None:
-    bits = getattr(model_args, "bits", 16)
+    bits = model_args.bits
     if args.stage not in ("pretrain", "finetune") or args.tune not in ("full", "lora", "qlora"):
         raise ValueError(f"stage must be pretrain|finetune and tune full|lora|qlora, got {args.stage}/{args.tune}")
     if (args.tune == "qlora") != (bits in (4, 8)):
         raise ValueError(f"tune={args.tune} with bits={bits}: qlora needs bits 4 or 8, and a quantized LLM "
                          "can only be trained through LoRA adapters")
+    if args.train_embeddings and (args.stage, args.tune) != ("finetune", "full"):
+        raise ValueError("train_embeddings needs stage=finetune, tune=full (only a full export holds embeddings)")
+    if args.tune != "full" and args.stage != "finetune":
+        raise ValueError("LoRA / QLoRA adapters are a finetune-stage option")
     if args.save_total_limit < 1:
         raise ValueError("save_total_limit must be >= 1 (the newest checkpoint is never deleted)")
+
+
+def has_accelerator() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # Llama/Vicuna ship none; padding is masked out of attention and loss anyway
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
 
 
 def trackers(report_to: str) -> list[str]:
     wanted = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
     available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    return [t for t in wanted if available.get(t, True)]  # unknown names: let accelerate complain
+    return [t for t in wanted if available.get(t, True)] or None  # unknown names: let accelerate complain
 
 
 def flat_scalars(config: dict) -> dict:
@@ -270,6 +283,40 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
+
+
+def build(model_args, args: TrainArguments, tokenizer, device=None):
+    """The model with exactly this run's parameters trainable (stage table, LoRA, switches), trainables in fp32:
+    the optimizer updates fp32 weights, and compute precision is accelerate's business."""
+    model = mgm.build_model(model_args, tokenizer, device=device)
+    if args.tune in ("lora", "qlora"):
+        model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    mgm.set_stage(model, args.stage, tune_vision_tower=args.tune_vision_tower,
+                  tune_vision_tower_aux=args.tune_vision_tower_aux, print_fn=None)
+    apply_switches(model, args)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    return model
+
+
+def apply_switches(model, args: TrainArguments) -> None:
+    """What trains beyond model.set_stage's table: the MGM / DeepSpeed-VisualChat switches."""
+    if args.freeze_projector:
+        model.projector.requires_grad_(False)
+    if args.train_embeddings:  # the LLM's blocks stay frozen; its token embeddings and output head train
+        model.llm.requires_grad_(False)
+        for emb in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings()):
+            emb.weight.requires_grad_(True)
+    if args.tune_vision_tower:  # the last half of the CLIP layers that feed the selected hidden state
+        tower = model.vision_tower
+        layers = getattr(tower.model, "vision_model", tower.model).encoder.layers  # CLIP / SigLIP
+        used = len(layers) + 1 + tower.select_layer if tower.select_layer < 0 else tower.select_layer
+        tower.requires_grad_(False)
+        layers[used // 2: used].requires_grad_(True)
+    if args.tune_vision_tower_aux:  # the last ConvNeXt stage
+        model.vision_tower_aux.requires_grad_(False)
+        model.vision_tower_aux.stages[-1].requires_grad_(True)
 
 
 def param_groups(model, args: TrainArguments) -> list[dict]:
@@ -353,20 +400,62 @@ def forward_backward(accelerator, model, window: list[dict]) -> tuple[float, int
     """
     local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)  # the LLM loss shifts by one
     num_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
-    scale = len(window) * accelerator.num_processes
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
+    per_image = accelerator.unwrap_model(model).tokens_per_image
     step_loss = torch.zeros((), device=accelerator.device)
     tokens = samples = 0
     for batch in window:
         with accelerator.accumulate(model):
-            out = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items)
-            accelerator.backward(out.loss * scale)
-        step_loss += out.loss.detach().float()
-        tokens += int(batch["attention_mask"].sum())
+            loss = None
+            if batch["input_ids"].numel():  # empty when data.py dropped every sample of this micro-batch
+                loss = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items).loss
+            if loss is None or not loss.requires_grad:  # nothing reaches the trainables (e.g. a text-only batch in
+                loss = with_zero_gradients(model, loss)  # pretrain): zero gradients keep the ranks' syncs in step
+            accelerator.backward(loss * scale)
+        step_loss += loss.detach().float()
+        tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
         samples += batch["input_ids"].shape[0]
     assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
     loss = accelerator.reduce(step_loss, reduction="sum").item()
     counts = accelerator.reduce(torch.tensor([tokens, samples], device=accelerator.device), reduction="sum")
     return loss, int(counts[0]), int(counts[1])
+
+
+def with_zero_gradients(model, loss=None) -> torch.Tensor:
+    zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0
+    return zero if loss is None else loss + zero
+
+
+def is_bad(loss: float, grad_norm: float | None, accelerator) -> bool:
+    """A non-finite loss, or non-finite gradients (under fp16 those are the grad scaler's business: it skips)."""
+    if not math.isfinite(loss):
+        return True
+    return grad_norm is not None and not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16"
+
+
+def count_skipped_samples(accelerator, state: TrainState, window: list[dict], say) -> None:
+    """Records data.py dropped (bad_sample="skip"), gathered from every rank so the counters in the checkpoint
+    are global."""
+    for record_id, reason in gather_object([s for b in window for s in b["skipped"]]):
+        kind = data.reason_kind(reason)
+        state.skipped_samples[kind] = state.skipped_samples.get(kind, 0) + 1
+        say(f"skipped record {record_id}: {reason}")
+
+
+class Throughput:
+    """Tokens (LLM positions, images expanded) and samples per second since the last log line."""
+
+    def __init__(self):
+        self.start, self.tokens, self.samples = time.time(), 0, 0
+
+    def add(self, tokens: int, samples: int) -> None:
+        self.tokens, self.samples = self.tokens + tokens, self.samples + samples
+
+    def rates(self) -> dict:
+        seconds = max(time.time() - self.start, 1e-9)
+        rates = {"tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds}
+        self.__init__()
+        return rates
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -437,46 +526,62 @@ def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit
 
 def list_checkpoints(output_dir: str, complete: bool = True) -> list[str]:
     """Complete checkpoints oldest first, or (complete=False) the temp dirs of unfinished saves."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = os.listdir(output_dir)
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
     if not complete:
         return [os.path.join(output_dir, n) for n in names if n.startswith("checkpoint-") and n.endswith(".tmp")]
-    steps = sorted((int(m.group(1)), n) for n in names if (m := CHECKPOINT.match(n)))
+    steps = sorted((int(CHECKPOINT.match(n)[1]), n) for n in names if CHECKPOINT.match(n))
     return [os.path.join(output_dir, n) for _, n in steps]
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    return (list_checkpoints(output_dir) or [None])[-1]
 
 
-def keep_only_trainables(models, weights, output_dir) -> None:
-    """save_state hook: write only the trainable weights (frozen towers and a frozen LLM come from the base
-    checkpoints when the run is rebuilt); FSDP and DeepSpeed save their own shards and pass no weights here."""
-    for m, w in zip(models, weights):
-        trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-        for key in [k for k in w if k not in trainable]:
-            del w[key]
+def checkpoint_trainables_only(accelerator) -> None:
+    """save_state/load_state hooks: a checkpoint holds only the trainable weights (frozen towers and a frozen LLM
+    come from the base checkpoints when the run is rebuilt), under the unwrapped model's names, so a checkpoint
+    also loads into a run with another process count. FSDP and DeepSpeed save their own shards and pass no plain
+    weights to these hooks."""
+    def save(models, weights, output_dir):
+        for i, m in enumerate(models[: len(weights)] if accelerator.is_main_process else []):
+            save_file(trainable_state(accelerator.unwrap_model(m)), f"{output_dir}/trainable_{i}.safetensors")
+        weights.clear()
+
+    def load(models, input_dir):
+        for i, m in enumerate(models):
+            m = accelerator.unwrap_model(m)
+            saved = load_file(f"{input_dir}/trainable_{i}.safetensors")
+            missing = set(trainable_state(m)) - set(saved)
+            if missing:
+                raise ValueError(f"{input_dir} lacks trainable weights {sorted(missing)[:5]}...: another recipe?")
+            m.load_state_dict(saved, strict=False)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
-def export(accelerator, model, tokenizer, export_dir: str, config: dict) -> None:
-    """The final, self-contained export (model.py decides what a stage exports) plus the resolved config."""
+def trainable_state(model) -> dict:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def export(accelerator, model, tokenizer, export_dir: str, config: dict, dtype: str) -> None:
+    """The final, self-contained export (model.py decides what a stage holds) plus the resolved config.
+    FSDP / ZeRO-3 hold shards: their full state dict is gathered on rank 0. Trainables go back to the model dtype."""
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
+    ds_config = getattr(accelerator.state.deepspeed_plugin, "deepspeed_config", None) or {}
+    sharded = accelerator.distributed_type == DistributedType.FSDP or \
+        ds_config.get("zero_optimization", {}).get("stage") == 3
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model) if sharded else unwrapped.state_dict()  # a collective if sharded
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(export_dir, tokenizer=tokenizer, state_dict=state_dict)
+        trainable = {n for n, p in unwrapped.named_parameters(remove_duplicate=False) if p.requires_grad}
+        state_dict = {k: v.to(getattr(torch, dtype)) if k in trainable and v.dtype == torch.float32 else v
+                      for k, v in state_dict.items()}
+        unwrapped.save_pretrained(export_dir, tokenizer=tokenizer, state_dict=state_dict)
         with open(os.path.join(export_dir, "train_config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
     accelerator.wait_for_everyone()
-
-
-def model_image_settings(accelerator, model) -> dict:
-    return accelerator.unwrap_model(model).image_settings()
-
-
-def tokens_per_image(accelerator, model) -> int:
-    return accelerator.unwrap_model(model).tokens_per_image
 
 
 def debug_hang(point: str, step: int) -> None:

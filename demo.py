@@ -1,0 +1,268 @@
+"""make demo: a tiny Mini-Gemini trained end to end on CPU, through the same commands as a real run.
+
+    python demo.py        # data -> tokenizer + tiny base models -> pretrain -> finetune -> eval -> chat
+
+1. A synthetic visual question answering set drawn with Pillow: one shape (circle, square, triangle, star) in one
+   colour (red, green, blue, yellow, purple, orange) on a light background, images of varied size and aspect ratio.
+   Pretrain records are captions ("a red circle"); finetune records ask "What color is the shape?" or
+   "What shape is this?", answered with one lowercase word. A held-out split is kept for eval.py.
+2. A word-level tokenizer trained on that corpus with `tokenizers` (a normal Hugging Face tokenizer directory with
+   special tokens and a chat template) and tiny random Llama, CLIP ViT and timm ConvNeXt checkpoints saved as normal
+   checkpoint directories, so the real loading code (model.build_model) runs.
+3. `accelerate launch train.py recipes/demo_pretrain.yaml`, then recipes/demo_finetune.yaml, then eval.py on the
+   held-out split, then one chat.py answer. The finetuned export is left in runs/demo/finetune/.
+Everything generated goes under demo_data/ and runs/ (both ignored by git). Seeds are fixed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+COLORS = {"red": (220, 30, 30), "green": (40, 160, 50), "blue": (30, 70, 220), "yellow": (235, 205, 30),
+          "purple": (135, 50, 175), "orange": (245, 135, 25)}
+SHAPES = ("circle", "square", "triangle", "star")
+QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is this?"}
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]   # ids 0-5
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@dataclass
+class DemoArguments:
+    data_dir: str = "demo_data"        # images, records and the tiny base checkpoints
+    output_dir: str = "runs/demo"      # pretrain/ and finetune/ exports (+ their training runs)
+    pretrain_images: int = 3000        # one caption each
+    finetune_images: int = 6000        # one question each
+    test_images: int = 200             # held out: both questions each
+    seed: int = 0
+    pretrain_overrides: str = ""       # extra "--field value" options for train.py (the test shortens the runs)
+    finetune_overrides: str = ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in vars(DemoArguments()).items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    args = DemoArguments(**vars(parser.parse_args(argv)))
+    data_dir, out = Path(args.data_dir), Path(args.output_dir)
+    start = time.time()
+
+    step(1, "synthetic shapes: images and LLaVA records")
+    make_dataset(data_dir, args)
+    step(2, "tokenizer trained on the corpus + tiny random Llama / CLIP ViT / ConvNeXt checkpoints")
+    make_base_models(data_dir)
+    step(3, "stage 1: pretrain (projector + mining)")
+    launch("recipes/demo_pretrain.yaml", data_dir, out / "pretrain", args.pretrain_overrides)
+    step(4, "stage 2: finetune (LLM + projector + mining)")
+    launch("recipes/demo_finetune.yaml", data_dir, out / "finetune", args.finetune_overrides,
+           f"--pretrained_mm_path {out / 'pretrain'}")
+    step(5, "eval.py on the held-out questions")
+    run([sys.executable, "eval.py", "--model", str(out / "finetune"), "--data", str(data_dir / "test.jsonl"),
+         "--image_folder", str(data_dir / "images"), "--output", str(out / "finetune" / "predictions.jsonl")])
+    step(6, "chat.py: one answer")
+    image = data_dir / "images" / "test_00000.png"
+    run([sys.executable, "chat.py", "--model", str(out / "finetune"), "--image", str(image), QUESTIONS["shape"]])
+    print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
+          f"  python chat.py --model {out / 'finetune'} --image {image}")
+
+
+# ---- 1. Data ---------------------------------------------------------------------------------------------------------
+
+def make_dataset(root: Path, args: DemoArguments) -> None:
+    """demo_data/images/*.png and pretrain.jsonl (captions), finetune.jsonl (one question per image) and test.jsonl
+    (both questions per held-out image), in LLaVA format. Deterministic in args.seed; reused when already there."""
+    from tqdm import tqdm
+    splits = {"pretrain": args.pretrain_images, "finetune": args.finetune_images, "test": args.test_images}
+    stamp = root / "records.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == {**splits, "seed": args.seed}:
+        print(f"reusing {root}/")
+        return
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in splits.items():
+        rng = random.Random(f"{args.seed}-{split}")
+        records = []
+        for i in tqdm(range(n), desc=split, unit="img"):
+            image, color, shape = draw_shape(rng)
+            name = f"{split}_{i:05d}.png"
+            image.save(root / "images" / name)
+            if split == "pretrain":
+                article = "an" if color[0] in "aeiou" else "a"
+                records.append(record(f"{split}-{i}", name, "Describe the image.", f"{article} {color} {shape}"))
+            else:
+                kinds = ["color", "shape"] if split == "test" else [rng.choice(["color", "shape"])]
+                for kind in kinds:
+                    answer = color if kind == "color" else shape
+                    records.append(record(f"{split}-{i}-{kind}", name, QUESTIONS[kind], answer))
+        with open(root / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    stamp.write_text(json.dumps({**splits, "seed": args.seed}))
+
+
+def record(record_id: str, image: str, question: str, answer: str) -> dict:
+    return {"id": record_id, "image": image,
+            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
+
+
+def draw_shape(rng: random.Random):
+    """One shape, uniformly chosen colour and kind, at a random size and position on a light background.
+    Returns (PIL image, colour name, shape name)."""
+    from PIL import Image, ImageDraw
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    side, aspect = rng.uniform(64, 200), math.exp(rng.uniform(-0.7, 0.7))     # aspect ratio 1:2 .. 2:1
+    w, h = round(side * math.sqrt(aspect)), round(side / math.sqrt(aspect))
+    shade = rng.randint(200, 250)
+    background = tuple(min(255, shade + rng.randint(-8, 8)) for _ in range(3))
+    image = Image.new("RGB", (w, h), background)
+    radius = rng.uniform(0.2, 0.42) * min(w, h)
+    cx, cy = rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)
+    fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+    else:
+        turn = rng.uniform(-12, 12)   # a slight tilt, so the model does not learn one exact outline
+        corners = {"square": 4, "triangle": 3, "star": 5}[shape]
+        start = {"square": 45, "triangle": -90, "star": -90}[shape] + turn
+        if shape == "star":   # ten points alternating outer and inner radius
+            inner = rng.uniform(0.38, 0.5)
+            points = [polar(cx, cy, radius * (1 if k % 2 == 0 else inner), start + 36 * k) for k in range(10)]
+        else:
+            points = [polar(cx, cy, radius * (1.0 if shape == "triangle" else 0.9), start + 360 / corners * k)
+                      for k in range(corners)]
+        draw.polygon(points, fill=fill)
+    return image, color, shape
+
+
+def polar(cx: float, cy: float, r: float, degrees: float) -> tuple[float, float]:
+    a = math.radians(degrees)
+    return cx + r * math.cos(a), cy + r * math.sin(a)
+
+
+# ---- 2. Tokenizer and base checkpoints -------------------------------------------------------------------------------
+
+@dataclass
+class BaseSizes:
+    """The tiny base models. Images: CLIP 56 px / patch 14 -> 4x4 LR tokens; the recipes set image_size_aux (HR)."""
+    llm_hidden: int = 128
+    llm_layers: int = 2
+    llm_heads: int = 4
+    clip_image_size: int = 56
+    clip_patch: int = 14
+    clip_hidden: int = 64
+    clip_layers: int = 2
+    convnext_dims: tuple = (16, 32, 64, 128)
+    convnext_depths: tuple = (1, 1, 1, 1)
+    convnext_ls_init: float = 1.0      # timm's 1e-6 makes a random ConvNeXt almost linear: weak frozen features
+
+
+def make_base_models(root: Path, sizes: BaseSizes = BaseSizes(), seed: int = 0) -> None:
+    """root/base/{llm (+ tokenizer), clip, convnext}; reused when already there."""
+    base = root / "base"
+    if (base / "done").exists():
+        print(f"reusing {base}/")
+        return
+    import torch
+    corpus = [line for split in ("pretrain", "finetune") for line in corpus_lines(root / f"{split}.jsonl")]
+    tokenizer = train_tokenizer(corpus)
+    torch.manual_seed(seed)
+    save_llm(base / "llm", tokenizer, sizes)
+    save_clip(base / "clip", sizes)
+    save_convnext(base / "convnext", sizes)
+    (base / "done").write_text("")
+    print(f"tokenizer: {len(tokenizer)} words; checkpoints in {base}/")
+
+
+def corpus_lines(path: Path):
+    """The text of every turn, plus the chat markup words of the templates (so vicuna_v1 and chatml both work)."""
+    from conversation import VICUNA_SYSTEM
+    yield f"{VICUNA_SYSTEM} USER: ASSISTANT: user assistant system"
+    with open(path) as f:
+        for line in f:
+            for turn in json.loads(line)["conversations"]:
+                yield turn["value"].replace("<image>", "")
+
+
+def train_tokenizer(corpus):
+    """A word-level tokenizer (words and punctuation) with Llama-style specials: <s> in front of every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   chat_template=CHATML)
+
+
+def save_llm(path: Path, tokenizer, sizes: BaseSizes) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden,
+                         intermediate_size=3 * sizes.llm_hidden, num_hidden_layers=sizes.llm_layers,
+                         num_attention_heads=sizes.llm_heads, num_key_value_heads=sizes.llm_heads,
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def save_clip(path: Path, sizes: BaseSizes) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    config = CLIPVisionConfig(hidden_size=sizes.clip_hidden, intermediate_size=4 * sizes.clip_hidden,
+                              num_hidden_layers=sizes.clip_layers, num_attention_heads=4,
+                              image_size=sizes.clip_image_size, patch_size=sizes.clip_patch,
+                              projection_dim=sizes.clip_hidden)
+    CLIPVisionModel(config).save_pretrained(path)
+    s = sizes.clip_image_size
+    CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(path)
+
+
+def save_convnext(path: Path, sizes: BaseSizes) -> None:
+    """A timm ConvNeXt in timm's hub layout (config.json with model_args + weights), normalized like CLIP
+    (as OpenCLIP's ConvNeXt is), so both towers read one image tensor."""
+    import timm
+    from timm.models import save_for_hf
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    model_args = dict(dims=list(sizes.convnext_dims), depths=list(sizes.convnext_depths),
+                      ls_init_value=sizes.convnext_ls_init)
+    model = timm.create_model("convnext_atto", pretrained=False, **model_args)
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=tuple(OPENAI_CLIP_MEAN), std=tuple(OPENAI_CLIP_STD))
+    save_for_hf(model, str(path), model_args=model_args, safe_serialization=True)
+
+
+# ---- 3. Running the steps ------------------------------------------------------------------------------------------
+
+def launch(recipe: str, data_dir: Path, export_dir: Path, overrides: str = "", *extra: str) -> None:
+    """accelerate launch train.py RECIPE on one CPU process; the export is copied to export_dir."""
+    run_dir = export_dir.parent / f"{export_dir.name}-run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", recipe, "--output_dir", str(run_dir),
+           *" ".join(extra).split(), *overrides.split()]
+    run(cmd)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    shutil.copytree(run_dir / "export", export_dir)
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + " ".join(str(c) for c in cmd).replace(sys.executable, "python"), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def step(n: int, title: str) -> None:
+    print(f"\n==> [{n}/6] {title}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

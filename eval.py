@@ -1,0 +1,171 @@
+"""Evaluate an export on single-turn questions: batched greedy answers, normalized exact match.
+
+    python eval.py --model runs/demo/finetune --data demo_data/test.jsonl --image_folder demo_data/images
+
+--data is any LLaVA-format JSON/JSONL: each record's first human turn is the question (with or without an <image>
+tag), the gpt turn after it the reference answer. Answers and references are compared after normalization (case,
+punctuation, articles, spaces). Writes one JSON line per question (--output) and ends with the line
+`accuracy: <float> (n=<int>)`. chat.py uses the same loading and answering code (load_for_inference, Answerer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from data import ImageProcessor, load_image, tokenize_prompt
+
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")   # stop tokens besides the tokenizer's eos
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="an export directory (full, pretrain or LoRA)")
+    parser.add_argument("--data", required=True, help="LLaVA JSON/JSONL with single-turn questions and answers")
+    parser.add_argument("--image_folder", default=".")
+    parser.add_argument("--output", default=None, help="predictions JSONL (default: MODEL/predictions_<data>.jsonl)")
+    parser.add_argument("--template", default=None, help="default: the template the model was trained with")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
+    a = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    questions = load_questions(a.data)[: a.limit or None]
+    answerer = Answerer(*load_for_inference(a.model, a.template))
+    predictions = []
+    with tqdm(total=len(questions), desc="eval", unit="q", file=sys.stderr) as bar:
+        for i in range(0, len(questions), a.batch_size):
+            batch = questions[i:i + a.batch_size]
+            images = [[load_image({"path": p}, a.image_folder) for p in q.images] for q in batch]
+            predictions += answerer([q.question for q in batch], images, max_new_tokens=a.max_new_tokens)
+            bar.update(len(batch))
+    output = a.output or os.path.join(a.model, f"predictions_{Path(a.data).stem}.jsonl")
+    accuracy = score(questions, predictions, output)
+    print(f"predictions: {output}")
+    print(f"accuracy: {accuracy:.4f} (n={len(questions)})")
+    return accuracy
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    answer: str
+    images: list[str]
+
+
+def load_questions(path: str) -> list[Question]:
+    """LLaVA JSON (array) or JSONL -> questions: the first human turn and the gpt turn after it."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(s) for s in text.splitlines()
+                                                                        if s.strip()]
+    questions = []
+    for i, r in enumerate(records):
+        turns = r.get("conversations") or r.get("messages") or []
+        roles = [t.get("from", t.get("role")) for t in turns]
+        values = [t.get("value", t.get("content")) for t in turns]
+        user = next((k for k, role in enumerate(roles) if role in ("human", "user")), None)
+        if user is None or user + 1 >= len(turns) or roles[user + 1] not in ("gpt", "assistant"):
+            raise ValueError(f"{path}: record {r.get('id', i)} has no question followed by an answer")
+        image = r.get("image", r.get("images")) or []
+        questions.append(Question(str(r.get("id", i)), values[user], values[user + 1],
+                                  image if isinstance(image, list) else [image]))
+    return questions
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and the articles a/an/the, collapse spaces: "The Red." -> "red"."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def score(questions: list[Question], predictions: list[str], output: str | None = None) -> float:
+    """Normalized exact match; writes one JSON line per question to `output`."""
+    rows = [dict(id=q.id, question=q.question, answer=q.answer, prediction=p,
+                 correct=normalize_answer(p) == normalize_answer(q.answer)) for q, p in zip(questions, predictions)]
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return sum(row["correct"] for row in rows) / max(1, len(rows))
+
+
+# ---- Loading an export and answering (shared with chat.py) ---------------------------------------------------------
+
+def load_for_inference(model_dir: str, template: str | None = None, device: str | None = None):
+    """An export -> (model, tokenizer, image processor, template name). The template and the image aspect-ratio mode
+    come from the train_config.yaml that train.py writes into every export; the image sizes, mean and std from the
+    model itself (model.image_settings()), so the input is prepared exactly as in training."""
+    from transformers import AutoTokenizer
+
+    from model import MiniGemini
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config_path = Path(model_dir, "train_config.yaml")
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    dtype = None if device != "cpu" else "float32"     # half precision is slow (or unsupported) on CPU
+    model = MiniGemini.from_pretrained(model_dir, dtype=dtype, device=device if device != "cpu" else None)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if template is None:
+        template = config.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
+    processor = ImageProcessor(**model.image_settings(), aspect_ratio=config.get("image_aspect_ratio", "pad"))
+    return model, tokenizer, processor, template
+
+
+class Answerer:
+    """Greedy answers for a batch of (question, images): the prompt is data.tokenize_prompt, the same ids that
+    training saw in front of an answer."""
+
+    def __init__(self, model, tokenizer, processor, template: str):
+        self.model, self.tokenizer, self.processor, self.template = model, tokenizer, processor, template
+        vocab = tokenizer.get_vocab()
+        self.stop = sorted({tokenizer.eos_token_id, *(vocab[t] for t in END_OF_TURN if t in vocab)} - {None})
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
+
+    @torch.no_grad()
+    def __call__(self, questions: list[str], images: list[list], max_new_tokens: int = 16) -> list[str]:
+        device = next(self.model.parameters()).device
+        prompts = [tokenize_prompt([{"role": "user", "content": q}], self.tokenizer, self.template,
+                                   num_images=len(imgs)) for q, imgs in zip(questions, images)]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(prompts):
+            input_ids[row, :len(p)], attention_mask[row, :len(p)] = p, 1
+        views, aux = [], []
+        for image in (img for imgs in images for img in imgs):
+            v, a = self.processor(image)
+            views.append(v)
+            aux.append(a)
+        image_kw = dict(images=None, images_aux=None)
+        if views:
+            image_kw["images"] = torch.stack(views).to(device, next(self.model.vision_tower.parameters()).dtype)
+            if self.model.vision_tower_aux is not None:
+                image_kw["images_aux"] = torch.stack(aux).to(image_kw["images"])
+        out = self.model.generate(input_ids.to(device), attention_mask.to(device),
+                                  image_counts=torch.tensor([len(imgs) for imgs in images], device=device),
+                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop,
+                                  pad_token_id=self.pad, **image_kw)
+        return [self.decode(row) for row in out.tolist()]
+
+    def decode(self, ids: list[int]) -> str:
+        for k, token in enumerate(ids):          # cut at the first stop token (later ones are padding)
+            if token in self.stop:
+                ids = ids[:k]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""model.py on CPU with tiny random checkpoints (tests/tiny_models.py), loaded through the real loading code."""
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from model import (MM_WEIGHTS, MiniGemini, PatchInfoMining, apply_lora, build_model, hr_views, merge_lora,
+                   merge_lora_export, mmca_attention, set_stage, splice)
+from tests.tiny_models import CLIP_MEAN, CLIP_STD, FAMILIES, save_tiny_checkpoints, save_tiny_tokenizer, tiny_batch
+
+IMG = IMAGE_TOKEN_INDEX
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def tok(root):
+    return AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tokenizer"))
+
+
+def build(root, tok, **kw):
+    torch.manual_seed(0)
+    return build_model(save_tiny_checkpoints(root, tokenizer=tok, **kw), tok)
+
+
+# ---- references written as plain loops --------------------------------------------------------------------------
+def mining_loop(mining, lr, hr):
+    """Each LR token (i, j) against the HR positions of its own window, one at a time."""
+    n, p, d = lr.shape
+    g = math.isqrt(p)
+    m = hr.shape[-1] // g
+    out = lr.clone()
+    for b in range(n):
+        for i in range(g):
+            for j in range(g):
+                window = hr[b, :, i * m:(i + 1) * m, j * m:(j + 1) * m].flatten(1).T        # [M*M, C]
+                q, k, v = mining.query(lr[b, i * g + j]), mining.key(window), mining.value(window)
+                weights = torch.softmax(k @ q / math.sqrt(d), 0)
+                out[b, i * g + j] = lr[b, i * g + j] + weights @ v
+    return out
+
+
+def splice_loop(ids, embeds, feats, mask, labels, pad_left):
+    """Per-sample, per-token reference of the splice."""
+    rows, n = [], 0
+    for b in range(len(ids)):
+        e, am, lab, im = [], [], [], []
+        for t in range(ids.shape[1]):
+            if ids[b, t] == IMG:
+                k = len(feats[n])
+                e += list(feats[n]); am += [int(mask[b, t])] * k; lab += [IGNORE_INDEX] * k; im += [True] * k
+                n += 1
+            else:
+                e.append(embeds[b, t]); am.append(int(mask[b, t])); lab.append(int(labels[b, t])); im.append(False)
+        rows.append((e, am, lab, im))
+    length = max(len(r[0]) for r in rows)
+    out = {"inputs_embeds": [], "attention_mask": [], "labels": [], "image_mask": []}
+    for e, am, lab, im in rows:
+        pad = length - len(e)
+        z = torch.zeros_like(e[0])
+
+        def padded(x, fill):
+            return [fill] * pad + x if pad_left else x + [fill] * pad
+        out["inputs_embeds"].append(torch.stack(padded(e, z)))
+        out["attention_mask"].append(torch.tensor(padded(am, 0)))
+        out["labels"].append(torch.tensor(padded(lab, IGNORE_INDEX)))
+        out["image_mask"].append(torch.tensor(padded(im, False)))
+    out = {k: torch.stack(v) for k, v in out.items()}
+    out["position_ids"] = (out["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    return out
+
+
+def mmca_loop(q, k, v, image, pad):
+    """DeepSpeed-VisualChat MMCA by hand, one head: per query, softmax over allowed image keys + softmax over
+    allowed text keys. image/pad: per-position flags (pad = padding, never attended)."""
+    t, d = q.shape
+    out = torch.zeros(t, v.shape[1])
+    for i in range(t):
+        img_keys = [j for j in range(i + 1) if image[j] and not pad[j] and (not image[i] or j == i)]
+        txt_keys = [j for j in range(i + 1) if not image[j] and not pad[j]]
+        for keys in (img_keys, txt_keys):
+            if keys:
+                w = torch.softmax(torch.stack([q[i] @ k[j] / math.sqrt(d) for j in keys]), 0)
+                out[i] += sum(wj * v[j] for wj, j in zip(w, keys))
+    return out
+
+
+# ---- mining, HD ordering, splice, MMCA ------------------------------------------------------------------------
+def test_mining_equals_loop_over_windows():
+    torch.manual_seed(0)
+    mining = PatchInfoMining(16, 24)
+    lr, hr = torch.randn(2, 9, 16), torch.randn(2, 24, 12, 12)       # 3x3 LR grid, 4x4 windows
+    torch.testing.assert_close(mining(lr, hr), mining_loop(mining, lr, hr))
+
+
+@pytest.mark.parametrize("grid,image_global", [(1, False), (2, True), (2, False), (3, True)])
+@pytest.mark.parametrize("tile_elements", [1, 2 ** 25])           # one LR row per band / every row in one band
+def test_memory_light_mining_equals_the_reference_on_the_full_map(grid, image_global, tile_elements):
+    """forward builds the HR map band by band from the four stage maps; reference reads the concatenated,
+    upsampled map cut into views by hr_views. Outputs and gradients (LR, every stage map, weights) agree."""
+    torch.manual_seed(0)
+    channels, side, n = (4, 6, 8, 10), 12 * grid, 2                # 3x3 LR grid, 4x4 windows per view
+    views = grid * grid + int(image_global)
+    mining = PatchInfoMining(16, sum(channels))
+    mining.max_tile_elements = tile_elements
+    lr = torch.randn(n * views, 9, 16, requires_grad=True)
+    maps = [torch.randn(n, c, side >> s, side >> s, requires_grad=True) for s, c in enumerate(channels)]
+    full = torch.cat([F.interpolate(x, size=(side, side), mode="bilinear") for x in maps], 1)
+    want = mining.reference(lr, hr_views(full, grid, image_global, views).flatten(0, 1))
+    got = mining(lr, maps, grid=grid, image_global=image_global)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn_like(want)
+    inputs = [lr, *maps, *mining.parameters()]
+    want_grads = torch.autograd.grad((want * weights).sum(), inputs)
+    got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    for name, g, w in zip(["lr", *map(str, range(4)), *dict(mining.named_parameters())], got_grads, want_grads):
+        scale = max(1.0, float(w.abs().max()))     # the same fp32 sums taken in another order
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_hd_views_are_global_then_crops_each_mined_against_its_quadrant(root, tok):
+    model = build(root, tok, hd=True).eval()
+    batch = tiny_batch(model)
+    images, aux = batch["images"][:2], batch["images_aux"][:2]
+    with torch.no_grad():
+        got = model.encode_images(images, aux)
+        want = []
+        for n in range(len(images)):
+            hr = model.vision_tower_aux(aux[n:n + 1])
+            h = hr.shape[-1] // 2
+            maps = [F.interpolate(hr, size=(h, h), mode="bilinear")]                 # global first
+            maps += [hr[..., i * h:(i + 1) * h, j * h:(j + 1) * h] for i in range(2) for j in range(2)]
+            views = [model.projector(mining_loop(model.mining, model.vision_tower(images[n, v:v + 1]), m))
+                     for v, m in enumerate(maps)]
+            want.append(torch.cat(views, 1))
+    assert got.shape == (2, model.tokens_per_image, 32) and model.tokens_per_image == 5 * 4
+    torch.testing.assert_close(got, torch.cat(want))
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_splice_equals_per_sample_loop(pad_left):
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, IMG, 5, IMG, 7, 0], [1, 2, 3, 0, 0, 0], [IMG, 4, 5, 6, 0, 0], [1, 2, 3, 4, 5, 6]])
+    mask = (torch.arange(6) < torch.tensor([[5], [3], [4], [6]])).long()
+    if pad_left:   # same rows, padding moved to the left
+        order = torch.sort(mask, dim=1, stable=True).indices
+        ids, mask = ids.gather(1, order), mask.gather(1, order)
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    embeds, feats = torch.randn(4, 6, 8), torch.randn(3, 4, 8)
+    got = splice(ids, embeds, feats, mask, labels, pad_left=pad_left)
+    want = splice_loop(ids, embeds, feats, mask, labels, pad_left)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+
+
+def test_splice_of_packed_rows_restarts_positions_per_sample():
+    ids = torch.tensor([[1, IMG, 2, 1, 3, IMG, 4]])
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])                     # two samples in one row
+    out = splice(ids, torch.zeros(1, 7, 4), torch.zeros(2, 3, 4), torch.ones_like(ids), position_ids=packed)
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]]
+
+
+def test_mmca_equals_two_masked_softmaxes_by_hand():
+    torch.manual_seed(0)
+    image = [False, True, True, False, True, False]          # text, 2 image tokens, text, image, text
+    pad = [True, False, False, False, False, False]         # left padding
+    q, k, v = torch.randn(3, 6, 8).unbind(0)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.tensor(pad)
+    module = torch.nn.Module().eval()
+    out, _ = mmca_attention(module, q[None, None], k[None, None], v[None, None], allowed[None, None],
+                            scaling=8 ** -0.5, mm_image_mask=torch.tensor([image]))
+    want = mmca_loop(q, k, v, image, pad)
+    torch.testing.assert_close(out[0, 1:, 0], want[1:])       # the padding query's output is unused
+
+
+def test_mmca_without_images_is_ordinary_causal_attention(root, tok):
+    batch = tiny_batch(build(root, tok))
+    text = {k: batch[k][1:2, :4] for k in ("input_ids", "attention_mask", "labels")}
+    logits = [build(root, tok, attention=a).eval()(**text).logits for a in ("eager", "mmca")]
+    torch.testing.assert_close(logits[0], logits[1])
+
+
+# ---- forward / backward / stages -------------------------------------------------------------------------------
+def grads(model):
+    parts = ("llm", "vision_tower", "vision_tower_aux", "mining", "projector")
+    got = {p: False for p in parts}
+    for name, param in model.named_parameters():
+        if param.grad is not None and param.grad.abs().sum() > 0:
+            got[name.split(".")[0]] = True
+    return {p for p, v in got.items() if v}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_backward_each_family(root, tok, family):
+    model = build(root, tok, family=family)
+    set_stage(model, "finetune", print_fn=None)
+    batch = tiny_batch(model)
+    out = model(**batch)
+    supervised = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert out.logits.shape[:2] == (3, 8 + 2 * (model.tokens_per_image - 1))
+    summed = model(**batch, num_items_in_batch=torch.tensor(1)).loss
+    torch.testing.assert_close(summed, out.loss * supervised)            # loss = sum / num_items_in_batch
+    out.loss.backward()
+    assert grads(model) == {"llm", "mining", "projector"}
+    assert {"CLIPEncoderLayer", "ConvNeXtStage"} < set(model._no_split_modules)       # FSDP wrap units
+    assert any(name.endswith("DecoderLayer") for name in model._no_split_modules)
+    with torch.no_grad():       # the image mask reaches this family's attention layers: MMCA changes the output
+        mmca = build(root, tok, family=family, attention="mmca")(**batch).logits
+    assert not torch.allclose(mmca, out.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "mmca"])
+def test_left_and_right_padding_give_the_same_logits(root, tok, attention):
+    model = build(root, tok, attention=attention).eval()
+    batch = tiny_batch(model)
+    order = torch.sort(batch["attention_mask"], dim=1, stable=True).indices
+    left = dict(batch, input_ids=batch["input_ids"].gather(1, order),
+                attention_mask=batch["attention_mask"].gather(1, order), labels=batch["labels"].gather(1, order))
+    right_logits, left_logits = model(**batch).logits, model(**left).logits
+    for row, n in enumerate((8 + 2 * 3, 4, 5 + 3)):                         # real positions after the splice
+        torch.testing.assert_close(right_logits[row, :n], left_logits[row, -n:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "mmca"])
+def test_packed_rows_attend_only_within_their_sample(root, tok, attention):
+    model = build(root, tok, attention=attention).eval()
+    batch = tiny_batch(model)
+    first, second = batch["input_ids"][2, :5], batch["input_ids"][1, :4]        # one image + text-only
+    packed = torch.cat([first, second])[None]
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    images, aux = batch["images"][2:3], batch["images_aux"][2:3]
+    with torch.no_grad():
+        got = model(packed, images=images, images_aux=aux, position_ids=position_ids).logits[0]
+        alone = [model(first[None], images=images, images_aux=aux).logits[0], model(second[None]).logits[0]]
+    torch.testing.assert_close(got, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+def test_text_only_batch_and_pretrain_stage_gradients(root, tok):
+    model = build(root, tok)
+    table = set_stage(model, "pretrain", print_fn=None)
+    assert "projector" in table and "mining" in table
+    batch = tiny_batch(model)
+    model(**batch).loss.backward()
+    assert grads(model) == {"mining", "projector"}
+    text = {k: batch[k][1:2] for k in ("input_ids", "attention_mask", "labels")}
+    assert torch.isfinite(model(**text, images=None).loss)
+
+
+def test_tuned_tower_gets_gradients_with_checkpointing(root, tok):
+    model = build(root, tok, gradient_checkpointing=True)
+    set_stage(model, "finetune", tune_vision_tower=True, print_fn=None)
+    model.train()
+    model(**tiny_batch(model)).loss.backward()
+    assert grads(model) == {"llm", "vision_tower", "mining", "projector"}
+    assert not model.vision_tower_aux.training                            # frozen towers stay in eval mode
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(root, tok):
+    results = []
+    for gc in (False, True):
+        model = build(root, tok, gradient_checkpointing=gc)
+        set_stage(model, "finetune", print_fn=None)
+        model(**tiny_batch(model)).loss.backward()
+        results.append(model.projector[0].weight.grad)
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("projector,per_view", [("linear", 4), ("mlp3x_gelu", 4), ("perceiver", 3), ("vit", 4)])
+def test_projectors(root, tok, projector, per_view):
+    model = build(root, tok, projector=projector)
+    batch = tiny_batch(model)
+    assert model.tokens_per_image == per_view
+    assert model.encode_images(batch["images"], batch["images_aux"]).shape == (3, per_view, 32)
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_plain_llava_cls_patch_and_image_start_end_tokens(root, tok):
+    model = build(root, tok, hr=None, mm_vision_select_feature="cls_patch", mm_use_im_start_end=True)
+    assert model.mining is None and model.tokens_per_image == 4 + 1 + 2
+    assert tok.convert_tokens_to_ids(["<im_start>", "<im_end>"]) == model.im_start_end_ids
+    set_stage(model, "pretrain", print_fn=None)
+    model(**tiny_batch(model)).loss.backward()
+    grad = model.llm.get_input_embeddings().weight.grad
+    changed = grad.abs().sum(1).nonzero().flatten().tolist()
+    assert changed == model.im_start_end_ids                              # only the new rows train
+
+
+def test_random_init_from_configs_alone_and_bf16(root, tok):
+    args = save_tiny_checkpoints(root, tokenizer=tok, random_init=True, dtype="bfloat16")
+    model = build_model(args, tok)
+    assert model.projector[0].weight.dtype == model.vision_tower_aux.stem[0].weight.dtype == torch.bfloat16
+    loaded = build(root, tok)
+    assert [p.shape for p in model.parameters()] == [p.shape for p in loaded.parameters()]
+    assert torch.isfinite(model(**tiny_batch(model)).loss)
+
+
+def test_image_settings_come_from_the_checkpoints(root, tok):
+    settings = build(root, tok, hd=True).image_settings()
+    assert settings == dict(image_size=28, image_size_aux=64, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                            image_grid=2, image_global=True)
+
+
+def test_openclip_convnext_tower_loads_its_trunk(root, tok):
+    model = build(root, tok, hr="openclip")
+    saved = load_file(root / "convnext-openclip" / "open_clip_model.safetensors")
+    torch.testing.assert_close(model.vision_tower_aux.stem[0].weight, saved["visual.trunk.stem.0.weight"])
+    assert model.vision_tower_aux.channels == 40 + 80 + 160 + 320
+    assert torch.isfinite(model(**tiny_batch(model)).loss)
+
+
+# ---- export / load / merge -------------------------------------------------------------------------------------
+def logits(model, batch):
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def test_full_export_loads_without_the_source_checkpoints(tmp_path, tok):
+    model = build(tmp_path / "src", tok, hd=True, mm_use_im_start_end=True)
+    batch = tiny_batch(model)
+    model.save_pretrained(tmp_path / "export", tok)
+    shutil.rmtree(tmp_path / "src")
+    loaded = MiniGemini.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
+    assert loaded.image_settings() == model.image_settings()
+
+
+def test_pretrain_export_holds_only_projector_and_mining(tmp_path, root, tok):
+    model = build(root, tok)
+    set_stage(model, "pretrain", print_fn=None)
+    batch = tiny_batch(model)
+    model.save_pretrained(tmp_path / "pretrain", tok)
+    keys = load_file(tmp_path / "pretrain" / MM_WEIGHTS).keys()
+    assert keys and all(k.startswith(("projector.", "mining.")) for k in keys)
+    torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "pretrain"), batch), logits(model, batch))
+    args = save_tiny_checkpoints(root, tokenizer=tok, pretrained_mm_path=str(tmp_path / "pretrain"))
+    torch.testing.assert_close(logits(build_model(args, tok), batch), logits(model, batch))
+
+
+def test_lora_export_load_and_merge(tmp_path, root, tok):
+    model = apply_lora(build(root, tok), r=4, alpha=8, dropout=0.0)
+    set_stage(model, "finetune", print_fn=None)
+    with torch.no_grad():                                  # LoRA B starts at zero: make the adapters matter
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = tiny_batch(model)
+    model(**batch).loss.backward()
+    assert grads(model) == {"llm", "mining", "projector"}
+    assert all("lora_" in n for n, p in model.llm.named_parameters() if p.requires_grad)
+    want = logits(model, batch)
+    model.save_pretrained(tmp_path / "lora", tok, state_dict=model.state_dict())   # as train.py does under FSDP
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").exists()
+    torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "lora"), batch), want)
+    merge_lora_export(tmp_path / "lora", tmp_path / "merged")
+    torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "merged"), batch), want,
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits(merge_lora(model), batch), want, atol=1e-5, rtol=1e-4)
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["sdpa", "mmca"])
+def test_greedy_generate_equals_argmax_of_full_forwards(root, tok, attention):
+    model = build(root, tok, attention=attention).eval()
+    batch = tiny_batch(model)
+    got = model.generate(batch["input_ids"], batch["attention_mask"], batch["images"], batch["images_aux"],
+                         max_new_tokens=5, eos_token_id=-1)
+    for row, image_slice in enumerate([slice(0, 2), slice(0, 0), slice(2, 3)]):
+        ids = batch["input_ids"][row, batch["attention_mask"][row] == 1][None]
+        images = batch["images"][image_slice] if image_slice.stop > image_slice.start else None
+        aux = batch["images_aux"][image_slice] if images is not None else None
+        for _ in range(5):
+            with torch.no_grad():
+                step = model(ids, images=images, images_aux=aux).logits[0, -1].argmax()
+            ids = torch.cat([ids, step.view(1, 1)], 1)
+        assert got[row].tolist() == ids[0, -5:].tolist(), row
+
+
+def test_sampling_is_reproducible_with_a_generator(root, tok):
+    model = build(root, tok).eval()
+    batch = tiny_batch(model)
+    runs = [model.generate(batch["input_ids"], batch["attention_mask"], batch["images"], batch["images_aux"],
+                           max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9, temperature=0.8, eos_token_id=-1,
+                           generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert runs[0].shape == (3, 4) and torch.equal(runs[0], runs[1])
+
+
+# ---- QLoRA ----------------------------------------------------------------------------------------------------
+def test_4bit_llm_with_lora_trains_on_cpu(root, tok):
+    pytest.importorskip("bitsandbytes")
+    model = apply_lora(build(root, tok, bits=4, gradient_checkpointing=True), r=4, alpha=8)
+    set_stage(model, "finetune", print_fn=None)
+    assert type(model.llm.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    model.train()
+    model(**tiny_batch(model)).loss.backward()
+    assert grads(model) == {"llm", "mining", "projector"}
+    assert all("lora_" in n for n, p in model.llm.named_parameters() if p.requires_grad)
+    assert {p.dtype for m in (model.vision_tower, model.vision_tower_aux) for p in m.parameters()} == {torch.float32}
