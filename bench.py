@@ -46,6 +46,8 @@ WORDS = ("the a of and to in is on with that for this it as are at by from image
 
 
 def main(argv=None):
+    import datasets
+    datasets.disable_progress_bars()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
@@ -286,7 +288,9 @@ class _ArrowRecords(torch.utils.data.Dataset):
     """Ours: data.load_records, a memory-mapped datasets.Dataset; a worker reads only the rows it asks for."""
 
     def __init__(self, path):
+        import datasets
         import data
+        datasets.disable_progress_bars()
         self.records = data.load_records(path, cache_dir=str(CACHE / "hf"))
 
     def __len__(self):
@@ -760,8 +764,23 @@ def _in_subprocess(fn, *args):
     """fn(*args) in a fresh interpreter (spawn), so one variant's memory never counts against another's.
     Blocks of 1 MB and more are mmapped by malloc there, so freed tensors leave the RSS at once."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_run_and_send, args=(queue, fn, args))   # not a Pool: it may start DataLoader workers
+    child.start()
+    ok, result = queue.get()
+    child.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__}{args} failed:\n{result}")
+    return result
+
+
+def _run_and_send(queue, fn, args):
+    import traceback
+    try:
+        queue.put((True, fn(*args)))
+    except BaseException:
+        queue.put((False, traceback.format_exc()))
 
 
 def _reset_peak(device="cpu") -> float:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -62,10 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     step(2, "tokenizer trained on the corpus + tiny random Llama / CLIP ViT / ConvNeXt checkpoints")
     make_base_models(data_dir)
     step(3, "stage 1: pretrain (projector + mining)")
-    launch("recipes/demo_pretrain.yaml", data_dir, out / "pretrain", args.pretrain_overrides)
+    launch("recipes/demo_pretrain.yaml", paths(args, "pretrain") + args.pretrain_overrides.split())
     step(4, "stage 2: finetune (LLM + projector + mining)")
-    launch("recipes/demo_finetune.yaml", data_dir, out / "finetune", args.finetune_overrides,
-           f"--pretrained_mm_path {out / 'pretrain'}")
+    launch("recipes/demo_finetune.yaml", paths(args, "finetune") + args.finetune_overrides.split())
     step(5, "eval.py on the held-out questions")
     run([sys.executable, "eval.py", "--model", str(out / "finetune"), "--data", str(data_dir / "test.jsonl"),
          "--image_folder", str(data_dir / "images"), "--output", str(out / "finetune" / "predictions.jsonl")])
@@ -244,15 +242,26 @@ def save_convnext(path: Path, sizes: BaseSizes) -> None:
 
 # ---- 3. Running the steps ------------------------------------------------------------------------------------------
 
-def launch(recipe: str, data_dir: Path, export_dir: Path, overrides: str = "", *extra: str) -> None:
-    """accelerate launch train.py RECIPE on one CPU process; the export is copied to export_dir."""
-    run_dir = export_dir.parent / f"{export_dir.name}-run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", recipe, "--output_dir", str(run_dir),
-           *" ".join(extra).split(), *overrides.split()]
-    run(cmd)
-    shutil.rmtree(export_dir, ignore_errors=True)
-    shutil.copytree(run_dir / "export", export_dir)
+def launch(recipe: str, overrides: list[str]) -> None:
+    """accelerate launch train.py RECIPE as one CPU process (the flags keep accelerate from asking or warning)."""
+    run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", recipe, *overrides])
+
+
+def paths(args: DemoArguments, stage: str) -> list[str]:
+    """Command-line options that move the recipe's paths when --data_dir / --output_dir are not the defaults."""
+    options = []
+    if args.data_dir != DemoArguments.data_dir:
+        base, data = Path(args.data_dir, "base"), Path(args.data_dir)
+        options += ["--llm", str(base / "llm"), "--vision_tower", str(base / "clip"), "--vision_tower_aux",
+                    str(base / "convnext"), "--data_path", str(data / f"{stage}.jsonl"), "--image_folder",
+                    str(data / "images")]
+    if args.output_dir != DemoArguments.output_dir:
+        out = Path(args.output_dir)
+        options += ["--output_dir", str(out / f"{stage}-run"), "--export_dir", str(out / stage)]
+        if stage == "finetune":
+            options += ["--pretrained_mm_path", str(out / "pretrain")]
+    return options
 
 
 def run(cmd: list[str]) -> None:

@@ -185,8 +185,9 @@ class MiniGemini(nn.Module):
         out = splice(input_ids, text, feats, attention_mask, labels, position_ids=position_ids, pad_left=pad_left)
         inputs = dict(inputs_embeds=out["inputs_embeds"], attention_mask=out["attention_mask"],
                       position_ids=out["position_ids"], labels=out["labels"])
-        if position_ids is not None:
-            inputs["attention_mask"] = None      # packed rows: let transformers build per-sample masks
+        if position_ids is not None:             # packed rows: no attention across samples
+            inputs["attention_mask"] = None
+            inputs.update(packed_attention_kwargs(out["position_ids"], self.llm.config._attn_implementation))
         if self.config.attention == "mmca":
             inputs["mm_image_mask"] = out["image_mask"]
         return inputs
@@ -580,8 +581,9 @@ class PatchInfoMining(nn.Module):
 
     forward is memory-light: the HR map (all stages upsampled to stage-0 resolution and concatenated, e.g. 2880
     channels at 384x384 for HD) is never materialized. It is built one band of LR rows at a time, straight from the
-    stage maps, and under autograd each band is recomputed in backward instead of kept. `reference` is the plain
-    version on the full map, kept for tests and benchmarks."""
+    stage maps, and under autograd each band is recomputed in backward instead of kept. K and V are never built
+    either: the key projection is applied to the query and the value projection after the weighted sum.
+    `reference` is the plain version on the full map (K and V of every position), kept for tests and benchmarks."""
 
     max_tile_elements = 2 ** 25     # HR values (views x channels x band positions) one band may hold: 64 MB in bf16
 
@@ -628,9 +630,13 @@ class PatchInfoMining(nn.Module):
                             for v in range(views)], 1)                 # [N, V, r1-r0, h, C], channels last
         b, rows, cols, c = band.flatten(0, 1).shape
         windows = band.reshape(b, rows // m, m, cols // m, m, c).transpose(2, 3).reshape(b, -1, m * m, c)
-        k, v = self.key(windows), self.value(windows)                  # [N*V, rows*G, M*M, d]
-        att = (q[:, :, None] @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        return (att.softmax(-1) @ v).squeeze(2)
+        # One query per window, so both Linears move off the M*M positions: q.(W_k x + b_k) = (W_k^T q).x + q.b_k,
+        # and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v. Same math as reference; no position is ever
+        # projected to d channels (the reference's two [.., M*M, C] x [C, d] matmuls are most of its FLOPs).
+        key, value = self.key[1], self.value[1]
+        scores = (self.key[0](windows) @ (q @ key.weight)[..., None]).squeeze(-1) + (q @ key.bias)[..., None]
+        att = (scores / math.sqrt(q.shape[-1])).softmax(-1)                    # [N*V, rows*G, M*M]
+        return value((att[:, :, None] @ self.value[0](windows)).squeeze(2))   # [N*V, rows*G, d]
 
     def reference(self, lr, hr):
         """Plain version: lr [N, G*G, d], hr [N, C, G*M, G*M]; materializes every window as [N, G*G, M*M, C]."""
@@ -798,6 +804,23 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
 # =============================================================================================================
 # MMCA attention (DeepSpeed-VisualChat), registered for every model that uses transformers' attention interface
 # =============================================================================================================
+def packed_attention_kwargs(position_ids, attn_implementation: str) -> dict:
+    """Packed rows: position ids restart at 0 for each sample. With no attention mask, transformers builds a
+    per-sample (block-diagonal) causal mask for sdpa / eager / mmca / flex from the position ids. Flash-attention
+    gets the sample boundaries explicitly (transformers 5 finds them itself only at batch size 1). Any other
+    implementation might silently attend across samples: refuse it."""
+    if "flash" in attn_implementation:
+        pos = position_ids.flatten()
+        starts = (pos == 0).nonzero().flatten()
+        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).int()
+        longest = int(cu.diff().max())
+        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    if attn_implementation not in ("sdpa", "eager", "mmca", "flex_attention"):
+        raise ValueError(f"packed rows need an attention that isolates samples; {attn_implementation!r} is not "
+                         "known to: use sdpa, eager, mmca, flex_attention or flash_attention_2")
+    return {}
+
+
 def mmca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mm_image_mask=None, **kw):
     """Two softmaxes per query, one over image keys and one over text keys, their weights summed.
     An image query sees only itself among image keys (and earlier text); a text query sees all earlier tokens.

@@ -351,10 +351,8 @@ def train_loader(dataset, data_args, args: TrainArguments, tokenizer, accelerato
     """This rank's batches. data.py's sampler is rank-aware (so accelerate must not shard it again) and each epoch's
     order is a pure function of (seed, epoch); resume starts it at a batch index without loading what it skips.
     The loader's own generator keeps the global RNG untouched, so resuming does not shift dropout masks."""
-    sampler = data.GroupedBatchSampler(
-        dataset.lengths(), dataset.is_multimodal(), args.per_device_batch_size, seed=args.seed,
-        num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        group_by_modality_length=data_args.group_by_modality_length)
+    sampler = data.build_sampler(dataset, data_args, args.per_device_batch_size, seed=args.seed,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args.seed))
@@ -414,7 +412,7 @@ def forward_backward(accelerator, model, window: list[dict]) -> tuple[float, int
             accelerator.backward(loss * scale)
         step_loss += loss.detach().float()
         tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
-        samples += batch["input_ids"].shape[0]
+        samples += len(batch["ids"])  # packed rows hold several samples
     assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
     loss = accelerator.reduce(step_loss, reduction="sum").item()
     counts = accelerator.reduce(torch.tensor([tokens, samples], device=accelerator.device), reduction="sum")

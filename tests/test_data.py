@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, BadSample, DataArguments, GroupedBatchSampler, ImageProcessor,
-                  SkippedSamples, build_dataset, check, collate, load_records)
+                  PackedBatchSampler, SkippedSamples, build_dataset, build_sampler, check, collate, load_records)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=28, image_size_aux=64)                                  # LR 28, HR 64
@@ -360,3 +360,43 @@ def test_sampler_reshuffles_every_epoch_by_seed_and_resumes_mid_epoch():
     resumed = GroupedBatchSampler(lengths, mm, 4, num_replicas=2, rank=1, seed=7)
     resumed.set_epoch(3, start_batch=10)
     assert len(resumed) == len(full) - 10 and list(resumed) == full[10:]
+
+
+# ---- packing ------------------------------------------------------------------------------------------------------
+
+def test_packing_measures_exact_lengths_once_without_opening_images(tmp_path, llama3_tokenizer):
+    lines, expected = bad_records(tmp_path)
+    dataset = dataset_for(tmp_path, lines, llama3_tokenizer, max_length=128, packing=True)
+    lengths = dataset.lengths()
+    for i, record_id in enumerate(dataset.records["id"]):
+        s = dataset[i]
+        if "skipped" not in s:      # what the model computes: input ids, each image widened to tokens_per_image (4)
+            assert lengths[i] == len(s["input_ids"]) + 3 * len(s["images"] if s["images"] is not None else [])
+        elif expected[record_id] in ("image not found", "image unreadable", "image too large"):
+            assert lengths[i] > 0   # images are not opened: the record still needs its room; dropped at collate
+        else:
+            assert lengths[i] == 0  # rejected by tokenization: takes no room
+    arrow_files = set((tmp_path / "cache").rglob("*.arrow"))
+    again = build_dataset(dataset.args, llama3_tokenizer, SMALL, tokens_per_image=4)   # read from the cache
+    assert set((tmp_path / "cache").rglob("*.arrow")) == arrow_files and np.array_equal(again.lengths(), lengths)
+
+
+def test_packed_loader_yields_every_sample_once_in_rows_within_max_length(tmp_path, llama3_tokenizer, pad_id):
+    path = make_llava_jsonl(tmp_path / "data.jsonl", 60, tmp_path / "images")
+    args = DataArguments(str(path), image_folder=str(tmp_path / "images"), template="llama_3", max_length=80,
+                         cache_dir=str(tmp_path / "cache"), packing=True)
+    dataset = build_dataset(args, llama3_tokenizer, SMALL, tokens_per_image=4)
+    sampler = build_sampler(dataset, args, 3, seed=0)
+    assert isinstance(sampler, PackedBatchSampler)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=2,
+                                         collate_fn=functools.partial(collate, pad_token_id=pad_id))
+    seen, rows, used = [], 0, 0
+    for batch in loader:
+        seen += batch["ids"]
+        positions = batch["attention_mask"].sum(1) + 3 * batch["image_counts"]   # after the splice
+        assert (positions <= 80).all()
+        starts = ((batch["position_ids"] == 0) & (batch["attention_mask"] == 1)).sum()
+        assert starts == len(batch["ids"]) and batch["images"].shape[0] == batch["image_counts"].sum()
+        rows, used = rows + len(batch["input_ids"]), used + int(positions.sum())
+    assert sorted(seen) == sorted(dataset.records["id"])
+    assert used / (80 * rows) > 0.8, (used, rows)                                 # rows are nearly full

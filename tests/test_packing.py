@@ -133,9 +133,10 @@ def inputs(batch):
     return {k: v for k, v in batch.items() if k not in ("ids", "skipped")}
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "mmca"])
-def test_each_packed_sample_sees_only_itself(root, tok, attention):
-    model = build(root, tok, attention=attention).eval()
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("llama", "eager"), ("llama", "mmca"),
+                                              ("gemma", "sdpa"), ("qwen2", "sdpa")])
+def test_each_packed_sample_sees_only_itself(root, tok, family, attention):
+    model = build(root, tok, family=family, attention=attention).eval()
     k = model.tokens_per_image
     batch = collate(PACKS, pad_token_id=PAD)
     with torch.no_grad():
@@ -170,3 +171,14 @@ def test_packed_loss_and_gradients_equal_the_padded_run(root, tok):
     assert grads_padded.keys() == grads_packed.keys() and any(name.startswith("llm.") for name in grads_padded)
     for name, g in grads_padded.items():
         torch.testing.assert_close(grads_packed[name], g, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_flash_attention_gets_the_sample_boundaries_of_packed_rows():
+    from model import packed_attention_kwargs
+    # two rows of 6: samples of 3+3, then 4 + a padding tail of 2 (its own sequence, restarting at 0)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]])
+    kw = packed_attention_kwargs(position_ids, "flash_attention_2")
+    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 6, 10, 12] and kw["max_length_q"] == 4
+    assert packed_attention_kwargs(position_ids, "sdpa") == {}
+    with pytest.raises(ValueError, match="isolates samples"):
+        packed_attention_kwargs(position_ids, "some_custom_kernel")

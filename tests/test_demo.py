@@ -1,0 +1,143 @@
+"""The embedded demo: answer scoring, a shortened `python demo.py` end to end (data, both stages through
+`accelerate launch train.py`, export, eval.py, chat.py), and generalization to shapes drawn by independent code."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import Answerer, load_for_inference, load_questions, normalize_answer, score
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo's vocabulary, with colour values of our own (not demo.py's table).
+RGB = {"red": (228, 38, 33), "green": (47, 168, 62), "blue": (38, 82, 228), "yellow": (242, 212, 44),
+       "purple": (142, 58, 182), "orange": (250, 142, 35)}
+SHAPES = ("circle", "square", "triangle", "star")
+
+
+def test_answers_match_after_normalizing_case_punctuation_and_articles():
+    assert normalize_answer("The Red.") == "red"
+    assert normalize_answer("  a   STAR! ") == "star"
+    assert normalize_answer("an orange") == "orange"
+    assert normalize_answer("Square") == normalize_answer("square.")
+    assert normalize_answer("red circle") != normalize_answer("red")
+
+
+def test_score_writes_one_prediction_per_question(tmp_path):
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps([
+        {"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nWhat color?"},
+                                                        {"from": "gpt", "value": "red"}]},
+        {"id": "b", "conversations": [{"role": "user", "content": "What shape?"},
+                                      {"role": "assistant", "content": "A star."}]}]))
+    questions = load_questions(str(data))
+    assert [q.images for q in questions] == [["x.png"], []]
+    assert score(questions, ["Red", "circle"], str(tmp_path / "p.jsonl")) == 0.5
+    rows = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
+    assert [(r["id"], r["prediction"], r["correct"]) for r in rows] == [("a", "Red", True), ("b", "circle", False)]
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    """`python demo.py` with small data and few steps: (its stdout, the finetuned export dir)."""
+    root = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "demo.py", "--data_dir", str(root / "data"), "--output_dir", str(root / "runs"),
+           "--pretrain_images", "256", "--finetune_images", "3000", "--test_images", "60",
+           "--pretrain_overrides", "--max_steps 4", "--finetune_overrides", "--max_steps 120 --logging_steps 40"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout, root / "runs" / "finetune"
+
+
+def test_short_demo_runs_every_step_and_learns(short_demo):
+    out, export = short_demo
+    for step in range(1, 7):
+        assert f"[{step}/6]" in out
+    accuracy, n = re.findall(r"^accuracy: ([\d.]+) \(n=(\d+)\)$", out, re.M)[-1]
+    assert int(n) == 120
+    assert float(accuracy) >= 0.5, out[-2000:]          # chance is at most 0.25 (colour 1/6, shape 1/4)
+    assert (export / "mgm_config.json").exists() and (export / "train_config.yaml").exists()
+    chat_answer = out.rstrip().splitlines()[-3]         # chat.py's one answer, before the closing lines
+    assert normalize_answer(chat_answer) in SHAPES
+
+
+def test_short_demo_answers_colours_of_independently_drawn_images(short_demo, tmp_path):
+    _, export = short_demo
+    accuracy = evaluate_on_independent_images(export, tmp_path, n=48, kinds=("color",))
+    assert accuracy >= 0.8
+
+
+@pytest.mark.skipif(not (REPO / "runs/demo/finetune/mgm_config.json").exists(), reason="run `make demo` first")
+def test_demo_model_generalizes_to_independently_drawn_images(tmp_path):
+    accuracy = evaluate_on_independent_images(REPO / "runs/demo/finetune", tmp_path, n=200)
+    assert accuracy >= 0.8
+
+
+# ---- an independent drawing of the same vocabulary: numpy masks, other sizes, shapes' proportions, backgrounds ----
+
+def evaluate_on_independent_images(export, folder: Path, n: int, kinds=("color", "shape"), seed=1234) -> float:
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        color, shape = RGB_NAMES[rng.integers(len(RGB_NAMES))], SHAPES[rng.integers(len(SHAPES))]
+        image = paint(shape, RGB[color], rng)
+        image.save(folder / f"{i}.png")
+        for kind in kinds:
+            question, answer = ("What color is the shape?", color) if kind == "color" else ("What shape is this?", shape)
+            records.append({"id": f"{i}-{kind}", "image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
+    (folder / "questions.json").write_text(json.dumps(records))
+    questions = load_questions(str(folder / "questions.json"))
+    answer = Answerer(*load_for_inference(str(export)))
+    predictions = []
+    for i in range(0, len(questions), 50):
+        batch = questions[i:i + 50]
+        predictions += answer([q.question for q in batch], [[Image.open(folder / q.images[0])] for q in batch])
+    return score(questions, predictions)
+
+
+RGB_NAMES = tuple(RGB)
+
+
+def paint(shape: str, rgb, rng) -> Image.Image:
+    """A filled shape rasterized from its equations on a light background of random shade and tint."""
+    w, h = int(rng.integers(72, 240)), int(rng.integers(72, 240))
+    if max(w, h) > 1.8 * min(w, h):
+        h = int(min(h, 1.8 * w)) if h > w else h
+        w = int(min(w, 1.8 * h)) if w > h else w
+    base = rng.uniform(195, 252)
+    background = np.clip(base + rng.uniform(-10, 10, size=3), 0, 255)
+    half = rng.uniform(0.22, 0.4) * min(w, h)                     # half the shape's extent
+    cx, cy = rng.uniform(half, w - half), rng.uniform(half, h - half)
+    y, x = np.mgrid[0:h, 0:w].astype(float) + 0.5
+    dx, dy = (x - cx) / half, (y - cy) / half                       # the shape's own coordinates, extent [-1, 1]
+    if shape == "circle":
+        mask = dx ** 2 + dy ** 2 <= 1
+    elif shape == "square":
+        mask = (np.abs(dx) <= 0.8) & (np.abs(dy) <= 0.8)
+    elif shape == "triangle":                                       # apex up, base at the bottom
+        mask = (dy <= 0.7) & (dy >= -1 + 2 * np.abs(dx) * 1.15)
+    else:                                                           # five points, one up
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        mask = inside_polygon(dx, -dy, radii * np.cos(angles), radii * np.sin(angles))
+    pixels = np.where(mask[..., None], np.array(rgb, dtype=float), background)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def inside_polygon(px, py, xs, ys):
+    """Even-odd rule, vectorized over pixels."""
+    inside = np.zeros(px.shape, dtype=bool)
+    for i in range(len(xs)):
+        x0, y0, x1, y1 = xs[i - 1], ys[i - 1], xs[i], ys[i]
+        crosses = (y0 > py) != (y1 > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (px < at)
+    return inside
