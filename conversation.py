@@ -38,7 +38,7 @@ class Segment:
 @dataclass(frozen=True)
 class Template:
     name: str
-    render: Callable  # (messages, bos, eos, add_generation_prompt) -> list[Segment]
+    render: Callable  # (messages, bos, eos, add_generation_prompt) -> list[Segment]; "auto" uses render_auto
     default_system: str = ""
 
     def segments(self, messages: list[dict], tokenizer) -> list[Segment]:
@@ -234,10 +234,11 @@ def render_auto(messages, tokenizer, add_generation_prompt):
 def _split_content(text: str, contents: list[str], trainable: bool) -> list[Segment]:
     """Mark the message contents inside a rendered chunk as literal, the rest as template markup."""
     segs, pos = [], 0
-    for content in contents:
-        at = text.find(content, pos) if content else -1
-        if at < 0:
-            continue
+    for content in [c for c in contents if c]:
+        at = text.find(content, pos)
+        if at < 0:  # the template rewrote the message: its text cannot be told apart from markup
+            raise ConversationError("the tokenizer's chat_template changes message text (content not found in its "
+                                    "render); use a named template instead of 'auto'")
         segs += [Segment(text[pos:at], trainable), Segment(content, trainable, literal=True)]
         pos = at + len(content)
     return segs + [Segment(text[pos:], trainable)]

@@ -4,9 +4,24 @@ Public entry points come first; helpers below.
 """
 from __future__ import annotations
 
+import argparse
+import bisect
+import io
+import json
+import os
+import re
+import sys
 import weakref
+from collections import Counter
+from dataclasses import dataclass
 
+import datasets
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 
 from conversation import ConversationError, Segment, Template, get_template, normalize_messages
 
@@ -160,27 +175,10 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_le
 # Bad records are never swapped for another sample. SupervisedDataset.__getitem__ either raises BadSample naming the
 # record (bad_sample="error") or returns a marker {"id", "skipped": reason} (bad_sample="skip"); collate() drops the
 # markers and lists them in batch["skipped"] = [(id, reason), ...], so the main process can count them (workers are
-# other processes) with SkippedSamples. A batch whose samples were all skipped has B = 0.
+# other processes; train.py counts them by reason_kind). A batch whose samples were all skipped becomes one padding
+# row with nothing to learn, so every rank still runs the same forward and backward.
 # Reasons read "<kind>: <detail>"; the kind (text before the first colon) is what summaries count.
-import argparse  # noqa: E402  (this section's imports; kept here so the sections can be edited independently)
-import bisect  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # substring of a tokenize_conversation BadSample message -> the kind that summaries count
@@ -229,6 +227,10 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     accelerator.main_process_first() one process does the work and the others read the cache."""
     if data_args.bad_sample not in ("skip", "error"):
         raise ValueError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
+    if image_settings is not None and data_args.max_length <= tokens_per_image:
+        raise ValueError(f"max_length={data_args.max_length} cannot hold one image ({tokens_per_image} positions): "
+                         "every image record would be skipped as too long")
+    check_template(data_args.template, tokenizer)
     records = load_records(data_args.data_path, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc)
     processor = None
     if image_settings is not None:
@@ -237,6 +239,15 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     if data_args.packing:
         dataset.measure_lengths()
     return dataset
+
+
+def check_template(template: str, tokenizer) -> None:
+    """Fail at start, not as a skip of every record, when the template cannot render with this tokenizer."""
+    probe = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A test."}]
+    try:
+        tokenize_conversation(probe, tokenizer, template)
+    except (BadSample, KeyError) as e:
+        raise ValueError(f"template {template!r} does not work with this tokenizer: {e}") from None
 
 
 def build_sampler(dataset: SupervisedDataset, data_args: DataArguments, batch_size: int, *, num_replicas: int = 1,
@@ -485,7 +496,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict:
-    """Samples -> the batch of INTERFACES.md: right-padded input_ids/labels, attention_mask, images as one flat
+    """Samples -> the batch the model takes: right-padded input_ids/labels, attention_mask, images as one flat
     [N, V, 3, S, S] tensor with per-sample image_counts, ids, and skipped = [(id, reason)] for dropped samples.
     Use functools.partial(collate, pad_token_id=...) as the DataLoader's collate_fn. With a PackedBatchSampler the
     DataLoader hands over packs (lists of samples) instead, and they become packed rows (collate_packed)."""
@@ -494,9 +505,9 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
     if samples and isinstance(samples[0], list):
         return collate_packed(samples, pad_token_id)
     skipped = [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
-    samples = [s for s in samples if "skipped" not in s]
+    samples = [s for s in samples if "skipped" not in s] or [_padding_sample(pad_token_id)]
     lengths = torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long)
-    width = int(lengths.max()) if samples else 0
+    width = int(lengths.max())
     input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     for row, s in enumerate(samples):
@@ -512,9 +523,15 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         "images_aux": torch.cat(images_aux) if images_aux else None,
         "image_counts": torch.tensor([0 if s["images"] is None else len(s["images"]) for s in samples],
                                      dtype=torch.long),
-        "ids": [s["id"] for s in samples],
+        "ids": [s["id"] for s in samples if s["id"] is not None],
         "skipped": skipped,
     }
+
+
+def _padding_sample(pad_token_id: int) -> dict:
+    """Stands in for a micro-batch whose samples were all skipped: one padding token, nothing supervised."""
+    return {"id": None, "input_ids": torch.tensor([pad_token_id]), "labels": torch.tensor([IGNORE_INDEX]),
+            "images": None, "images_aux": None}
 
 
 def collate_packed(packs: list[list[dict]], pad_token_id: int) -> dict:
@@ -528,10 +545,11 @@ def collate_packed(packs: list[list[dict]], pad_token_id: int) -> dict:
     the supervised-token count are then those of the same samples padded. image_counts are per row, images in
     sample order, and ids name every packed sample (len(ids) = samples in the batch)."""
     skipped = [(s["id"], s["skipped"]) for pack in packs for s in pack if "skipped" in s]
-    packs = [kept for pack in packs if (kept := [s for s in pack if "skipped" not in s])]
+    packs = [kept for pack in packs if (kept := [s for s in pack if "skipped" not in s])] or \
+        [[_padding_sample(pad_token_id)]]
     sizes = [[len(s["input_ids"]) for s in pack] for pack in packs]
     used = torch.tensor([sum(n) for n in sizes], dtype=torch.long)
-    width = int(used.max()) if packs else 0
+    width = int(used.max())
     input_ids = torch.full((len(packs), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(packs), width), dtype=torch.long)
@@ -552,37 +570,9 @@ def collate_packed(packs: list[list[dict]], pad_token_id: int) -> dict:
         "images_aux": torch.cat(images_aux) if images_aux else None,
         "image_counts": torch.tensor([sum(0 if s["images"] is None else len(s["images"]) for s in pack)
                                       for pack in packs], dtype=torch.long),
-        "ids": [s["id"] for s in samples],
+        "ids": [s["id"] for s in samples if s["id"] is not None],
         "skipped": skipped,
     }
-
-
-class SkippedSamples:
-    """Main-process tally of batch["skipped"]: call update(batch["skipped"]) on every batch, log what it returns,
-    and print summary() at the end. Counts are per process; gather them across ranks if you want one total."""
-
-    def __init__(self):
-        self.by_kind: Counter = Counter()
-        self.first: dict[str, str] = {}   # kind -> first "id: reason" seen, for the summary
-
-    def update(self, skipped: list[tuple[str, str]]) -> list[str]:
-        lines = []
-        for record_id, reason in skipped:
-            kind = reason_kind(reason)
-            self.by_kind[kind] += 1
-            self.first.setdefault(kind, f"{record_id}: {reason}")
-            lines.append(f"skipped record {record_id}: {reason}")
-        return lines
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_kind.values())
-
-    def summary(self) -> str:
-        if not self.total:
-            return "skipped samples: 0"
-        rows = [f"  {kind}: {n} (first: {self.first[kind]})" for kind, n in self.by_kind.most_common()]
-        return "\n".join([f"skipped samples: {self.total}", *rows])
 
 
 def reason_kind(reason: str) -> str:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -265,7 +266,7 @@ def paths(args: DemoArguments, stage: str) -> list[str]:
 
 
 def run(cmd: list[str]) -> None:
-    print("$ " + " ".join(str(c) for c in cmd).replace(sys.executable, "python"), flush=True)
+    print("$ " + shlex.join(["python", *map(str, cmd[1:])]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
 

@@ -34,8 +34,6 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IM_START, IM_END = "<im_start>", "<im_end>"
 CONFIG_NAME = "mgm_config.json"
 MM_WEIGHTS = "mm_weights.safetensors"      # pretrain / LoRA exports: projector, mining, other non-LLM trainables
@@ -180,6 +178,8 @@ class MiniGemini(nn.Module):
         feats = None
         if images is not None:
             feats = self.encode_images(images, images_aux).to(text.dtype)
+        elif self.training:
+            text = text + 0 * self.encode_images(*self.dummy_images(text.device)).sum().to(text.dtype)
         if image_counts is not None and int(image_counts.sum()) != int((input_ids == IMAGE_TOKEN_INDEX).sum()):
             raise ValueError("image_counts disagree with the number of image placeholders in input_ids")
         out = splice(input_ids, text, feats, attention_mask, labels, position_ids=position_ids, pad_left=pad_left)
@@ -191,6 +191,16 @@ class MiniGemini(nn.Module):
         if self.config.attention == "mmca":
             inputs["mm_image_mask"] = out["image_mask"]
         return inputs
+
+    def dummy_images(self, device):
+        """One black image: a text-only training batch still runs the vision path (its output times 0), so every
+        rank runs the same modules (FSDP/ZeRO-3 gather collectives) and the image modules get zero gradients (DDP)."""
+        s = self.image_settings()
+        images = torch.zeros(1, self.num_views, 3, s["image_size"], s["image_size"], device=device)
+        aux = None
+        if self.vision_tower_aux is not None:
+            aux = torch.zeros(1, 3, s["image_size_aux"], s["image_size_aux"], device=device)
+        return images, aux
 
     # ---- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -391,7 +401,9 @@ def merge_lora(model: MiniGemini) -> MiniGemini:
 
 
 def merge_lora_export(src, dst, dtype=None):
-    """LoRA export -> plain full export (the base LLM is loaded unquantized, so the merge is exact)."""
+    """LoRA export -> plain full export. The base LLM is loaded unquantized: for LoRA the merge is exact; QLoRA
+    adapters were trained against the NF4-dequantized weights, so the merged model is close to, not equal to, the
+    quantized one."""
     model = MiniGemini.from_pretrained(src, bits=16, dtype=dtype)
     model.stage = None
     merge_lora(model).save_pretrained(dst, AutoTokenizer.from_pretrained(src), weights="full")
@@ -460,8 +472,10 @@ class VisionTower(nn.Module):
             proc = ImageProcessingMixin.get_image_processor_dict(ref)[0]
         except OSError:
             proc = {}
-        mean, std = proc.get("image_mean", CLIP_MEAN), proc.get("image_std", CLIP_STD)
-        return cls(model.to(dtype), mean=mean, std=std, **kw)
+        if "image_mean" not in proc or "image_std" not in proc:  # never guess: SigLIP uses 0.5, CLIP its own values
+            raise ValueError(f"{ref} has no image processor config (preprocessor_config.json with image_mean / "
+                             "image_std): the tower's normalization cannot be known")
+        return cls(model.to(dtype), mean=proc["image_mean"], std=proc["image_std"], **kw)
 
     @classmethod
     def from_config(cls, config: dict, image_settings: dict, *, dtype, **kw):

@@ -30,7 +30,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, ga
                               is_wandb_available, set_seed)
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
+from transformers import AutoTokenizer, HfArgumentParser
 
 import data
 import model as mgm
@@ -77,6 +77,7 @@ class TrainArguments:
     save_total_limit: int = 2
     resume: str = ""                     # "auto": newest complete checkpoint in output_dir; or a checkpoint dir
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
+    max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
 
 
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None):
         with open(argv.pop(0)) as f:
             argv = recipe_to_argv(yaml.safe_load(f) or {}) + argv
     # "resolve": a field two of the dataclasses share would be one option that sets both.
-    parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments), conflict_handler="resolve")
+    parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> str:
     # Model, trainable parameters, data.
     tokenizer = load_tokenizer(model_args.llm)
     quantized = model_args.bits in (4, 8)  # each process loads its 4/8-bit LLM straight onto its own device
-    model = build(model_args, args, tokenizer, device=accelerator.device if quantized else None)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    model = build(model_args, args, tokenizer, device=accelerator.device if quantized else None,
+                  upcast_trainables=not sharded)
     accelerator.print(mgm.trainable_table(model))
     with accelerator.main_process_first():
         dataset = data.build_dataset(data_args, tokenizer, model.image_settings(), model.tokens_per_image)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> str:
         ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.per_device_batch_size,
                                           gradient_clipping=max(args.max_grad_norm, 0.0))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = TrainState()
+    state = TrainState(num_processes=accelerator.num_processes)
     accelerator.register_for_checkpointing(state)
     checkpoint_trainables_only(accelerator)
     eval_loader = None if eval_set is None else accelerator.prepare(torch.utils.data.DataLoader(
@@ -147,7 +150,10 @@ def main(argv: list[str] | None = None) -> str:
     accelerator.wait_for_everyone()
     ckpt = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
     if ckpt:
-        accelerator.load_state(ckpt)
+        accelerator.load_state(ckpt, **deepspeed_state_kwargs(accelerator, load=True))
+        if state.num_processes != accelerator.num_processes:
+            raise ValueError(f"{ckpt} was written by {state.num_processes} processes, this run has "
+                             f"{accelerator.num_processes}: the data position would not carry over")
         accelerator.print(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batch_in_epoch})")
     metrics = MetricsFile(os.path.join(args.output_dir, "metrics.jsonl"), accelerator, after_step=state.step)
@@ -165,12 +171,21 @@ def main(argv: list[str] | None = None) -> str:
     while state.step < total_steps:
         window = [next(batches) for _ in range(G)]
         count_skipped_samples(accelerator, state, window, say)
-        loss, tokens, samples = forward_backward(accelerator, model, window)
+        check_skip_fraction(state, args.max_skip_fraction)
+        num_items = supervised_tokens(accelerator, window)
+        if num_items == 0:  # every rank agrees (a global count): nothing to learn, so no update and no step
+            say(f"step {state.step + 1}: no supervised token in this step's batches, skipped")
+            continue
+        loss, tokens, samples = forward_backward(accelerator, model, window, num_items)
+        state.seen_samples += samples
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                 else float("inf"))  # None under DeepSpeed before its first step
         grad_norm = None if grad_norm is None else float(grad_norm)
         if is_bad(loss, grad_norm, accelerator):  # skip the update; the schedule stays a function of the step
             ids = gather_object([i for b in window for i in b["ids"]])
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine stepped inside backward
+                raise RuntimeError(f"step {state.step + 1}: non-finite loss {loss} / grad norm {grad_norm} under "
+                                   f"DeepSpeed, which has already applied the update; sample ids: {ids}")
             state.skipped_steps, state.bad_in_a_row = state.skipped_steps + 1, state.bad_in_a_row + 1
             say(f"step {state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, update skipped; "
                 f"samples: {ids}")
@@ -257,7 +272,6 @@ def has_accelerator() -> bool:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # Llama/Vicuna ship none; padding is masked out of attention and loss anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -267,7 +281,11 @@ def load_tokenizer(path: str):
 def trackers(report_to: str) -> list[str]:
     wanted = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
     available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    return [t for t in wanted if available.get(t, True)] or None  # unknown names: let accelerate complain
+    missing = [t for t in wanted if not available.get(t, True)]  # unknown names: let accelerate complain
+    if missing:
+        raise ValueError(f"report_to asks for {missing}, not installed: pip install {' '.join(missing)} "
+                         "or set report_to: none")
+    return wanted or None
 
 
 def flat_scalars(config: dict) -> dict:
@@ -285,16 +303,18 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
-def build(model_args, args: TrainArguments, tokenizer, device=None):
-    """The model with exactly this run's parameters trainable (stage table, LoRA, switches), trainables in fp32:
-    the optimizer updates fp32 weights, and compute precision is accelerate's business."""
+def build(model_args, args: TrainArguments, tokenizer, device=None, upcast_trainables=True):
+    """The model with exactly this run's parameters trainable (stage table, LoRA, switches), trainables in fp32
+    (upcast_trainables): the optimizer updates fp32 weights, and compute precision is accelerate's business.
+    FSDP2 upcasts trainables itself and DeepSpeed keeps its own fp32 master copy: there, upcasting here would only
+    cost host memory (28 GB for a 7B LLM, per process)."""
     model = mgm.build_model(model_args, tokenizer, device=device)
     if args.tune in ("lora", "qlora"):
         model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     mgm.set_stage(model, args.stage, tune_vision_tower=args.tune_vision_tower,
                   tune_vision_tower_aux=args.tune_vision_tower_aux, print_fn=None)
     apply_switches(model, args)
-    for p in model.parameters():
+    for p in model.parameters() if upcast_trainables else []:
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
     return model
@@ -367,6 +387,8 @@ class TrainState:
     skipped_steps: int = 0       # non-finite steps whose update was skipped
     bad_in_a_row: int = 0
     skipped_samples: dict = field(default_factory=dict)  # unusable records dropped by data.py, by kind
+    seen_samples: int = 0        # usable samples trained on
+    num_processes: int = 1       # the data position is per rank: a resume needs the same process count
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -389,26 +411,21 @@ def batch_stream(loader, state: TrainState):
 
 # ---- One optimizer step --------------------------------------------------------------------------------------------
 
-def forward_backward(accelerator, model, window: list[dict]) -> tuple[float, int, int]:
+def forward_backward(accelerator, model, window: list[dict], num_items: torch.Tensor) -> tuple[float, int, int]:
     """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches).
 
     Returns (loss of the step over all ranks, LLM tokens, samples). Each micro-batch loss is its token-loss sum
     divided by the supervised tokens of the whole step on all ranks; `accelerator.backward` divides by G and DDP/FSDP
     average over ranks, so scaling by G * world size makes the gradient exactly that of one big batch.
     """
-    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)  # the LLM loss shifts by one
-    num_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     per_image = accelerator.unwrap_model(model).tokens_per_image
     step_loss = torch.zeros((), device=accelerator.device)
     tokens = samples = 0
     for batch in window:
-        with accelerator.accumulate(model):
-            loss = None
-            if batch["input_ids"].numel():  # empty when data.py dropped every sample of this micro-batch
-                loss = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items).loss
-            if loss is None or not loss.requires_grad:  # nothing reaches the trainables (e.g. a text-only batch in
-                loss = with_zero_gradients(model, loss)  # pretrain): zero gradients keep the ranks' syncs in step
+        with accelerator.accumulate(model):  # every rank runs every micro-batch: data.py never hands an empty
+            # one, and the model runs its vision path on text-only batches too (DDP / FSDP stay in step)
+            loss = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items).loss
             accelerator.backward(loss * scale)
         step_loss += loss.detach().float()
         tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
@@ -419,9 +436,19 @@ def forward_backward(accelerator, model, window: list[dict]) -> tuple[float, int
     return loss, int(counts[0]), int(counts[1])
 
 
-def with_zero_gradients(model, loss=None) -> torch.Tensor:
-    zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0
-    return zero if loss is None else loss + zero
+def supervised_tokens(accelerator, window: list[dict]) -> torch.Tensor:
+    """Supervised tokens of one optimizer step, all micro-batches and ranks: the loss normalizer."""
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)  # the LLM loss shifts by one
+    return accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
+
+
+def check_skip_fraction(state: TrainState, limit: float) -> None:
+    """A wrong image_folder or template makes every record unusable: stop instead of training on nothing."""
+    skipped = sum(state.skipped_samples.values())
+    seen = skipped + state.seen_samples
+    if seen >= 50 and skipped > limit * seen:
+        raise RuntimeError(f"{skipped} of the {seen} records seen so far were unusable ({state.skipped_samples}); "
+                           "check data_path / image_folder / template, or raise max_skip_fraction")
 
 
 def is_bad(loss: float, grad_norm: float | None, accelerator) -> bool:
@@ -508,7 +535,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit
     checkpoint whole and this one absent. Rotation keeps the newest `limit` complete checkpoints."""
     final = os.path.join(output_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
-    accelerator.save_state(tmp)
+    accelerator.save_state(tmp, **deepspeed_state_kwargs(accelerator))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "train_config.yaml"), "w") as f:
@@ -520,6 +547,14 @@ def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit
         for old in list_checkpoints(output_dir)[:-limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def deepspeed_state_kwargs(accelerator, load=False) -> dict:
+    """DeepSpeed saves every module weight by default: keep the frozen LLM / towers (rebuilt from the base
+    checkpoints) out of each checkpoint."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return {}
+    return {"load_module_strict": False} if load else {"exclude_frozen_parameters": True}
 
 
 def list_checkpoints(output_dir: str, complete: bool = True) -> list[str]:

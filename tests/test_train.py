@@ -129,7 +129,10 @@ def assert_same_run(a: Path, b: Path, step: int, atol=1e-6):
     wa, wb = trainables(a, step), trainables(b, step)
     assert wa.keys() == wb.keys() and wa
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=atol, msg=k)
+        # mining.key biases have a true gradient of exactly 0 (softmax ignores a shift shared by all keys); Adam
+        # turns float noise there into moves of ~1e-6, whatever the process count: hence atol 1e-5 on weights.
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=max(atol, 1e-5),
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---- the tests -----------------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def test_gradient_accumulation_weights_every_supervised_token_equally(tiny):
     def grads(window, accumulation):
         accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
         model.zero_grad(set_to_none=True)
-        train.forward_backward(accelerator, model, window)
+        train.forward_backward(accelerator, model, window, train.supervised_tokens(accelerator, window))
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -263,15 +266,18 @@ def test_dropped_samples_are_counted_and_an_emptied_micro_batch_still_steps(tiny
     assert sum(state["skipped_samples"].values()) == 2, state
 
 
-def test_two_processes_give_the_update_of_one_big_batch(tiny, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], stage="finetune", template="vicuna_v1",
-                          max_steps=3, save_steps=3)
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_two_processes_give_the_update_of_one_big_batch(tiny, tmp_path, stage):
+    """One epoch (4 steps), text-only steps included: in pretrain those reach no trainable through the text, and
+    the model's zero-weighted vision pass keeps DDP's gradient sync in step."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], stage=stage, template="vicuna_v1",
+                          max_steps=4, save_steps=4)
     one, two = tmp_path / "one", tmp_path / "two"
     run_in_process([str(recipe), "--output_dir", str(one), "--per_device_batch_size", "4"])
     out = launch("multi_gpu.yaml", recipe, "--output_dir", two, "--per_device_batch_size", "2", processes=2)
     # Some CPU launch variants start two independent single processes: make sure this one is really distributed.
     assert "distributed: DistributedType.MULTI_CPU, 2 process(es)" in out, out[-3000:]
-    assert_same_run(one, two, step=3)
+    assert_same_run(one, two, step=4)
 
 
 def test_fsdp_two_processes(tiny, tmp_path):
@@ -350,3 +356,11 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny, tmp_path, stage,
     assert_same_run(ref, run, step=6)
     saved = yaml.safe_load(open(run / "checkpoint-000006" / "train_config.yaml"))
     assert saved["stage"] == stage and saved["tune"] == tune
+
+
+def test_a_run_whose_records_are_mostly_unusable_stops_early(tiny, tmp_path):
+    """A wrong image_folder makes every image record "image not found": the run stops, naming the kinds."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], image_folder=str(tmp_path / "nowhere"),
+                          per_device_batch_size=8, max_steps=20)
+    with pytest.raises(RuntimeError, match=r"records seen so far were unusable .*image not found"):
+        run_in_process([str(recipe), "--output_dir", str(tmp_path / "run")])
