@@ -409,6 +409,8 @@ def bench_padding(args):
     report(rows_out, unit="real / computed tokens", higher_is_better=True)
     for name, e in eff.items():
         print(f"  {name:22} real / computed tokens = {e:.4f}")
+    n_rows = sum(len(rows) for rows in packed)
+    print(f"  packed rows: {n_rows:,}, filled to {lengths.sum() / (n_rows * max_len):.4f} of {max_len} on average")
 
 
 def llava_like_lengths(scale=1.0, max_len=2048, seed=0):
@@ -634,7 +636,7 @@ def _train_cuda():
           f"peak {q['peak_mb'] / 1024:.1f} GiB, {q['tokens_per_s']:,.0f} tokens/s")
 
 
-# name: (LLM config, CLIP vision config, HR tower, image_size_aux, image_grid, batch, text tokens per sample)
+# name: (LLM config, CLIP vision config, HR tower, image_size_aux, image_grid, batch, LLM positions per sample)
 TRAIN_SHAPES = {
     "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   vocab_size=1000), dict(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
@@ -647,8 +649,8 @@ TRAIN_SHAPES = {
     "7b": (dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 vocab_size=32000), dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                         num_hidden_layers=24, num_attention_heads=16, projection_dim=768),
-           "convnext_large_d_320", 768, 1, 4, 2048 - IMAGE_TOKENS),
-    "7b-hd": (None, None, "convnext_large_d_320", 1536, 2, 2, 4096 - 5 * IMAGE_TOKENS),
+           "convnext_large_d_320", 768, 1, 4, 2048),
+    "7b-hd": (None, None, "convnext_large_d_320", 1536, 2, 2, 4096),
 }
 
 

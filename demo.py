@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shlex
 import subprocess
@@ -151,7 +150,8 @@ def polar(cx: float, cy: float, r: float, degrees: float) -> tuple[float, float]
 
 @dataclass
 class BaseSizes:
-    """The tiny base models. Images: CLIP 56 px / patch 14 -> 4x4 LR tokens; the recipes set image_size_aux (HR)."""
+    """The tiny base models. CLIP 56 px / patch 14 -> 4x4 LR tokens; the recipes set the ConvNeXt (HR) input side,
+    image_size_aux = 64 -> a 16x16 stage-0 map, so each LR token mines a 4x4 window."""
     llm_hidden: int = 128
     llm_layers: int = 2
     llm_heads: int = 4
@@ -159,8 +159,8 @@ class BaseSizes:
     clip_patch: int = 14
     clip_hidden: int = 64
     clip_layers: int = 2
-    convnext_dims: tuple = (16, 32, 64, 128)
-    convnext_depths: tuple = (1, 1, 1, 1)
+    convnext_dims: tuple = (32, 64, 128, 256)
+    convnext_depths: tuple = (1, 1, 1, 2)     # the last stage (2 blocks) is what the finetune recipe trains
     convnext_ls_init: float = 1.0      # timm's 1e-6 makes a random ConvNeXt almost linear: weak frozen features
 
 

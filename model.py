@@ -617,7 +617,8 @@ class PatchInfoMining(nn.Module):
         side = maps[0].shape[-1]
         if any(m.shape[-1] != m.shape[-2] for m in maps):
             raise ValueError(f"HR maps must be square, got {[tuple(m.shape[-2:]) for m in maps]}")
-        mats = [view_matrices(side, m.shape[-1], grid, image_global).to(lr) for m in maps]   # (rows, cols) each
+        exact = [view_matrices(side, m.shape[-1], grid, image_global) for m in maps]   # float64, on the CPU
+        mats = [mat.to(lr) for mat in exact]                                           # (rows, cols) per view
         views, h = mats[0].shape[1:3]
         g = math.isqrt(lr.shape[1])
         if len(lr) != len(maps[0]) * views:
@@ -631,16 +632,18 @@ class PatchInfoMining(nn.Module):
         q = self.query(lr)
         out = []
         for i in range(0, g, rows):
-            args = (q[:, i * g:(i + rows) * g], maps, mats, i * m, min(g, i + rows) * m, m)
+            r0, r1 = i * m, min(g, i + rows) * m
+            spans = [[(*_support(mat[0, v, r0:r1]), *_support(mat[1, v])) for v in range(views)] for mat in exact]
+            args = (q[:, i * g:(i + rows) * g], maps, mats, spans, r0, r1, m)
             out.append(checkpoint(self._band, *args, use_reentrant=False) if torch.is_grad_enabled()
                        else self._band(*args))
         return lr + torch.cat(out, 1)
 
-    def _band(self, q, maps, mats, r0: int, r1: int, m: int):
+    def _band(self, q, maps, mats, spans, r0: int, r1: int, m: int):
         """Queries of the LR rows whose windows cover HR rows [r0, r1) of every view -> their attention output."""
         views = mats[0].shape[1]
-        band = torch.stack([torch.cat([_interpolate_band(x, mat[0, v], mat[1, v], r0, r1)
-                                       for x, mat in zip(maps, mats)], -1)
+        band = torch.stack([torch.cat([_interpolate_band(x, mat[0, v, r0:r1], mat[1, v], span[v])
+                                       for x, mat, span in zip(maps, mats, spans)], -1)
                             for v in range(views)], 1)                 # [N, V, r1-r0, h, C], channels last
         b, rows, cols, c = band.flatten(0, 1).shape
         windows = band.reshape(b, rows // m, m, cols // m, m, c).transpose(2, 3).reshape(b, -1, m * m, c)
@@ -696,12 +699,11 @@ def _resize_matrix(src: int, dst: int) -> torch.Tensor:
     return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[:, 0].T
 
 
-def _interpolate_band(x, rows, cols, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of rows @ x @ cols^T for x [N, c, H_s, W_s], channels last: [N, r1-r0, w, c]. Reads only the
-    source rows and columns with a weight; two plain matmuls with the channels innermost (no transposes of the
-    result, which dominate otherwise)."""
-    rows = rows[r0:r1]
-    (top, bottom), (left, right) = _support(rows), _support(cols)
+def _interpolate_band(x, rows, cols, span) -> torch.Tensor:
+    """rows @ x @ cols^T for x [N, c, H_s, W_s], channels last: [N, len(rows), len(cols), c]. Reads only the source
+    rows and columns with a weight (span = top, bottom, left, right, found on the CPU so the GPU never waits); two
+    plain matmuls with the channels innermost (transposing the result would cost as much as the rest)."""
+    top, bottom, left, right = span
     x = x[:, :, top:bottom, left:right].permute(0, 2, 3, 1)              # [N, h', w', c]
     n, h, w, c = x.shape
     x = (rows[:, top:bottom] @ x.reshape(n, h, w * c)).reshape(-1, w, c)  # [N*r, w', c]
