@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 demo: $(STAMP)
 	$(PY) demo.py

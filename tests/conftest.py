@@ -92,3 +92,18 @@ def llama3_tokenizer():
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     assert tok.is_fast and tok.bos_token == "<|begin_of_text|>"
     return tok
+
+
+# ---- Tiny random Mini-Gemini checkpoints (tests/tiny_models.py), shared by the model and packing tests ----------
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A directory for tiny checkpoints; save_tiny_checkpoints(root, ...) reuses what is already there."""
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def tok(root):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import save_tiny_tokenizer
+    return AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tokenizer"))

@@ -6,29 +6,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from model import (MM_WEIGHTS, MiniGemini, PatchInfoMining, apply_lora, build_model, hr_views, merge_lora,
-                   merge_lora_export, mmca_attention, set_stage, splice)
-from tests.tiny_models import CLIP_MEAN, CLIP_STD, FAMILIES, save_tiny_checkpoints, save_tiny_tokenizer, tiny_batch
+from data import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from model import (
+    MM_WEIGHTS,
+    MiniGemini,
+    PatchInfoMining,
+    apply_lora,
+    build_model,
+    hr_views,
+    merge_lora,
+    merge_lora_export,
+    mmca_attention,
+    set_stage,
+    splice,
+)
+from tests.tiny_models import FAMILIES, build, save_tiny_checkpoints, tiny_batch
 
 IMG = IMAGE_TOKEN_INDEX
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ckpt")
-
-
-@pytest.fixture(scope="module")
-def tok(root):
-    return AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tokenizer"))
-
-
-def build(root, tok, **kw):
-    torch.manual_seed(0)
-    return build_model(save_tiny_checkpoints(root, tokenizer=tok, **kw), tok)
 
 
 # ---- references written as plain loops --------------------------------------------------------------------------

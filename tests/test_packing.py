@@ -6,11 +6,10 @@ each sample's logits equal its logits alone, and loss and gradients equal those 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, PackedBatchSampler, collate, pack_lengths
-from model import build_model, set_stage
-from tests.tiny_models import save_tiny_checkpoints, save_tiny_tokenizer
+from model import set_stage
+from tests.tiny_models import build
 
 IMG = IMAGE_TOKEN_INDEX
 PAD = 3
@@ -114,19 +113,6 @@ def test_a_packed_row_holds_its_samples_back_to_back():
 
 
 # ---- the model on packed rows ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ckpt")
-
-
-@pytest.fixture(scope="module")
-def tok(root):
-    return AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tokenizer"))
-
-
-def build(root, tok, **kw):
-    torch.manual_seed(0)
-    return build_model(save_tiny_checkpoints(root, tokenizer=tok, **kw), tok)
 
 
 def inputs(batch):

@@ -14,8 +14,8 @@ import os
 
 import torch
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from data import CLIP_MEAN, CLIP_STD
+
 FAMILIES = ("llama", "mistral", "mixtral", "gemma", "qwen2")
 WORDS = ("what color is the shape ? this a it . , : user assistant system yes no red green blue yellow purple "
          "orange circle square triangle star image picture describe answer one word").split()
@@ -122,6 +122,13 @@ def save_tiny_checkpoints(root, *, family="llama", hr="timm", tokenizer=None, hd
     settings = dict(image_size_aux=64, image_grid=2, image_global=True) if hd else dict(image_size_aux=32)
     return ModelArguments(**{**dict(llm=llm, vision_tower=clip, vision_tower_aux=aux, dtype="float32",
                                     projector_heads=2, perceiver_queries=3), **settings, **overrides})
+
+
+def build(root, tokenizer, **kw):
+    """save_tiny_checkpoints + model.build_model, seeded: the same tiny model for the same arguments."""
+    from model import build_model
+    torch.manual_seed(0)
+    return build_model(save_tiny_checkpoints(root, tokenizer=tokenizer, **kw), tokenizer)
 
 
 def tiny_batch(model, tokenizer=None, *, seed=0):
