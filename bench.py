@@ -465,8 +465,7 @@ def bench_splice(args):
         rows.append((f"{label}: ms per batch", ref * 1e3, ours * 1e3))
         rows.append((f"{label}: positions out (width)", w, a["labels"].shape[1]))
     report(rows, unit="lower is better", higher_is_better=False)
-    print("positions out: model.splice keeps the input's trailing padding, so a row that grows by its images past "
-          "the longest token row widens the whole batch; the loop trims to the longest real row")
+    print("positions out: both drop right padding and pad to the longest real row")
 
 
 def _splice_batch(b, t, h, k, pattern):

@@ -783,6 +783,8 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
         raise ValueError(f"{n_img} image placeholders but {0 if image_features is None else len(image_features)} "
                          f"images")
     width = torch.where(is_img, k, 1)                           # positions each token occupies after the splice
+    if not pad_left:  # right padding takes no position: rows are as wide as the longest real row, so a row that
+        width = width * (attention_mask != 0)   # grows by its images does not widen the batch by its padding too
     end = width.cumsum(1)
     length = int(end[:, -1].max())
     start = end - width + ((length - end[:, -1:]) if pad_left else 0)
@@ -795,6 +797,7 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     values = text_embeds.flatten(0, 1)[tok]
     if n_img:
         values = values.masked_scatter(img_pos[:, None], image_features.reshape(-1, image_features.shape[-1]))
+
 
     def scatter(src, fill, dtype):
         out = torch.full((b, length, *src.shape[1:]), fill, dtype=dtype, device=input_ids.device)

@@ -46,11 +46,14 @@ def mining_loop(mining, lr, hr):
 
 
 def splice_loop(ids, embeds, feats, mask, labels, pad_left):
-    """Per-sample, per-token reference of the splice."""
+    """Per-sample, per-token reference of the splice. Right padding: each row's real tokens, padded to the longest
+    row (as LLaVA's loop does); left padding: every token kept."""
     rows, n = [], 0
     for b in range(len(ids)):
         e, am, lab, im = [], [], [], []
         for t in range(ids.shape[1]):
+            if not pad_left and mask[b, t] == 0:
+                continue
             if ids[b, t] == IMG:
                 k = len(feats[n])
                 e += list(feats[n]); am += [int(mask[b, t])] * k; lab += [IGNORE_INDEX] * k; im += [True] * k
