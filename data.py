@@ -501,33 +501,12 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
     """Samples -> the batch the model takes: right-padded input_ids/labels, attention_mask, images as one flat
     [N, V, 3, S, S] tensor with per-sample image_counts, ids, and skipped = [(id, reason)] for dropped samples.
     Use functools.partial(collate, pad_token_id=...) as the DataLoader's collate_fn. With a PackedBatchSampler the
-    DataLoader hands over packs (lists of samples) instead, and they become packed rows (collate_packed)."""
+    DataLoader hands over packs (lists of samples) instead, and they become packed rows (collate_rows)."""
     if pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to unk or eos) first")
     if samples and isinstance(samples[0], list):
-        return collate_packed(samples, pad_token_id)
-    skipped = [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
-    samples = [s for s in samples if "skipped" not in s] or [_padding_sample(pad_token_id)]
-    lengths = torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long)
-    width = int(lengths.max())
-    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, s in enumerate(samples):
-        input_ids[row, :len(s["input_ids"])] = s["input_ids"]
-        labels[row, :len(s["labels"])] = s["labels"]
-    images = [s["images"] for s in samples if s["images"] is not None]
-    images_aux = [s["images_aux"] for s in samples if s["images_aux"] is not None]
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": (torch.arange(width)[None] < lengths[:, None]).long(),
-        "images": torch.cat(images) if images else None,
-        "images_aux": torch.cat(images_aux) if images_aux else None,
-        "image_counts": torch.tensor([0 if s["images"] is None else len(s["images"]) for s in samples],
-                                     dtype=torch.long),
-        "ids": [s["id"] for s in samples if s["id"] is not None],
-        "skipped": skipped,
-    }
+        return collate_rows(samples, pad_token_id, packed=True)
+    return collate_rows([[s] for s in samples], pad_token_id, packed=False)
 
 
 def _padding_sample(pad_token_id: int) -> dict:
@@ -536,10 +515,11 @@ def _padding_sample(pad_token_id: int) -> dict:
             "images": None, "images_aux": None}
 
 
-def collate_packed(packs: list[list[dict]], pad_token_id: int) -> dict:
+def collate_rows(packs: list[list[dict]], pad_token_id: int, packed: bool) -> dict:
     """Packs of samples -> one row each: the samples' tokens back to back, rows right-padded to the longest.
+    A padded batch is packs of one sample (packed=False: no position_ids, labels untouched).
 
-    The batch is collate()'s plus position_ids [B, T] that restart at 0 at every sample. They count input_ids (an
+    Packed, the batch is collate()'s plus position_ids [B, T] that restart at 0 at every sample. They count input_ids (an
     image placeholder is one position here; the model's splice widens it to tokens_per_image and keeps the
     restarts), and they are how the model and transformers tell packed samples apart: no attention across them.
     A row's padding tail is a sequence of its own (positions from 0 again). Each sample's first label is
@@ -558,16 +538,15 @@ def collate_packed(packs: list[list[dict]], pad_token_id: int) -> dict:
     for row, (pack, n) in enumerate(zip(packs, sizes)):
         input_ids[row, :used[row]] = torch.cat([s["input_ids"] for s in pack])
         labels[row, :used[row]] = torch.cat([s["labels"].index_fill(0, torch.tensor([0]), IGNORE_INDEX)
-                                             for s in pack])
+                                             if packed else s["labels"] for s in pack])
         position_ids[row] = torch.cat([torch.arange(k) for k in (*n, width - int(used[row]))])
     samples = [s for pack in packs for s in pack]
     images = [s["images"] for s in samples if s["images"] is not None]
     images_aux = [s["images_aux"] for s in samples if s["images_aux"] is not None]
-    return {
+    batch = {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": (torch.arange(width)[None] < used[:, None]).long(),
-        "position_ids": position_ids,
         "images": torch.cat(images) if images else None,
         "images_aux": torch.cat(images_aux) if images_aux else None,
         "image_counts": torch.tensor([sum(0 if s["images"] is None else len(s["images"]) for s in pack)
@@ -575,6 +554,9 @@ def collate_packed(packs: list[list[dict]], pad_token_id: int) -> dict:
         "ids": [s["id"] for s in samples if s["id"] is not None],
         "skipped": skipped,
     }
+    if packed:
+        batch["position_ids"] = position_ids
+    return batch
 
 
 def reason_kind(reason: str) -> str:
