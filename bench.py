@@ -85,12 +85,23 @@ def report(rows, *, unit: str, higher_is_better: bool):
 # =============================================================================================================
 def bench_data(args):
     """Preprocessing samples/s in one worker (1 thread): ours (data.py) vs MGM's path (CLIP image processor + split-and-count)."""
-    torch.set_num_threads(1)                    # a DataLoader worker runs with one thread
     records, folder = _sample_images_and_records(8 if args.quick else 32)
-    tokenizer = _llama3_tokenizer()
     passes = 1 if args.quick else args.passes
     print(f"{len(records)} LLaVA-style records (one JPEG each, 375-1024 px, 2-10 turns) x {passes} passes, "
           f"tokenizer: Llama-3.2 (fast), template vicuna_v1, 1 thread")
+    # Both pipelines run in one process, so they share its malloc settings; each setting gets a fresh process.
+    for malloc in ("glibc default", "train.py workers' (data.reuse_freed_memory)"):
+        print(f"-- malloc: {malloc}, for the reference and ours alike")
+        rows = _in_subprocess(_data_rows, records, folder, passes, malloc != "glibc default", exact_rss=False)
+        report(rows, unit="samples/s per worker", higher_is_better=True)
+
+
+def _data_rows(records, folder, passes, reuse_freed_memory):
+    import data
+    torch.set_num_threads(1)                    # a DataLoader worker runs with one thread
+    if reuse_freed_memory and not data.reuse_freed_memory():
+        raise RuntimeError("no glibc here: data.reuse_freed_memory changes nothing")
+    tokenizer = _llama3_tokenizer()
     rows = []
     for label, hr, grid in (("MGM-7B (HR 768, LR 336)", 768, 1), ("MGM-7B-HD (HR 1536, LR 2x2x336+global)", 1536, 2)):
         ours = _ours_data_pipeline(records, folder, tokenizer, hr, grid)
@@ -102,7 +113,7 @@ def bench_data(args):
         mine = _samples_per_second(ours, len(records), passes)
         rows += [(f"{label}, ref=PIL processor", speeds["pil"], mine),
                  (f"{label}, ref=torchvision processor", speeds["torchvision"], mine)]
-    report(rows, unit="samples/s per worker", higher_is_better=True)
+    return rows
 
 
 def _samples_per_second(fn, n, passes) -> float:
@@ -766,10 +777,14 @@ def clock() -> float:
     return time.perf_counter() if torch.cuda.is_available() else time.process_time()
 
 
-def _in_subprocess(fn, *args):
+def _in_subprocess(fn, *args, exact_rss=True):
     """fn(*args) in a fresh interpreter (spawn), so one variant's memory never counts against another's.
-    Blocks of 1 MB and more are mmapped by malloc there, so freed tensors leave the RSS at once."""
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    exact_rss: blocks of 1 MB and more are mmapped by malloc there, so freed tensors leave the RSS at once (for
+    memory figures; it slows allocation-heavy code down, so speed figures use glibc's defaults)."""
+    if exact_rss:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    else:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_run_and_send, args=(queue, fn, args))   # not a Pool: it may start DataLoader workers

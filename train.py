@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> str:
     accelerator.register_for_checkpointing(state)
     checkpoint_trainables_only(accelerator)
     eval_loader = None if eval_set is None else accelerator.prepare(torch.utils.data.DataLoader(
-        eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers))
+        eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
+        worker_init_fn=data.reuse_freed_memory))
     # Resume: weights of the trainables, optimizer, scheduler, RNG, data position, step and counters.
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -373,9 +374,12 @@ def train_loader(dataset, data_args, args: TrainArguments, tokenizer, accelerato
     The loader's own generator keeps the global RNG untouched, so resuming does not shift dropout masks."""
     sampler = data.build_sampler(dataset, data_args, args.per_device_batch_size, seed=args.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    if args.num_workers == 0:           # this process decodes the images itself
+        data.reuse_freed_memory()
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
-        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args.seed))
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=data.reuse_freed_memory)
 
 
 @dataclass

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, BadSample, DataArguments, GroupedBatchSampler, ImageProcessor,
-                  PackedBatchSampler, build_dataset, build_sampler, check, collate, load_records, reason_kind)
+                  PackedBatchSampler, build_dataset, build_sampler, check, collate, load_records, reason_kind,
+                  reuse_freed_memory)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=28, image_size_aux=64)                                  # LR 28, HR 64
@@ -25,7 +26,7 @@ RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
 def colour(processor, rgb) -> torch.Tensor:
     """The normalized value of one RGB colour, [3]."""
-    return processor.normalize(Image.new("RGB", (1, 1), rgb))[:, 0, 0]
+    return processor.resize_normalize(Image.new("RGB", (1, 1), rgb), 1)[:, 0, 0]
 
 
 def turns(question="What color is the shape?", answer="Red."):
@@ -83,6 +84,30 @@ def test_resize_stretches_instead_of_padding():
     processor = ImageProcessor(**SMALL, aspect_ratio="resize")
     _, hr = processor(Image.new("RGB", (100, 50), RED))
     assert torch.allclose(hr, colour(processor, RED)[:, None, None].expand_as(hr), atol=1e-3)
+
+
+@pytest.mark.parametrize("size,side", [((97, 61), 64), ((300, 200), 128), ((40, 40), 64), ((64, 64), 64)])
+def test_fast_resize_matches_pil_bicubic_and_the_plain_normalize(size, side):
+    """The fast path (torch's antialiased bicubic on uint8, fused normalize) against the plain reference: PIL's
+    BICUBIC resize, then (x / 255 - mean) / std. Downscaling, upscaling and no resize, on a photo-like image."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    coarse = Image.fromarray(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)).resize(size)
+    image = Image.fromarray(np.clip(np.asarray(coarse) + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+    processor = ImageProcessor(**SMALL)
+    ours = processor.resize_normalize(image, side)
+    pixels = torch.from_numpy(np.asarray(image.resize((side, side), Image.BICUBIC), dtype=np.float32)).permute(2, 0, 1)
+    reference = (pixels / 255 - processor.mean) / processor.std
+    levels = (ours - reference) * processor.std * 255                  # the difference in 0-255 pixel levels
+    assert ours.shape == (3, side, side) and ours.is_contiguous()
+    assert levels.abs().max() <= 1.0 + 1e-3                             # rounding of one level at most
+    assert levels.abs().mean() < 0.05                                   # and rarely even that
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_workers_keep_freed_image_memory_for_the_next_sample():
+    """train.py's loaders pass it as worker_init_fn; glibc accepts both thresholds (it refuses out-of-range ones)."""
+    assert reuse_freed_memory(0) is True
 
 
 def quadrants(side=100) -> Image.Image:
