@@ -794,16 +794,21 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     offset = torch.arange(len(tok), device=input_ids.device) - first
     rows, cols = tok // t, start.flatten()[tok] + offset
     img_pos = is_img.flatten()[tok]
-    values = text_embeds.flatten(0, 1)[tok]
-    if n_img:
-        values = values.masked_scatter(img_pos[:, None], image_features.reshape(-1, image_features.shape[-1]))
-
 
     def scatter(src, fill, dtype):
         out = torch.full((b, length, *src.shape[1:]), fill, dtype=dtype, device=input_ids.device)
         return out.index_put((rows, cols), src.to(dtype))
 
-    out = dict(inputs_embeds=scatter(values, 0, values.dtype),
+    # The embeddings (the only wide tensors) move once each: text rows straight to their one position, every
+    # image's K rows to theirs; no [positions, H] intermediate in between.
+    embeds = text_embeds.new_zeros(b, length, text_embeds.shape[-1])
+    text = ~is_img & (width > 0)
+    embeds[text.nonzero(as_tuple=True)[0], start[text]] = text_embeds[text]
+    if n_img:
+        img_row, img_col = is_img.nonzero(as_tuple=True)                     # row-major = image_features' order
+        img_cols = start[img_row, img_col][:, None] + torch.arange(k, device=input_ids.device)
+        embeds[img_row[:, None].expand(-1, k), img_cols] = image_features.to(embeds.dtype)
+    out = dict(inputs_embeds=embeds,
                attention_mask=scatter(attention_mask.flatten()[tok], 0, attention_mask.dtype),
                image_mask=scatter(img_pos, False, torch.bool), labels=None)
     if labels is not None:

@@ -154,11 +154,16 @@ def test_splice_equals_per_sample_loop(pad_left):
         order = torch.sort(mask, dim=1, stable=True).indices
         ids, mask = ids.gather(1, order), mask.gather(1, order)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    embeds, feats = torch.randn(4, 6, 8), torch.randn(3, 4, 8)
+    embeds, feats = torch.randn(4, 6, 8, requires_grad=True), torch.randn(3, 4, 8, requires_grad=True)
     got = splice(ids, embeds, feats, mask, labels, pad_left=pad_left)
     want = splice_loop(ids, embeds, feats, mask, labels, pad_left)
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, msg=key)
+    weights = torch.randn_like(want["inputs_embeds"])          # and the gradients reach the same rows
+    got_grads = torch.autograd.grad((got["inputs_embeds"] * weights).sum(), (embeds, feats))
+    want_grads = torch.autograd.grad((want["inputs_embeds"] * weights).sum(), (embeds, feats))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
 
 
 def test_splice_of_packed_rows_restarts_positions_per_sample():
