@@ -341,7 +341,8 @@ def _index_run(kind, path, samples):
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
     start, seen = time.perf_counter(), 0
-    for batch in loader:
+    batches = iter(loader)                       # held: dropping it would shut the workers down before the last sample
+    for batch in batches:
         seen += len(batch)
         if seen >= samples:
             break
@@ -349,6 +350,7 @@ def _index_run(kind, path, samples):
     time.sleep(0.5)                              # one more sample with the workers at their peak
     stop.set()
     watcher.join()
+    del batches
     return dict(**peak, seconds_per_record=seconds / seen)
 
 

@@ -1,0 +1,21 @@
+"""bench.py's quick runs: each sub-command runs end to end on tiny shapes and prints its `reference | ours | ratio`
+rows. The figures themselves live in BENCHMARKS.md; these runs keep the code paths (and the equality checks the
+commands make between reference and ours before timing them) from rotting."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command,rows", [("splice", 4), ("padding", 2), ("data", 8), ("index", 2)])
+def test_bench_command_runs_quick_and_reports_ratios(command, rows):
+    done = subprocess.run([sys.executable, "bench.py", command, "--quick"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    ratios = re.findall(r" (\d+\.\d\d)x ", done.stdout)
+    assert len(ratios) >= rows, done.stdout
+    assert all(float(r) > 0 for r in ratios)
