@@ -768,7 +768,7 @@ class ViTProjector(nn.Module):
 # =============================================================================================================
 def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, *, position_ids=None,
            pad_left=False) -> dict:
-    """Replace each IMAGE_TOKEN_INDEX position by its image's K rows, with one scatter for the whole batch.
+    """Replace each IMAGE_TOKEN_INDEX position by its image's K rows, for the whole batch at once (no loop over samples).
 
     input_ids [B, T]; text_embeds [B, T, H] (rows at placeholders unused); image_features [N, K, H] in placeholder
     order (row-major) or None. Rows grow by (K-1) per image; shorter rows are padded at the right, or at the left
@@ -788,36 +788,32 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     end = width.cumsum(1)
     length = int(end[:, -1].max())
     start = end - width + ((length - end[:, -1:]) if pad_left else 0)
-    # one destination per output position, in token order (an image's K positions follow each other)
-    tok = torch.repeat_interleave(torch.arange(b * t, device=input_ids.device), width.flatten())
-    first = torch.repeat_interleave(torch.cumsum(width.flatten(), 0) - width.flatten(), width.flatten())
-    offset = torch.arange(len(tok), device=input_ids.device) - first
-    rows, cols = tok // t, start.flatten()[tok] + offset
-    img_pos = is_img.flatten()[tok]
+    # Each text token goes to its one position, each image token's K positions get its image's K rows (or, for
+    # the per-token tensors below, its own value K times). The embeddings, the only wide tensors, move once.
+    is_text = ~is_img & (width > 0)
+    text_rows, text_cols = is_text.nonzero(as_tuple=True)[0], start[is_text]
+    img_row, img_col = is_img.nonzero(as_tuple=True)                          # row-major = image_features' order
+    img_rows = img_row[:, None].expand(-1, k)
+    img_cols = start[img_row, img_col][:, None] + torch.arange(k, device=input_ids.device)
 
-    def scatter(src, fill, dtype):
-        out = torch.full((b, length, *src.shape[1:]), fill, dtype=dtype, device=input_ids.device)
-        return out.index_put((rows, cols), src.to(dtype))
+    def place(per_token, fill, image_rows=None):
+        """[B, T, ...] -> [B, length, ...]; positions no token reaches (padding) hold `fill`."""
+        out = torch.full((b, length, *per_token.shape[2:]), fill, dtype=per_token.dtype, device=input_ids.device)
+        out[text_rows, text_cols] = per_token[is_text]
+        if n_img:
+            out[img_rows, img_cols] = (per_token[img_row, img_col][:, None] if image_rows is None
+                                       else image_rows.to(out.dtype))
+        return out
 
-    # The embeddings (the only wide tensors) move once each: text rows straight to their one position, every
-    # image's K rows to theirs; no [positions, H] intermediate in between.
-    embeds = text_embeds.new_zeros(b, length, text_embeds.shape[-1])
-    text = ~is_img & (width > 0)
-    embeds[text.nonzero(as_tuple=True)[0], start[text]] = text_embeds[text]
-    if n_img:
-        img_row, img_col = is_img.nonzero(as_tuple=True)                     # row-major = image_features' order
-        img_cols = start[img_row, img_col][:, None] + torch.arange(k, device=input_ids.device)
-        embeds[img_row[:, None].expand(-1, k), img_cols] = image_features.to(embeds.dtype)
-    out = dict(inputs_embeds=embeds,
-               attention_mask=scatter(attention_mask.flatten()[tok], 0, attention_mask.dtype),
-               image_mask=scatter(img_pos, False, torch.bool), labels=None)
+    out = dict(inputs_embeds=place(text_embeds, 0, image_features), attention_mask=place(attention_mask, 0),
+               image_mask=place(is_img, False), labels=None)
     if labels is not None:
-        out["labels"] = scatter(labels.masked_fill(is_img, IGNORE_INDEX).flatten()[tok], IGNORE_INDEX, labels.dtype)
+        out["labels"] = place(labels.masked_fill(is_img, IGNORE_INDEX), IGNORE_INDEX)
     if position_ids is None:
         out["position_ids"] = (out["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
     else:   # packed rows: a new sample starts where positions do not step by one (transformers' rule)
         seg = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1) != 1).cumsum(1)
-        seg = scatter(seg.flatten()[tok], -1, torch.long)
+        seg = place(seg, -1)
         idx = torch.arange(length, device=seg.device).expand(b, -1)
         new = torch.ones_like(seg, dtype=torch.bool)
         new[:, 1:] = seg[:, 1:] != seg[:, :-1]
