@@ -768,7 +768,7 @@ class ViTProjector(nn.Module):
 # =============================================================================================================
 def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, *, position_ids=None,
            pad_left=False) -> dict:
-    """Replace each IMAGE_TOKEN_INDEX position by its image's K rows, for the whole batch at once (no loop over samples).
+    """Replace each IMAGE_TOKEN_INDEX position by its image's K rows, for the whole batch at once (no sample loop).
 
     input_ids [B, T]; text_embeds [B, T, H] (rows at placeholders unused); image_features [N, K, H] in placeholder
     order (row-major) or None. Rows grow by (K-1) per image; shorter rows are padded at the right, or at the left
