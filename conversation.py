@@ -25,7 +25,12 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 
 class ConversationError(ValueError):
-    """The conversation itself is unusable (unknown role, wrong turn order, empty reply...)."""
+    """The conversation itself is unusable. `kind` is what data summaries count ("unknown role", "roles out of
+    order", "empty reply", "malformed record", "template"); the message says exactly what is wrong."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Template:
         """Segments of a full training conversation (it must end with an assistant reply)."""
         messages = self._with_system(normalize_messages(messages))
         if messages[-1]["role"] != "assistant":
-            raise ConversationError("the conversation must end with an assistant reply")
+            raise ConversationError("roles out of order", "the conversation must end with an assistant reply")
         return self._render(messages, tokenizer, add_generation_prompt=False)
 
     def prompt_segments(self, messages: list[dict], tokenizer) -> list[Segment]:
@@ -80,21 +85,24 @@ def normalize_messages(messages: list[dict], for_prompt: bool = False) -> list[d
         content = m.get("value", m.get("content"))
         role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
-            raise ConversationError(f"message {i}: unknown role {raw_role!r} (expected human/gpt/system or user/assistant/system)")
+            raise ConversationError("unknown role", f"message {i}: unknown role {raw_role!r} "
+                                    "(expected human/gpt/system or user/assistant/system)")
         if not isinstance(content, str):
-            raise ConversationError(f"message {i}: content must be a string, got {type(content).__name__}")
+            raise ConversationError("malformed record",
+                                    f"message {i}: content must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content.strip()})
     turns = out[1:] if out and out[0]["role"] == "system" else out
     if not turns:
-        raise ConversationError("the conversation has no user/assistant turns")
+        raise ConversationError("roles out of order", "the conversation has no user/assistant turns")
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise ConversationError(f"turn {i}: expected a {expected} message, got {m['role']} (roles must alternate, starting with the user)")
+            raise ConversationError("roles out of order", f"turn {i}: expected a {expected} message, got {m['role']} "
+                                    "(roles must alternate, starting with the user)")
         if m["role"] == "assistant" and not m["content"]:
-            raise ConversationError(f"turn {i}: empty assistant reply")
+            raise ConversationError("empty reply", f"turn {i}: empty assistant reply")
     if for_prompt and turns[-1]["role"] != "user":
-        raise ConversationError("an inference prompt must end with a user turn")
+        raise ConversationError("roles out of order", "an inference prompt must end with a user turn")
     return out
 
 
@@ -207,7 +215,7 @@ def render_auto(messages, tokenizer, add_generation_prompt):
     the text a reply adds after the generation prompt is the trainable part. A template whose renders are not
     prefixes of each other (e.g. one that rewrites earlier turns) cannot give exact labels: that is an error."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConversationError("template 'auto' needs a tokenizer with a chat_template")
+        raise ConversationError("template", "template 'auto' needs a tokenizer with a chat_template")
 
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -218,15 +226,16 @@ def render_auto(messages, tokenizer, add_generation_prompt):
             continue
         prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise ConversationError("the tokenizer's chat_template does not render a conversation as a prefix of "
-                                    "its continuation; use a named template instead of 'auto'")
+            raise ConversationError("template", "the tokenizer's chat_template does not render a conversation as a "
+                                    "prefix of its continuation; use a named template instead of 'auto'")
         segs += _split_content(prompt[len(done):], [x["content"] for x in messages[start:i]], trainable=False)
         segs += _split_content(full[len(prompt):], [m["content"]], trainable=True)
         done, start = full, i + 1
     if add_generation_prompt:
         prompt = render(messages, True)
         if not prompt.startswith(done):
-            raise ConversationError("the tokenizer's chat_template is not prefix-consistent; use a named template")
+            raise ConversationError("template",
+                                    "the tokenizer's chat_template is not prefix-consistent; use a named template")
         segs += _split_content(prompt[len(done):], [x["content"] for x in messages[start:]], trainable=False)
     return [s for s in segs if s.text]
 
@@ -237,8 +246,8 @@ def _split_content(text: str, contents: list[str], trainable: bool) -> list[Segm
     for content in [c for c in contents if c]:
         at = text.find(content, pos)
         if at < 0:  # the template rewrote the message: its text cannot be told apart from markup
-            raise ConversationError("the tokenizer's chat_template changes message text (content not found in its "
-                                    "render); use a named template instead of 'auto'")
+            raise ConversationError("template", "the tokenizer's chat_template changes message text (content not "
+                                    "found in its render); use a named template instead of 'auto'")
         segs += [Segment(text[pos:at], trainable), Segment(content, trainable, literal=True)]
         pos = at + len(content)
     return segs + [Segment(text[pos:], trainable)]

@@ -32,7 +32,17 @@ IMAGE_TAG = "<image>"
 
 
 class BadSample(ValueError):
-    """A record that cannot be trained on; the message names the problem (the caller adds the record id)."""
+    """A record that cannot be trained on. `kind` is what summaries count ("image not found", "too long", ...),
+    `detail` says exactly what is wrong; str() is "record <id>: <kind>: <detail>" ("<kind>: <detail>" without an id),
+    so a skip reason sent from a dataloader worker as a string still starts with its kind (see reason_kind)."""
+
+    def __init__(self, kind: str, detail: str, record: str | None = None):
+        super().__init__(kind, detail, record)
+        self.kind, self.detail, self.record = kind, detail, record
+
+    def __str__(self) -> str:
+        reason = f"{self.kind}: {self.detail}"
+        return reason if self.record is None else f"record {self.record}: {reason}"
 
 
 # ---- Tokenization and label masking --------------------------------------------------------------------------------
@@ -52,10 +62,10 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
         messages = _place_image_tags(normalize_messages(conversations), num_images)
         segments = template.segments(messages, tokenizer)
     except ConversationError as e:
-        raise BadSample(str(e)) from None
+        raise BadSample(e.kind, str(e)) from None
     input_ids, labels = encode_segments(segments, tokenizer)
     if not any(label != IGNORE_INDEX for label in labels):
-        raise BadSample("no supervised tokens (no assistant reply)")
+        raise BadSample("empty reply", "no supervised tokens (no assistant reply)")
     if max_length is not None:
         input_ids, labels = _truncate(input_ids, labels, max_length, image_token_len)
     return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
@@ -144,9 +154,9 @@ def _place_image_tags(messages: list[dict], num_images: int | None) -> list[dict
         messages = [dict(m) for m in messages]
         messages[first_user]["content"] = IMAGE_TAG + "\n" + messages[first_user]["content"]
     elif num_images is not None and n_tags != num_images:
-        raise BadSample(f"{n_tags} <image> tags but {num_images} images")
+        raise BadSample("image/tag mismatch", f"{n_tags} <image> tags but {num_images} images")
     if any(IMAGE_TAG in m["content"] for m in messages if m["role"] != "user"):
-        raise BadSample("<image> tag outside a user turn")
+        raise BadSample("image/tag mismatch", "<image> tag outside a user turn")
     return messages
 
 
@@ -160,10 +170,10 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_le
         used += lengths[keep]
         keep += 1
     if IMAGE_TOKEN_INDEX in ids[keep:]:
-        raise BadSample(f"needs {total} positions (images count {image_token_len} each) but max_length is "
+        raise BadSample("too long", f"needs {total} positions (images count {image_token_len} each) but max_length is "
                         f"{max_length}: an image would be cut")
     if all(label == IGNORE_INDEX for label in labels[:keep]):
-        raise BadSample(f"the prompt alone needs more than max_length={max_length} positions "
+        raise BadSample("too long", f"the prompt alone needs more than max_length={max_length} positions "
                         f"(images count {image_token_len} each); nothing left to learn")
     return ids[:keep], labels[:keep]
 
@@ -178,17 +188,9 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_le
 # markers and lists them in batch["skipped"] = [(id, reason), ...], so the main process can count them (workers are
 # other processes; train.py counts them by reason_kind). A batch whose samples were all skipped becomes one padding
 # row with nothing to learn, so every rank still runs the same forward and backward.
-# Reasons read "<kind>: <detail>"; the kind (text before the first colon) is what summaries count.
+# Reasons are str(BadSample): "<kind>: <detail>", the kind named where the problem is found; reason_kind reads it back.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-# substring of a tokenize_conversation BadSample message -> the kind that summaries count
-CONVERSATION_PROBLEMS = (
-    ("unknown role", "unknown role"), ("alternate", "roles out of order"), ("must end with", "roles out of order"),
-    ("no user/assistant", "roles out of order"), ("empty assistant reply", "empty reply"),
-    ("no supervised tokens", "empty reply"), ("max_length", "too long"), ("tags but", "image/tag mismatch"),
-    ("tag outside", "image/tag mismatch"),
-)
 
 RECORD_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -378,15 +380,15 @@ def load_image(source: dict, image_folder: str = ".", max_pixels: int = 89_478_4
         if not too_big:
             image.load()   # decode now, so truncated and corrupt files fail here and not inside the model step
     except FileNotFoundError:
-        raise BadSample(f"image not found: {name}") from None
+        raise BadSample("image not found", name) from None
     except Image.DecompressionBombError:
-        raise BadSample(f"image too large: {name} (decompression bomb)") from None
+        raise BadSample("image too large", f"{name} (decompression bomb)") from None
     except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
-        raise BadSample(f"image unreadable: {name} ({type(e).__name__}: {e})") from None
+        raise BadSample("image unreadable", f"{name} ({type(e).__name__}: {e})") from None
     if too_big:
-        raise BadSample(f"image too large: {name} is {w}x{h}, over max_image_pixels={max_pixels}")
+        raise BadSample("image too large", f"{name} is {w}x{h}, over max_image_pixels={max_pixels}")
     if w == 0 or h == 0:
-        raise BadSample(f"image unreadable: {name} is {w}x{h}")
+        raise BadSample("image unreadable", f"{name} is {w}x{h}")
     return image
 
 
@@ -414,7 +416,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return self.sample(record)
         except BadSample as e:
             if self.args.bad_sample == "error":
-                raise BadSample(f"record {record['id']}: {e}") from None
+                raise BadSample(e.kind, e.detail, record=record["id"]) from None
             return {"id": record["id"], "skipped": str(e)}
 
     def sample(self, record: dict) -> dict:
@@ -424,7 +426,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                   "images_aux": None}
         if sources:
             if self.processor is None:
-                raise BadSample("unsupported: record has images but the model has no vision tower")
+                raise BadSample("unsupported", "record has images but the model has no vision tower")
             views, aux = zip(*(self.processor(self.load(s)) for s in sources))
             sample["images"] = torch.stack(views)
             sample["images_aux"] = None if aux[0] is None else torch.stack(aux)
@@ -447,15 +449,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def parse(self, record: dict) -> tuple[list[dict], list[dict]]:
         """Record -> (conversations, image sources); a video becomes its sampled frames, its tag one tag each."""
         if record["problem"]:
-            raise BadSample(record["problem"])
+            raise BadSample(*record["problem"].split(": ", 1))   # "<kind>: <detail>", set by _normalize_record
         conversations, sources = record["conversations"], record["images"]
         if record["video"]:
             if sources:
-                raise BadSample("image/tag mismatch: a record has either images or a video, not both")
+                raise BadSample("image/tag mismatch", "a record has either images or a video, not both")
             frames = self.video_frames(record["video"])
             n_tags = sum(turn["value"].count("<video>") for turn in conversations)
             if n_tags != 1:
-                raise BadSample(f"image/tag mismatch: a video record needs one <video> tag, found {n_tags}")
+                raise BadSample("image/tag mismatch", f"a video record needs one <video> tag, found {n_tags}")
             conversations = [{"from": turn["from"], "value": turn["value"].replace("<video>", IMAGE_TAG * len(frames))}
                              for turn in conversations]
             sources = [{"path": frame, "bytes": None} for frame in frames]
@@ -467,21 +469,17 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if len(video) == 1 and not video[0].lower().endswith(IMAGE_EXTENSIONS):
             folder = os.path.join(self.args.image_folder, video[0])
             if not os.path.isdir(folder):
-                raise BadSample(f"video not found: {video[0]}")
+                raise BadSample("video not found", video[0])
             names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
             frames = [os.path.join(video[0], n) for n in names]
         if not frames:
-            raise BadSample(f"video has no frames: {video[0]}")
+            raise BadSample("video has no frames", video[0])
         picks = np.linspace(0, len(frames) - 1, min(self.args.num_frames, len(frames))).round().astype(int)
         return [frames[j] for j in picks]
 
     def tokenize(self, conversations: list[dict], num_images: int) -> dict:
-        try:
-            return tokenize_conversation(conversations, self.tokenizer, self.args.template, self.args.max_length,
-                                         image_token_len=self.tokens_per_image, num_images=num_images)
-        except BadSample as e:   # prefix the kind that summaries count
-            kind = next((k for key, k in CONVERSATION_PROBLEMS if key in str(e)), "bad conversation")
-            raise BadSample(f"{kind}: {e}") from None
+        return tokenize_conversation(conversations, self.tokenizer, self.args.template, self.args.max_length,
+                                     image_token_len=self.tokens_per_image, num_images=num_images)
 
     def load(self, source: dict) -> Image.Image:
         return load_image(source, self.args.image_folder, self.args.max_image_pixels)

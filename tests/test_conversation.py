@@ -254,17 +254,20 @@ def test_a_prompt_that_cannot_fit_is_a_bad_sample_with_a_reason(llama_tokenizer)
 
 # ---- Bad conversations ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("conv,reason", [
-    ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}], "unknown role 'robot'"),
-    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "roles must alternate"),
-    ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "expected a user message"),
-    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "   "}], "empty assistant reply"),
-    ([{"from": "human", "value": "a"}], "must end with an assistant reply"),
-    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}], "outside a user turn"),
+@pytest.mark.parametrize("conv,kind,reason", [
+    ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}], "unknown role", "unknown role 'robot'"),
+    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "roles out of order", "roles must alternate"),
+    ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "roles out of order", "expected a user message"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "   "}], "empty reply", "empty assistant reply"),
+    ([{"from": "human", "value": "a"}], "roles out of order", "must end with an assistant reply"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}], "image/tag mismatch",
+     "outside a user turn"),
+    ([{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}], "malformed record", "content must be a string"),
 ])
-def test_bad_conversations_raise_a_clear_reason(llama_tokenizer, conv, reason):
-    with pytest.raises(BadSample, match=reason):
+def test_bad_conversations_raise_a_clear_reason_and_the_kind_summaries_count(llama_tokenizer, conv, kind, reason):
+    with pytest.raises(BadSample, match=f"^{kind}: .*{reason}") as error:
         tokenize_conversation(conv, llama_tokenizer, "vicuna_v1")
+    assert error.value.kind == kind
 
 
 def test_templates_are_values_and_unknown_names_fail(llama_tokenizer):
