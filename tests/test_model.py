@@ -1,6 +1,10 @@
 """model.py on CPU with tiny random checkpoints (tests/tiny_models.py), loaded through the real loading code."""
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ from model import (
 from tests.tiny_models import FAMILIES, build, save_tiny_checkpoints, tiny_batch
 
 IMG = IMAGE_TOKEN_INDEX
+REPO = Path(__file__).resolve().parent.parent
 
 
 
@@ -319,6 +324,42 @@ def test_openclip_convnext_tower_loads_its_trunk(root, tok):
     torch.testing.assert_close(model.vision_tower_aux.stem[0].weight, saved["visual.trunk.stem.0.weight"])
     assert model.vision_tower_aux.channels == 40 + 80 + 160 + 320
     assert torch.isfinite(model(**tiny_batch(model)).loss)
+
+
+HUB_LOAD = """
+import sys, torch
+from model import ModelArguments, build_model
+hub, local = ModelArguments(**eval(sys.argv[1])), ModelArguments(**eval(sys.argv[2]))
+torch.manual_seed(0); from_hub = build_model(hub)
+torch.manual_seed(0); from_dirs = build_model(local)
+a, b = from_hub.state_dict(), from_dirs.state_dict()
+assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "hub and local weights differ"
+assert from_hub.image_settings() == from_dirs.image_settings()
+print("loaded", type(from_hub.vision_tower_aux.stages[0]).__name__)
+"""
+
+
+@pytest.mark.parametrize("hr", ["timm", "openclip"])
+def test_hub_names_load_from_the_cache_offline(tmp_path, root, hr):
+    """Real runs name checkpoints by hub id ("openai/clip-vit-large-patch14-336", "hf-hub:laion/CLIP-convnext...")
+    and clusters often run with HF_HUB_OFFLINE=1 on a filled cache: the same tiny checkpoints are put in a cache in
+    the hub's layout and must load by name, offline, to the same weights as from their directories."""
+    local = save_tiny_checkpoints(root, hr=hr)
+    cache = tmp_path / "hub"
+    names = {"llm": "test-org/llm", "vision_tower": "test-org/clip", "vision_tower_aux": f"test-org/convnext-{hr}"}
+    for field, repo in names.items():
+        repo_dir = cache / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(getattr(local, field), repo_dir / "snapshots" / ("0" * 40))
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text("0" * 40)
+    names["vision_tower_aux"] = "hf-hub:" + names["vision_tower_aux"]     # OpenCLIP's and timm's hub prefix
+    fields = dict(dtype="float32", image_size_aux=local.image_size_aux)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", HUB_LOAD, repr({**names, **fields}),
+                             repr({field: getattr(local, field) for field in names} | fields)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded" in result.stdout
 
 
 # ---- export / load / merge -------------------------------------------------------------------------------------
