@@ -449,7 +449,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def parse(self, record: dict) -> tuple[list[dict], list[dict]]:
         """Record -> (conversations, image sources); a video becomes its sampled frames, its tag one tag each."""
         if record["problem"]:
-            raise BadSample(*record["problem"].split(": ", 1))   # "<kind>: <detail>", set by _normalize_record
+            kind, _, detail = record["problem"].partition(": ")   # "<kind>: <detail>", set by _normalize_record
+            raise BadSample(kind, detail)
         conversations, sources = record["conversations"], record["images"]
         if record["video"]:
             if sources:
