@@ -958,7 +958,7 @@ def _jsonable(obj):
 def _aux_kind(ref: str) -> str:
     if os.path.isdir(ref):
         return "open_clip" if os.path.exists(os.path.join(ref, "open_clip_config.json")) else "timm"
-    if ref.startswith("hf-hub:"):   # a download (not file_exists), so a cached repo also resolves under HF_HUB_OFFLINE=1
+    if ref.startswith("hf-hub:"):   # a download, not file_exists: a cached repo then resolves with HF_HUB_OFFLINE=1
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError   # also raised offline when the file is not cached
         try:

@@ -4,11 +4,9 @@ commands make between reference and ours before timing them) from rotting."""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 @pytest.mark.parametrize("command,rows", [("splice", 4), ("padding", 2), ("data", 8), ("index", 2)])

@@ -12,13 +12,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, BadSample, DataArguments, GroupedBatchSampler, ImageProcessor,
                   PackedBatchSampler, build_dataset, build_sampler, check, collate, load_records, reason_kind,
                   reuse_freed_memory)
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=28, image_size_aux=64)                                  # LR 28, HR 64
 HD = dict(image_size=28, image_size_aux=128, image_grid=2, image_global=True)   # LR 56 -> 4 crops + global
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from eval import Answerer, load_for_inference, load_questions, normalize_answer, score
 
-REPO = Path(__file__).resolve().parents[1]
 # The demo's vocabulary, with colour values of our own (not demo.py's table).
 RGB = {"red": (228, 38, 33), "green": (47, 168, 62), "blue": (38, 82, 228), "yellow": (242, 212, 44),
        "purple": (142, 58, 182), "orange": (250, 142, 35)}

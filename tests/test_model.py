@@ -4,11 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from safetensors.torch import load_file
 
 from data import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -28,7 +28,6 @@ from model import (
 from tests.tiny_models import FAMILIES, build, save_tiny_checkpoints, tiny_batch
 
 IMG = IMAGE_TOKEN_INDEX
-REPO = Path(__file__).resolve().parent.parent
 
 
 
