@@ -631,18 +631,18 @@ def bench_train(args):
 
 def _train_cuda():
     """Real MGM-7B and MGM-7B-HD architectures with random weights, bf16, gradient checkpointing, on one GPU."""
-    name = torch.cuda.get_device_name()
-    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}.items()
-                       if k in name), None)
+    from train import peak_flops
+    name, peak = torch.cuda.get_device_name(), peak_flops(torch.device("cuda"))
     print(f"{name}: bf16, gradient checkpointing, finetune stage; the optimizer is plain SGD (a full-model AdamW "
-          f"state of 7B needs ZeRO across GPUs); MFU counts LLM FLOPs only (6N + 12LHT per token), so it is a lower "
-          f"bound; peak dense bf16 {peak_flops / 1e12 if peak_flops else '?'} TFLOPS")
+          f"state of 7B needs ZeRO across GPUs); MFU = model FLOPs (model.train_flops, as on train.py's log line: "
+          f"the LLM alone, and all parts) / peak dense bf16 {peak / 1e12 if peak else '?'} TFLOP/s")
     for size in ("7b", "7b-hd"):
         for variant in ("reference", "light"):
             r = _in_subprocess(_train_run, size, variant, "cuda", False)
-            mfu = r["flops_per_s"] / peak_flops if peak_flops else float("nan")
+            mfu_llm, mfu_all = (r["llm_flops_per_s"] / peak, r["all_flops_per_s"] / peak) if peak else (math.nan,) * 2
             print(f"  MGM-{size.upper()} {variant:9} mining: batch {r['batch']} x {r['tokens']} tokens: "
-                  f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%}, peak {r['peak_mb'] / 1024:.1f} GiB")
+                  f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu_llm:.1%} LLM-only, {mfu_all:.1%} all, "
+                  f"peak {r['peak_mb'] / 1024:.1f} GiB")
     q = _in_subprocess(_train_run, "7b", "light", "cuda", True)
     print(f"  MGM-7B QLoRA (4-bit NF4 LLM, LoRA r=64, batch 1 x {q['tokens']} tokens): "
           f"peak {q['peak_mb'] / 1024:.1f} GiB, {q['tokens_per_s']:,.0f} tokens/s")
@@ -670,7 +670,8 @@ def _train_run(size, variant, device, qlora):
     """Build the model from configs (random weights), run 1 warm-up + N timed finetune steps; peak memory covers
     the steps, weights and optimizer state included."""
     from dataclasses import replace
-    from model import MiniGemini, ModelArguments, apply_lora, build_model, hr_views, load_llm, set_stage, upsample_concat
+    from model import (MiniGemini, ModelArguments, apply_lora, build_model, hr_views, load_llm, set_stage,
+                       train_flops, upsample_concat)
     cuda = device == "cuda"
     dtype = "bfloat16" if cuda else "float32"
     llm_kw, clip_kw, hr, aux_side, grid, batch, seq = TRAIN_SHAPES[size]
@@ -721,11 +722,10 @@ def _train_run(size, variant, device, qlora):
     if cuda:
         torch.cuda.synchronize()
     seconds = (clock() - start) / steps
-    cfg = model.llm.config.get_text_config()
-    n_llm = sum(p.numel() for p in model.llm.parameters())
-    flops_per_token = 6 * n_llm + 12 * cfg.num_hidden_layers * cfg.hidden_size * (tokens // batch)
+    llm_flops, all_flops = train_flops(model).of(torch.full((batch,), tokens // batch), images=batch)
     return dict(tokens_per_s=tokens / seconds, peak_mb=_peak_mb(device), params=sum(p.numel() for p in model.parameters()),
-                flops_per_s=flops_per_token * tokens / seconds, batch=batch, tokens=tokens // batch, steps=steps)
+                llm_flops_per_s=llm_flops / seconds, all_flops_per_s=all_flops / seconds, batch=batch,
+                tokens=tokens // batch, steps=steps)
 
 
 def _train_batch(model, batch, seq, device):

@@ -70,6 +70,7 @@ class TrainArguments:
     num_workers: int = 4
     # Logging, evaluation, checkpoints.
     logging_steps: int = 1
+    peak_tflops: float = 0.0             # one device's peak (dense bf16) for MFU; 0: from PEAK_BF16_TFLOPS by GPU name
     report_to: str = "tensorboard"       # comma list of accelerate trackers (tensorboard, wandb), or "none"
     eval_data_path: str = ""             # held-out records (same format as data_path): eval loss every eval_steps
     eval_steps: int = 0                  # 0: only at the end
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> str:
     model = build(model_args, args, tokenizer, device=accelerator.device if quantized else None,
                   upcast_trainables=not sharded)
     accelerator.print(mgm.trainable_table(model))
+    flops = mgm.train_flops(model)  # before prepare: ZeRO-3 / FSDP may shard what it reads
     with accelerator.main_process_first():
         dataset = data.build_dataset(data_args, tokenizer, model.image_settings(), model.tokens_per_image)
         eval_set = data.build_dataset(dataclasses.replace(data_args, data_path=args.eval_data_path), tokenizer,
@@ -167,7 +169,13 @@ def main(argv: list[str] | None = None) -> str:
     batches = batch_stream(loader, state)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     say = bar.write if accelerator.is_local_main_process else (lambda message: None)
-    meter = Throughput()
+    peak = peak_flops(accelerator.device, args.peak_tflops)
+    accelerator.print(f"model FLOPs for MFU: LLM {flops.llm_per_token / 1e9:.3g} GFLOP/position + "
+                      f"{flops.llm_per_pair / 1e6:.3g} MFLOP/pair of positions in a sample, images "
+                      f"{flops.per_image / 1e9:.3g} GFLOP each; peak per device: "
+                      f"{f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown (--peak_tflops)'}")
+    meter = Throughput(peak, accelerator.num_processes)
+    per_image = accelerator.unwrap_model(model).tokens_per_image
     model.train()
     while state.step < total_steps:
         window = [next(batches) for _ in range(G)]
@@ -201,15 +209,19 @@ def main(argv: list[str] | None = None) -> str:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         bar.update(1)
-        meter.add(tokens, samples)
+        meter.add(tokens, samples, flops.of(torch.cat([sample_lengths(b, per_image) for b in window]),
+                                            sum(int(b["image_counts"].sum()) for b in window)))
 
         if state.step % args.logging_steps == 0 or state.step == total_steps:
-            log = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **meter.rates(), "peak_mem_gb": peak_memory_gb(),
+            rates = meter.rates(lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"))
+            log = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **rates, "peak_mem_gb": peak_memory_gb(),
                    "epoch": state.epoch, "skipped_steps": state.skipped_steps}
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            mfu = (f"MFU {log['mfu_llm']:.1%} LLM-only, {log['mfu_all']:.1%} all" if "mfu_llm" in log
+                   else "MFU unknown (--peak_tflops)")
             say(f"step {state.step}/{total_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm or 0:.3f} | "
                 f"{log['tokens_per_s']:.0f} tok/s | {log['samples_per_s']:.2f} samples/s | "
-                f"peak mem {log['peak_mem_gb']:.2f} GB")
+                f"peak mem {log['peak_mem_gb']:.2f} GB | {mfu}")
             accelerator.log(log, step=state.step)
             metrics.write(state.step, log)
         if eval_loader is not None and (state.step == total_steps or
@@ -472,19 +484,64 @@ def count_skipped_samples(accelerator, state: TrainState, window: list[dict], sa
 
 
 class Throughput:
-    """Tokens (LLM positions, images expanded) and samples per second since the last log line."""
+    """Tokens (LLM positions, images expanded), samples and model FLOPs per second since the last log line, and
+    MFU = model FLOPs / (seconds x peak FLOP/s of all devices), for the LLM alone (what published MFU figures of
+    vision-language finetunes count) and for all parts. Tokens and samples arrive as counts over all processes,
+    FLOPs as this process's own: they are summed over processes once per log line rather than once per step."""
 
-    def __init__(self):
+    def __init__(self, peak_flops: float | None = None, num_processes: int = 1):  # peak of one device, or None
+        self.peak, self.num_processes = peak_flops, num_processes
+        self.reset()
+
+    def reset(self) -> None:
         self.start, self.tokens, self.samples = time.time(), 0, 0
+        self.flops = [0.0, 0.0]   # this process's model FLOPs: LLM, all parts
 
-    def add(self, tokens: int, samples: int) -> None:
+    def add(self, tokens: int, samples: int, flops: tuple[float, float] = (0.0, 0.0)) -> None:
         self.tokens, self.samples = self.tokens + tokens, self.samples + samples
+        self.flops = [self.flops[0] + flops[0], self.flops[1] + flops[1]]
 
-    def rates(self) -> dict:
+    def rates(self, sum_over_processes=lambda t: t) -> dict:
         seconds = max(time.time() - self.start, 1e-9)
-        rates = {"tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds}
-        self.__init__()
+        llm, every = sum_over_processes(torch.tensor(self.flops, dtype=torch.float32)).tolist()
+        per_device = seconds * self.num_processes
+        rates = {"tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds,
+                 "model_tflops_per_device": every / per_device / 1e12}
+        if self.peak:   # unknown peak (CPU, an unlisted GPU): no MFU rather than a made-up one
+            rates.update(mfu_llm=llm / per_device / self.peak, mfu_all=every / per_device / self.peak)
+        self.reset()
         return rates
+
+
+def sample_lengths(batch: dict, tokens_per_image: int) -> torch.Tensor:
+    """LLM positions of every sample of a batch after the splice (an image placeholder becomes tokens_per_image
+    positions): one sample per padded row; packed rows split where their position ids restart (the padding tail
+    is a sample of length 0)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    weight = (1 + (tokens_per_image - 1) * (ids == data.IMAGE_TOKEN_INDEX).long()) * mask
+    starts = batch["position_ids"] == 0 if "position_ids" in batch else torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    sample = starts.flatten().cumsum(0) - 1
+    return torch.zeros(int(sample[-1]) + 1, dtype=torch.long).index_add_(0, sample, weight.flatten())
+
+
+# Peak dense bf16 tensor-core FLOP/s of one device (vendors' data sheets: FP32 accumulate, no sparsity), matched
+# against the CUDA device name in this order. --peak_tflops overrides it (an unlisted GPU, other precisions).
+PEAK_BF16_TFLOPS = [(r"\bB200", 2250), (r"GH200", 989), (r"H200 NVL", 835), (r"\bH200", 989), (r"H100 NVL", 835),
+                    (r"H[18]00 PCIe", 756), (r"\bH[18]00\b", 989), (r"\bA[18]00\b", 312), (r"\bL40S\b", 362),
+                    (r"\bL40\b", 181), (r"\bL4\b", 121), (r"\bA10\b", 125), (r"RTX 4090", 165),
+                    (r"RTX 3090(?! Ti)", 71), (r"MI300X", 1307)]
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """One device's peak FLOP/s: the override if given, else PEAK_BF16_TFLOPS by the GPU's name; None when
+    unknown (a CPU, an unlisted GPU), and then MFU is not reported."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for pattern, tflops in PEAK_BF16_TFLOPS if re.search(pattern, name)), None)
 
 
 def model_inputs(batch: dict, device) -> dict:

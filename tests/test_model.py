@@ -24,6 +24,7 @@ from model import (
     mmca_attention,
     set_stage,
     splice,
+    train_flops,
 )
 from tests.tiny_models import FAMILIES, build, save_tiny_checkpoints, tiny_batch
 
@@ -280,6 +281,78 @@ def test_gradient_checkpointing_gives_the_same_gradients(root, tok):
         model(**tiny_batch(model)).loss.backward()
         results.append(model.projector[0].weight.grad)
     torch.testing.assert_close(results[0], results[1])
+
+
+# The tiny model (tests/tiny_models.py) counted by hand, in multiply-accumulates (MACs); FLOPs = 2 x MACs.
+# LLM: width 32, 2 layers, 4 heads of 8 (q, o: 32x32), 2 key/value heads (k, v: 32x16), MLP 64 (gate, up, down),
+# vocabulary len(tok) = 37 (output head 32x37; the input embedding is a lookup).
+LLM_MACS = 2 * (32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64) + 32 * 37      # 19,616 per position
+PAIR_MACS = 2 * (4 * 8 + 4 * 8)                              # QK^T and AV, 2 layers: 128 per pair of positions
+# CLIP 28px, patch 14: 4 patches + CLS = 5 tokens, width 32, MLP 64; layer -2 of 2 = 1 layer runs for the model.
+LR_MACS = 4 * (3 * 14 * 14) * 32 + 5 * (4 * 32 * 32 + 2 * 32 * 64) + 5 * 5 * 32 * 2         # 117,824
+# ConvNeXt at 32px, dims 8/16/32/64, one block per stage (7x7 depthwise conv, MLP x4), 2x2 stride-2 downsampling.
+STEM = 8 * 8 * 8 * (3 * 4 * 4)                                                       # 4x4 stride 4: 8x8 map
+def BLOCK(side, c): return side * side * (c * 49 + 2 * c * 4 * c)                   # noqa: E704
+HR_STAGE_MACS = [STEM + BLOCK(8, 8), 4 * 4 * 16 * (8 * 4) + BLOCK(4, 16), 2 * 2 * 32 * (16 * 4) + BLOCK(2, 32),
+                 1 * 1 * 64 * (32 * 4) + BLOCK(1, 64)]
+# Mining: 4 LR queries of width 32, HR channels 8+16+32+64 = 120, window 4x4 (8x8 stage-0 map / 2x2 LR grid):
+# query projection, W_k^T q, scores and weighted sum over 16 positions x 120 channels, value projection.
+MINING_MACS = 4 * (32 * 32 + 32 * 120 + 2 * 16 * 120 + 120 * 32)                    # 50,176
+PROJECTOR_MACS = 4 * (32 * 32 + 32 * 32)                                             # mlp2x_gelu on 4 tokens
+
+
+def test_train_flops_equal_a_hand_count(root, tok):
+    """Trained parts count 6 FLOPs per MAC (3x the forward), frozen parts the gradient passes through 4, frozen
+    parts before every trained part 2 (forward only)."""
+    model = build(root, tok)
+    image = 2 * LR_MACS + 2 * sum(HR_STAGE_MACS) + 6 * MINING_MACS + 6 * PROJECTOR_MACS     # towers frozen
+    set_stage(model, "finetune", print_fn=None)
+    assert train_flops(model) == (6 * LLM_MACS, 6 * PAIR_MACS, image) == (117_696, 768, 1_040_384)
+    set_stage(model, "pretrain", print_fn=None)                      # frozen LLM: the gradient passes through
+    assert train_flops(model) == (4 * LLM_MACS, 6 * PAIR_MACS, image)
+    model.vision_tower_aux.stages[-1].requires_grad_(True)          # train.py's tune_vision_tower_aux
+    assert train_flops(model).per_image == (2 * LR_MACS + 2 * sum(HR_STAGE_MACS[:3]) + 6 * HR_STAGE_MACS[3]
+                                            + 6 * MINING_MACS + 6 * PROJECTOR_MACS)
+    # LoRA r=4 on q, k, v, o, gate, up, down: r x (in + out) MACs each; the frozen base (and head) pass gradients.
+    lora = apply_lora(model, r=4, alpha=8)
+    set_stage(lora, "finetune", print_fn=None)                       # towers frozen again
+    adapters = 2 * 4 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + 3 * (32 + 64))
+    assert train_flops(lora).llm_per_token == 4 * LLM_MACS + 6 * adapters
+    # HD: 5 LR views (global + 4 crops) each mined (window 16/2/2 = 4) and projected; the HR tower runs once at
+    # 64px, where every feature map has 4x the positions.
+    hd = build(root, tok, hd=True)
+    set_stage(hd, "finetune", print_fn=None)
+    assert train_flops(hd).per_image == 5 * (2 * LR_MACS + 6 * MINING_MACS + 6 * PROJECTOR_MACS) \
+        + 4 * 2 * sum(HR_STAGE_MACS)
+
+
+def test_mixture_of_experts_counts_the_routed_experts():
+    from transformers import MixtralConfig
+
+    from model import llm_forward_flops
+    config = MixtralConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    attention, two_experts, router = 32 * 32 + 2 * 32 * 16 + 32 * 32, 2 * 3 * 32 * 64, 32 * 4
+    assert llm_forward_flops(config) == (2 * (2 * (attention + two_experts + router) + 32 * 37), 2 * PAIR_MACS)
+
+
+@pytest.mark.parametrize("kind,macs", [
+    ("linear", 4 * 32 * 32),
+    ("mlp2x_gelu", PROJECTOR_MACS),
+    # 3 queries: q and out-projections, and the output Linear, on 3 rows; k, v on the 4 tokens; QK^T and AV
+    ("perceiver", 3 * 32 * 32 + 2 * 4 * 32 * 32 + 2 * 3 * 4 * 32 + 3 * 32 * 32 + 3 * 32 * 32),
+    # one pre-norm layer on 4 tokens (q, k, v, o; MLP 32 -> 128 -> 32; QK^T and AV), then the output Linear
+    ("vit", 4 * (4 * 32 * 32 + 2 * 32 * 128) + 2 * 4 * 4 * 32 + 4 * 32 * 32)])
+def test_projector_flops_equal_a_hand_count(kind, macs):
+    from model import build_projector, projector_forward_flops
+    assert projector_forward_flops(build_projector(kind, 32, 32, heads=2, queries=3), tokens=4) == 2 * macs
+
+
+def test_train_flops_of_samples_count_attention_per_sample():
+    """A sample of n positions: n x per-token + n^2 x per-pair, so packed samples are counted apart."""
+    from model import TrainFlops
+    flops = TrainFlops(llm_per_token=10.0, llm_per_pair=1.0, per_image=100.0)
+    assert flops.of(torch.tensor([3, 4]), images=2) == (10 * 7 + 9 + 16, 10 * 7 + 9 + 16 + 200)
 
 
 @pytest.mark.parametrize("projector,per_view", [("linear", 4), ("mlp3x_gelu", 4), ("perceiver", 3), ("vit", 4)])

@@ -148,6 +148,7 @@ def test_loss_goes_down_on_a_small_fixed_batch(tiny, tmp_path):
     export = run_in_process([str(recipe), "--output_dir", str(out)])
     losses = [m["loss"] for m in metrics(out)]
     assert len(losses) == 12 and losses[-1] < 0.5 * losses[0], losses
+    assert all(m["model_tflops_per_device"] > 0 and "mfu_llm" not in m for m in metrics(out))  # CPU: peak unknown
     evals = [m["eval_loss"] for m in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in m]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert list(out.glob("**/events.out.tfevents*")), "the tensorboard tracker wrote nothing"
@@ -155,15 +156,69 @@ def test_loss_goes_down_on_a_small_fixed_batch(tiny, tmp_path):
     assert saved["num_epochs"] == 12 and saved["stage"] == "finetune" and saved["llm"] == tiny["recipe"]["llm"]
 
 
-def test_packed_rows_train_and_export(tiny, tmp_path):
-    """packing=True: rows hold several whole samples (data.PackedBatchSampler), counted as samples in the log."""
+def test_packed_rows_train_and_export(tiny, tmp_path, capsys):
+    """packing=True: rows hold several whole samples (data.PackedBatchSampler), counted as samples in the log;
+    with a peak given, MFU (LLM-only and all parts) is on the log line and in metrics.jsonl."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], stage="finetune", template="vicuna_v1",
                           packing=True, max_length=96, max_steps=3)
     out = tmp_path / "run"
-    export = run_in_process([str(recipe), "--output_dir", str(out)])
+    export = run_in_process([str(recipe), "--output_dir", str(out), "--peak_tflops", "0.001"])
     logs = metrics(out)
     assert len(logs) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in logs)
     assert all(m["samples_per_s"] > 0 for m in logs) and (Path(export) / "mgm_config.json").exists()
+    for m in logs:
+        assert 0 < m["mfu_llm"] < m["mfu_all"]
+        assert m["mfu_all"] == pytest.approx(m["model_tflops_per_device"] / 0.001, rel=1e-5)
+    assert re.search(r"step 3/3 \| .* \| MFU [\d.]+% LLM-only, [\d.]+% all", capsys.readouterr().out)
+
+
+def test_sample_lengths_widen_images_and_split_packed_rows():
+    """LLM positions per sample after the splice, as train.py counts attention FLOPs."""
+    import data
+    import train
+    img = data.IMAGE_TOKEN_INDEX
+
+    def sample(ids, images=0):
+        return {"id": "x", "input_ids": torch.tensor(ids), "labels": torch.tensor(ids),
+                "images": torch.zeros(images, 1, 3, 2, 2) if images else None, "images_aux": None}
+    one, two, three = sample([1, img, 5], images=1), sample([1, 6]), sample([1, img, 7, img], images=2)
+    padded = data.collate_rows([[one], [two]], pad_token_id=0, packed=False)
+    assert train.sample_lengths(padded, tokens_per_image=10).tolist() == [12, 2]
+    packed = data.collate_rows([[one, two], [three]], pad_token_id=0, packed=True)    # row 0 full, row 1 padded
+    assert train.sample_lengths(packed, tokens_per_image=10).tolist() == [12, 2, 22, 0]
+
+
+def test_mfu_is_model_flops_over_seconds_and_the_peak_of_every_device():
+    import time
+
+    import train
+    meter = train.Throughput(peak_flops=1e12, num_processes=2)
+    meter.add(tokens=1000, samples=4, flops=(3e11, 4e11))
+    meter.start = time.time() - 2.0
+    rates = meter.rates(sum_over_processes=lambda t: 2 * t)     # the other process did as much
+    assert rates == pytest.approx({"tokens_per_s": 500, "samples_per_s": 2, "model_tflops_per_device": 0.2,
+                                   "mfu_llm": 0.15, "mfu_all": 0.2}, rel=1e-3)
+    unknown = train.Throughput(peak_flops=None)
+    assert "mfu_llm" not in unknown.rates() and "mfu_all" not in unknown.rates()
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                         ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA GH200 480GB", 989),
+                                         ("NVIDIA A100-SXM4-40GB", 312), ("NVIDIA A100 80GB PCIe", 312),
+                                         ("NVIDIA A10", 125), ("NVIDIA A10G", None), ("NVIDIA L4", 121),
+                                         ("NVIDIA L40S", 362), ("NVIDIA GeForce RTX 4090", 165),
+                                         ("NVIDIA GeForce RTX 3090", 71), ("Tesla V100-SXM2-16GB", None)])
+def test_peak_flops_by_gpu_name(monkeypatch, name, tflops):
+    import train
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.peak_flops(torch.device("cuda")) == (tflops and tflops * 1e12)
+    assert train.peak_flops(torch.device("cuda"), override_tflops=100) == 100e12
+
+
+def test_peak_flops_on_cpu_is_unknown_unless_given():
+    import train
+    assert train.peak_flops(torch.device("cpu")) is None
+    assert train.peak_flops(torch.device("cpu"), override_tflops=0.5) == 0.5e12
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("mgm_*.yaml")))
