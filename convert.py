@@ -27,6 +27,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
 
 from model import IM_END, IM_START, ConvNeXtTower, MiniGemini, ModelArguments, VisionTower, merge_lora
 
@@ -162,7 +163,7 @@ def build_full(src_dir, config, files, keys, args, tmp: Path, summary):
     dtype = getattr(torch, args.dtype)
     args.llm = str(src_dir)              # a full export needs no base LLM: this only records where it came from
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
-    llm = load_source_llm(src_dir, config, files, set(mm) | set(derived), dtype, tmp)
+    llm = load_source_llm(src_dir, config, files, set(mm.values()) | set(derived), dtype, tmp)
     im_ids = add_im_tokens(tokenizer, llm, args, src_dir)
     model = assemble(args, llm, mm, files, dtype, im_ids, src_dir, summary)
     summary.update(llm=len(llm_keys), derived_buffers_skipped=len(derived))
@@ -220,6 +221,7 @@ def assemble(args, llm, mm: dict, files, dtype, im_ids, src_dir, summary, towers
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
     new, towers_from_source, towers_equal = {}, 0, 0
     for ours, key in mm.items():
+        ours = _in_model(ours, own)
         if ours not in own:
             raise ValueError(f"{src_dir}: {key} has no place in this model (no {ours}; check mm_projector_type, "
                              "the towers and the config)")
@@ -267,6 +269,15 @@ def classify(keys: list[str], src_dir) -> tuple[dict, list, list]:
     return mm, llm_keys, derived
 
 
+def _in_model(name: str, own) -> str:
+    """transformers 5's CLIPVisionModel has no `vision_model.` level in its module names (its checkpoints, and
+    those of MGM and LLaVA, keep it)."""
+    wrapped = "vision_tower.model.vision_model."
+    if name not in own and name.startswith(wrapped) and "vision_tower.model." + name[len(wrapped):] in own:
+        return "vision_tower.model." + name[len(wrapped):]
+    return name
+
+
 def source_name(ours: str) -> str:
     for prefix, mine in RENAMES:
         if ours.startswith(mine):
@@ -290,7 +301,12 @@ def load_source_llm(src_dir: Path, config: dict, files, not_llm: set, dtype, tmp
     for f in files + [p for p in src_dir.iterdir() if p.name.endswith(".index.json")]:
         os.symlink(f.resolve(), tmp / f.name)
     (tmp / "config.json").write_text(json.dumps(llm_config))
-    llm, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()        # its load report lists the multimodal keys as unexpected: checked below
+    try:
+        llm, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
     if info.get("mismatched_keys"):
         raise ValueError(f"{src_dir}: {info['mismatched_keys'][0]} does not fit the LLM's config (shape mismatch)")
     if info["missing_keys"]:

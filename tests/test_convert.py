@@ -1,0 +1,270 @@
+"""convert.py: released MGM / LLaVA-1.5 checkpoints in, transformers' Llava out.
+
+The sources are written here the way MGM's and LLaVA's training code writes them (an `MGM*ForCausalLM` /
+`Llava*ForCausalLM` state dict: the LLM's keys, `model.mm_projector.*`, `model.vlm_uni_*_projector.*`, optionally the
+towers as `model.vision_tower.vision_tower.*` / `model.vision_tower_aux.vision_{stem,stages}.*`; config.json = the
+LLM's config + the mm_* fields; the stage-1 `mm_projector.bin` as MGM's substring match collects it), from a tiny
+model of ours: converting back must give that model again, logits identical.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from convert import MODEL_ZOO, from_source, hub_id
+from model import MiniGemini
+from tests.tiny_models import build, tiny_batch
+
+MGM_CLASSES = {"llama": ("mgm", "MGMLlamaForCausalLM"), "gemma": ("mgm_gemma", "MGMGemmaForCausalLM"),
+               "mixtral": ("mgm_mixtral", "MGMMixtralForCausalLM")}
+TO_SOURCE = {"projector.": "model.mm_projector.", "mining.query.": "model.vlm_uni_query_projector.",
+             "mining.key.": "model.vlm_uni_aux_projector.", "mining.value.": "model.vlm_uni_val_projector.",
+             "vision_tower.model.": "model.vision_tower.vision_tower.",
+             "vision_tower_aux.stem.": "model.vision_tower_aux.vision_stem.",
+             "vision_tower_aux.stages.": "model.vision_tower_aux.vision_stages."}
+
+
+def source_key(ours: str) -> str:
+    prefix = next(p for p in TO_SOURCE if ours.startswith(p))
+    rest = ours[len(prefix):]
+    if prefix == "vision_tower.model." and not rest.startswith("vision_model."):
+        rest = "vision_model." + rest        # CLIP checkpoints keep this level; transformers 5's modules drop it
+    return TO_SOURCE[prefix] + rest
+
+
+def mm_config(model, *, model_type, architecture, aspect="pad") -> dict:
+    """config.json as MGM / LLaVA write it: the LLM's config with their class and the mm_* fields."""
+    c = model.config
+    config = dict(model.llm.config.to_dict(), model_type=model_type, architectures=[architecture],
+                  _name_or_path="model_zoo/LLM/vicuna/7B-V1.5", torch_dtype="float32",
+                  mm_vision_tower=c.vision_tower, mm_projector_type=c.projector,
+                  mm_hidden_size=model.vision_tower.hidden_size, mm_vision_select_layer=c.mm_vision_select_layer,
+                  mm_vision_select_feature=c.mm_vision_select_feature, mm_use_im_start_end=c.mm_use_im_start_end,
+                  mm_use_im_patch_token=False, use_mm_proj=True, tune_mm_mlp_adapter=False,
+                  image_aspect_ratio=aspect, image_grid_pinpoints=None, tokenizer_padding_side="right")
+    if model.vision_tower_aux is not None:
+        config.update(mm_vision_tower_aux=c.vision_tower_aux, mm_hidden_size_aux=model.vision_tower_aux.channels,
+                      image_size_aux=c.image_size_aux, image_grid=c.image_grid, image_global=c.image_global,
+                      optimize_vision_tower=False, optimize_vision_tower_aux=False)
+    return config
+
+
+def write_source(model, tokenizer, path, *, model_type="mgm", architecture="MGMLlamaForCausalLM",
+                 towers_inside=False, shards=1, pickle=False) -> dict:
+    """Our model -> a full MGM / LLaVA checkpoint directory. Returns its tensors by source key."""
+    path.mkdir(parents=True)
+    model.llm.save_pretrained(path / "llm_tmp")                     # the LLM's keys in its checkpoint layout
+    tensors = load_file(path / "llm_tmp" / "model.safetensors")
+    shutil.rmtree(path / "llm_tmp")
+    parts = ("projector.", "mining.") + (("vision_tower.", "vision_tower_aux.") if towers_inside else ())
+    tensors.update({source_key(k): v.clone() for k, v in model.state_dict().items() if k.startswith(parts)})
+    if towers_inside:   # the frozen CLIP position ids buffer older transformers saved, and a rotary buffer
+        tensors["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(5)[None]
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    names = sorted(tensors)
+    chunks = [names[i::shards] for i in range(shards)]
+    suffix = "bin" if pickle else "safetensors"
+    stem = "pytorch_model" if pickle else "model"
+    files = [f"{stem}-{i + 1:05d}-of-{shards:05d}.{suffix}" if shards > 1 else f"{stem}.{suffix}"
+             for i in range(shards)]
+    for chunk, name in zip(chunks, files):
+        part = {k: tensors[k].contiguous() for k in chunk}
+        torch.save(part, path / name) if pickle else save_file(part, path / name)
+    if shards > 1:
+        index = {"metadata": {}, "weight_map": {k: name for chunk, name in zip(chunks, files) for k in chunk}}
+        (path / f"{stem}.{suffix}.index.json").write_text(json.dumps(index))
+    (path / "config.json").write_text(json.dumps(mm_config(model, model_type=model_type, architecture=architecture)))
+    tokenizer.save_pretrained(path)
+    return tensors
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def assert_export_holds_the_source(export, tensors, batch, want):
+    """Key by key: the LLM's tensors are in llm/ under the same names, the rest in our modules; logits identical."""
+    llm = load_file(export / "llm" / "model.safetensors")
+    loaded = MiniGemini.from_pretrained(export)
+    ours = loaded.state_dict()
+    for key, tensor in tensors.items():
+        if key.endswith(("inv_freq", "position_ids")):
+            continue
+        got = llm[key] if key in llm else ours[next(o for o in ours if source_key_or_none(o) == key)]
+        assert torch.equal(got, tensor), key
+    torch.testing.assert_close(logits(loaded, batch), want, rtol=0, atol=0)
+    out = loaded.generate(batch["input_ids"], batch["attention_mask"], batch["images"], batch["images_aux"],
+                          max_new_tokens=3, eos_token_id=-1)
+    assert out.shape == (3, 3)
+    return loaded
+
+
+def source_key_or_none(ours):
+    return source_key(ours) if ours.startswith(tuple(TO_SOURCE)) else None
+
+
+# ---- from-mgm: full checkpoints ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,hr,hd,towers_inside,layout", [
+    ("llama", "openclip", False, False, dict(shards=2)),   # MGM's OpenCLIP ConvNeXt; sharded safetensors + index
+    ("gemma", "timm", True, True, {}),                     # HD (2x2 crops + global), towers inside
+    ("mixtral", "timm", False, True, dict(shards=2, pickle=True)),   # older pytorch_model-*.bin shards (pickles)
+])
+def test_mgm_checkpoint_converts_to_the_same_model(tmp_path, root, tok, family, hr, hd, towers_inside, layout):
+    model = build(root, tok, family=family, hr=hr, hd=hd)
+    batch = tiny_batch(model)
+    want = logits(model, batch)
+    model_type, architecture = MGM_CLASSES[family]
+    tensors = write_source(model, tok, tmp_path / "mgm", model_type=model_type, architecture=architecture,
+                           towers_inside=towers_inside, **layout)
+    summary = from_source(tmp_path / "mgm", tmp_path / "export", source="mgm")
+    assert summary["export"] == "full" and summary["projector"] == 4 and summary["mining"] == 12
+    assert summary["tower_tensors_from_source"] == (len([k for k in tensors if "vision_tower" in k]) - 1
+                                                    if towers_inside else 0)
+    assert summary["derived_buffers_skipped"] == (2 if towers_inside else 0)
+    loaded = assert_export_holds_the_source(tmp_path / "export", tensors, batch, want)
+    assert loaded.image_settings() == model.image_settings()
+    expected_template = {"llama": "vicuna_v1", "gemma": "gemma", "mixtral": "mistral"}[family]
+    assert (tmp_path / "export" / "train_config.yaml").read_text() == \
+        f"image_aspect_ratio: pad\ntemplate: {expected_template}\n"
+
+
+def test_tower_weights_inside_the_checkpoint_win_over_the_tower_checkpoint(tmp_path, root, tok):
+    """A tuned ConvNeXt stage (vision_stages) or CLIP layer lives only in the MGM checkpoint."""
+    model = build(root, tok)
+    with torch.no_grad():
+        model.vision_tower_aux.stages[3].blocks[0].conv_dw.weight.add_(1.0)
+        model.vision_tower.model.encoder.layers[1].mlp.fc1.weight.mul_(2.0)
+    batch = tiny_batch(model)
+    write_source(model, tok, tmp_path / "mgm", towers_inside=True)
+    from_source(tmp_path / "mgm", tmp_path / "export")
+    torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "export"), batch), logits(model, batch),
+                               rtol=0, atol=0)
+
+
+def test_image_start_end_tokens_keep_their_trained_rows(tmp_path, tok):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tok.name_or_path)       # a copy: <im_start>/<im_end> get added
+    model = build(tmp_path / "ckpt", tokenizer, mm_use_im_start_end=True)
+    with torch.no_grad():
+        model.llm.get_input_embeddings().weight[model.im_start_end_ids] += 1.0     # "trained" rows
+    batch = tiny_batch(model)
+    write_source(model, tokenizer, tmp_path / "mgm")
+    from_source(tmp_path / "mgm", tmp_path / "export")
+    loaded = MiniGemini.from_pretrained(tmp_path / "export")
+    assert loaded.im_start_end_ids == model.im_start_end_ids
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
+
+
+def test_model_zoo_paths_map_to_hub_ids_and_can_be_overridden(tmp_path, root, tok):
+    assert hub_id("model_zoo/OpenAI/clip-vit-large-patch14-336", "mm_vision_tower", "") == \
+        "openai/clip-vit-large-patch14-336"
+    assert hub_id("./model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup", "", "") == \
+        "hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
+    assert "LLM/vicuna/7B-V1.5" in MODEL_ZOO
+    model = build(root, tok)
+    batch = tiny_batch(model)
+    write_source(model, tok, tmp_path / "mgm")
+    config = json.loads((tmp_path / "mgm" / "config.json").read_text())
+    towers = config["mm_vision_tower"], config["mm_vision_tower_aux"]
+    config.update(mm_vision_tower="model_zoo/OpenAI/clip-vit-large-patch14-336",
+                  mm_vision_tower_aux="model_zoo/my-own-convnext")
+    (tmp_path / "mgm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mm_vision_tower_aux is the local path 'model_zoo/my-own-convnext'"):
+        from_source(tmp_path / "mgm", tmp_path / "export")
+    from_source(tmp_path / "mgm", tmp_path / "export", vision_tower=towers[0], vision_tower_aux=towers[1])
+    torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "export"), batch), logits(model, batch),
+                               rtol=0, atol=0)
+
+
+# ---- from-mgm: the stage-1 mm_projector.bin --------------------------------------------------------------------
+def write_mm_projector_bin(model, path) -> dict:
+    """MGM's stage-1 save: named parameters matching 'mm_projector', 'vlm_uni', 'vision_tower', 'vision_stages'
+    (the substring match also catches both frozen towers), keys as in MGMLlamaForCausalLM; config.json beside it
+    names the base LLM by its path and has no image_aspect_ratio of the data (MGM's default, 'square')."""
+    path.mkdir(parents=True)
+    state = {source_key(k): v.clone() for k, v in model.state_dict().items()
+             if k.startswith(("projector.", "mining.", "vision_tower.", "vision_tower_aux."))}
+    torch.save(state, path / "mm_projector.bin")
+    config = mm_config(model, model_type="mgm", architecture="MGMLlamaForCausalLM", aspect="square")
+    config["_name_or_path"] = model.config.llm
+    (path / "config.json").write_text(json.dumps(config))
+    return state
+
+
+def test_mm_projector_bin_becomes_a_pretrain_export(tmp_path, root, tok):
+    model = build(root, tok)
+    batch = tiny_batch(model)
+    state = write_mm_projector_bin(model, tmp_path / "pretrain")
+    summary = from_source(tmp_path / "pretrain" / "mm_projector.bin", tmp_path / "export")
+    assert summary["export"] == "pretrain"
+    assert summary["tower_tensors_equal_to_checkpoint"] == len([k for k in state if "vision_tower" in k])
+    saved = load_file(tmp_path / "export" / "mm_weights.safetensors")
+    assert saved.keys() == {k for k in model.state_dict() if k.startswith(("projector.", "mining."))}
+    assert all(torch.equal(saved[k], state[source_key(k)]) for k in saved)
+    assert "image_aspect_ratio: crop" in (tmp_path / "export" / "train_config.yaml").read_text()
+    torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "export"), batch), logits(model, batch),
+                               rtol=0, atol=0)
+
+
+def test_tower_weights_in_mm_projector_bin_must_match_the_towers(tmp_path, root, tok):
+    model = build(root, tok)
+    state = write_mm_projector_bin(model, tmp_path / "pretrain")
+    key = "model.vision_tower_aux.vision_stem.0.weight"
+    state[key] = state[key] + 1
+    torch.save(state, tmp_path / "pretrain" / "mm_projector.bin")
+    with pytest.raises(ValueError, match=f"{key} differs from the tower checkpoint"):
+        from_source(tmp_path / "pretrain", tmp_path / "export")
+
+
+# ---- from-llava ------------------------------------------------------------------------------------------------------
+def test_llava_checkpoint_converts_to_the_same_model(tmp_path, root, tok):
+    model = build(root, tok, hr=None)
+    batch = tiny_batch(model)
+    tensors = write_source(model, tok, tmp_path / "llava", model_type="llava", architecture="LlavaLlamaForCausalLM")
+    with pytest.raises(ValueError, match="use from-llava"):
+        from_source(tmp_path / "llava", tmp_path / "export", source="mgm")
+    summary = from_source(tmp_path / "llava", tmp_path / "export", source="llava")
+    assert summary["mining"] == 0 and summary["template"] == "vicuna_v1"
+    loaded = assert_export_holds_the_source(tmp_path / "export", tensors, batch, logits(model, batch))
+    assert loaded.vision_tower_aux is None
+
+
+# ---- wrong sources: each error names the key or field -------------------------------------------------------------
+def test_wrong_sources_are_refused_naming_the_problem(tmp_path, root, tok):
+    model = build(root, tok)
+    tensors = write_source(model, tok, tmp_path / "mgm")
+
+    def variant(name, edit_tensors=None, edit_config=None):
+        path = tmp_path / name
+        shutil.copytree(tmp_path / "mgm", path)
+        if edit_tensors:
+            state = dict(tensors)
+            edit_tensors(state)
+            save_file(state, path / "model.safetensors")
+        if edit_config:
+            config = json.loads((path / "config.json").read_text())
+            edit_config(config)
+            (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    missing = variant("missing", lambda s: s.pop("model.vlm_uni_val_projector.1.weight"))
+    with pytest.raises(ValueError, match=r"model\.vlm_uni_val_projector\.1\.weight is missing"):
+        from_source(missing, tmp_path / "out1")
+    llm_missing = variant("llm_missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"LLM weight model\.layers\.1\.mlp\.up_proj\.weight is missing"):
+        from_source(llm_missing, tmp_path / "out2")
+    shape = variant("shape", lambda s: s.update({"model.mm_projector.0.weight": torch.zeros(32, 7)}))
+    with pytest.raises(ValueError, match=r"model\.mm_projector\.0\.weight has shape \(32, 7\)"):
+        from_source(shape, tmp_path / "out3")
+    projector = variant("projector", edit_config=lambda c: c.update(mm_projector_type="resampler"))
+    with pytest.raises(ValueError, match="mm_projector_type 'resampler' is not supported"):
+        from_source(projector, tmp_path / "out4")
+    unknown = variant("unknown", lambda s: s.update({"model.vision_resampler.query": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unknown multimodal weight model\.vision_resampler\.query"):
+        from_source(unknown, tmp_path / "out5")
+    stray = variant("stray", lambda s: s.update({"model.extra_head.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"model\.extra_head\.weight is neither a weight of the llama LLM"):
+        from_source(stray, tmp_path / "out6")
