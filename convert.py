@@ -29,7 +29,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from model import IM_END, IM_START, ConvNeXtTower, MiniGemini, ModelArguments, VisionTower, merge_lora
+from conversation import VICUNA_SYSTEM
+from model import (CONFIG_NAME, IM_END, IM_START, ConvNeXtTower, MiniGemini, ModelArguments, VisionTower,
+                   merge_lora)
 
 # MGM's released configs name towers and LLMs by local `model_zoo/...` paths; these are the checkpoints they hold.
 MODEL_ZOO = {
@@ -395,9 +397,168 @@ def _load_pickle(path) -> dict:
 # =============================================================================================================
 # our export -> transformers' Llava
 # =============================================================================================================
+IMAGE_TOKEN = "<image>"
+
+
 def to_llava_hf(src, dst) -> dict:
-    """A plain-LLaVA export (no HR tower) -> LlavaForConditionalGeneration + LlavaProcessor directory."""
-    raise NotImplementedError
+    """A plain-LLaVA export (no HR tower) -> a LlavaForConditionalGeneration + LlavaProcessor directory.
+
+    The `<image>` token is added to the tokenizer (its embedding row is the mean of the others and is never read:
+    image features replace it; its output row is zero and generation_config suppresses it). A `linear` projector
+    becomes Llava's linear_1 with an identity linear_2 and no activation between them."""
+    from accelerate import init_empty_weights
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    src, dst = Path(src), Path(dst)
+    meta = json.loads((src / CONFIG_NAME).read_text())
+    refuse_for_llava(meta, src)
+    model = merge_lora(MiniGemini.from_pretrained(src, bits=16))
+    settings = yaml.safe_load((src / "train_config.yaml").read_text()) if (src / "train_config.yaml").exists() else {}
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    template = settings.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
+    chat_template = llava_chat_template(template, tokenizer, src)
+    llm, vt = model.llm, model.vision_tower
+    image_id = add_image_token(tokenizer, llm)
+    cls = _num_cls(vt)
+    strategy = "default" if (vt.select_feature == "patch" and cls) else "full"   # "default" drops one CLS token
+    linear = model.config.projector == "linear"
+    config = LlavaConfig(vision_config=vt.model.config.to_dict(), text_config=llm.config.to_dict(),
+                         image_token_index=image_id, image_seq_length=model.tokens_per_image,
+                         vision_feature_layer=vt.select_layer, vision_feature_select_strategy=strategy,
+                         projector_hidden_act="linear" if linear else "gelu", multimodal_projector_bias=True,
+                         tie_word_embeddings=bool(llm.config.get_text_config().tie_word_embeddings))
+    with init_empty_weights():
+        hf = LlavaForConditionalGeneration(config)
+    state = llava_state_dict(model)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{src}: the weights do not map onto transformers' Llava ({missing=}, {unexpected=})")
+    hf.to(_model_dtype(model))
+    hf.generation_config = llm.generation_config
+    hf.generation_config.suppress_tokens = sorted({*(hf.generation_config.suppress_tokens or []), image_id})
+    hf.save_pretrained(dst)
+    llava_processor(model, tokenizer, settings.get("image_aspect_ratio", "pad"), strategy, cls,
+                    chat_template).save_pretrained(dst)
+    return {"source": str(src), "template": template, "image_token_id": image_id,
+            "image_seq_length": model.tokens_per_image, "vision_feature_select_strategy": strategy,
+            "projector": model.config.projector}
+
+
+def refuse_for_llava(meta: dict, src: Path) -> None:
+    """What transformers' Llava cannot express, refused before anything is loaded."""
+    args = meta["args"]
+    reasons = []
+    if meta.get("vision_aux_config"):
+        reasons.append("it has an HR tower and patch info mining (vision_tower_aux); transformers has no "
+                       "Mini-Gemini class: only plain-LLaVA exports (vision_tower_aux: null) convert")
+    if args["projector"] not in ("linear", "mlp2x_gelu"):
+        reasons.append(f"projector {args['projector']!r}: Llava's projector is linear -> act -> linear "
+                       "(linear or mlp2x_gelu)")
+    if args.get("image_grid", 1) != 1:
+        reasons.append("image_grid > 1: Llava takes one view per image")
+    if args.get("mm_use_im_start_end"):
+        reasons.append("mm_use_im_start_end: Llava does not wrap image features in <im_start>/<im_end>")
+    if args.get("attention") == "mmca":
+        reasons.append("attention 'mmca': transformers' LLMs use ordinary causal attention")
+    if reasons:
+        raise ValueError(f"{src} cannot become a transformers Llava model: " + "; ".join(reasons))
+
+
+def add_image_token(tokenizer, llm) -> int:
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if image_id >= rows:
+        llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
+        with torch.no_grad():
+            embed = llm.get_input_embeddings().weight
+            embed[rows:] = embed[:rows].mean(0)
+            head = llm.get_output_embeddings()
+            if head is not None and head.weight is not embed:
+                head.weight[rows:] = 0
+    return image_id
+
+
+def llava_state_dict(model: MiniGemini) -> dict:
+    """Our module names -> LlavaForConditionalGeneration's."""
+    state = {f"model.vision_tower.{k}": v for k, v in model.vision_tower.model.state_dict().items()}
+    proj = model.projector.state_dict()
+    if model.config.projector == "linear":
+        hidden = proj["weight"].shape[0]
+        state.update({"model.multi_modal_projector.linear_1.weight": proj["weight"],
+                      "model.multi_modal_projector.linear_1.bias": proj["bias"],
+                      "model.multi_modal_projector.linear_2.weight": torch.eye(hidden, dtype=proj["weight"].dtype),
+                      "model.multi_modal_projector.linear_2.bias": torch.zeros_like(proj["bias"])})
+    else:
+        for ours, theirs in (("0", "linear_1"), ("2", "linear_2")):
+            for p in ("weight", "bias"):
+                state[f"model.multi_modal_projector.{theirs}.{p}"] = proj[f"{ours}.{p}"]
+    prefix = model.llm.base_model_prefix + "."
+    for k, v in model.llm.state_dict().items():
+        state[f"model.language_model.{k[len(prefix):]}" if k.startswith(prefix) else k] = v
+    return state
+
+
+def llava_processor(model, tokenizer, aspect: str, strategy: str, cls: int, chat_template: str):
+    """LlavaProcessor preparing images as data.ImageProcessor does: pad = pad to square with the mean colour, then
+    resize; crop = short side resized, center crop; resize = stretched."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+    s = model.image_settings()
+    side = s["image_size"]
+    kw = dict(image_mean=s["image_mean"], image_std=s["image_std"], resample=3)   # 3: bicubic
+    if aspect in ("pad", "crop"):
+        images = LlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                     do_pad=aspect == "pad", do_center_crop=True, **kw)
+    elif aspect == "resize":
+        images = LlavaImageProcessor(size={"height": side, "width": side}, do_center_crop=False, do_pad=False, **kw)
+    else:
+        raise ValueError(f"image_aspect_ratio {aspect!r}: pad, crop or resize")
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer,
+                          patch_size=model.vision_tower.model.config.patch_size,
+                          vision_feature_select_strategy=strategy, num_additional_image_tokens=cls,
+                          chat_template=chat_template, image_token=IMAGE_TOKEN)
+
+
+def llava_chat_template(template: str, tokenizer, src) -> str:
+    """A Jinja chat template rendering what conversation.py's template renders for an inference prompt. Message
+    content is a string or a list of {"type": "image"} / {"type": "text", "text"} parts (images first)."""
+    if template == "auto":
+        return tokenizer.chat_template
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"{src}: no Jinja chat template for {template!r} yet ({sorted(CHAT_TEMPLATES)} or auto)")
+    return CONTENT_MACRO + CHAT_TEMPLATES[template]
+
+
+def _num_cls(vt) -> int:
+    """Tokens besides the patches the tower outputs (1: CLIP's CLS; 0: SigLIP)."""
+    inner = getattr(vt.model, "vision_model", vt.model)
+    return inner.embeddings.num_positions - vt.num_patches
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.projector.parameters()).dtype
+
+
+# The content of one message; a single image without an <image> tag goes in front, as data.tokenize_prompt does.
+CONTENT_MACRO = (
+    "{%- macro content(m) -%}"
+    "{%- if m['content'] is string -%}{{- m['content'] | trim -}}"
+    "{%- else -%}{%- for p in m['content'] if p['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{{- (m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')) | trim -}}"
+    "{%- endif -%}{%- endmacro -%}")
+CHAT_TEMPLATES = {
+    "vicuna_v1": (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+        "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
+        "{%- set turns = messages -%}{%- endif -%}{{- system -}}"
+        "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+        "{{- (' ' if (loop.first and system) else '') + 'USER: ' + content(m) + ' ASSISTANT:' -}}"
+        "{%- else -%}{{- ' ' + content(m) + eos_token -}}{%- endif -%}{%- endfor -%}"),
+    "plain": "{%- for m in messages if m['role'] == 'user' -%}{{- content(m) -}}{%- endfor -%}",
+}
 
 
 # =============================================================================================================

@@ -113,7 +113,9 @@ def source_key_or_none(ours):
     ("mixtral", "timm", False, True, dict(shards=2, pickle=True)),   # older pytorch_model-*.bin shards (pickles)
 ])
 def test_mgm_checkpoint_converts_to_the_same_model(tmp_path, root, tok, family, hr, hd, towers_inside, layout):
-    model = build(root, tok, family=family, hr=hr, hd=hd)
+    """The round trip: our export -> MGM's layout -> from-mgm -> an export with the same weights and logits."""
+    build(root, tok, family=family, hr=hr, hd=hd).save_pretrained(tmp_path / "ours", tok)
+    model = MiniGemini.from_pretrained(tmp_path / "ours")
     batch = tiny_batch(model)
     want = logits(model, batch)
     model_type, architecture = MGM_CLASSES[family]
@@ -268,3 +270,77 @@ def test_wrong_sources_are_refused_naming_the_problem(tmp_path, root, tok):
     stray = variant("stray", lambda s: s.update({"model.extra_head.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"model\.extra_head\.weight is neither a weight of the llama LLM"):
         from_source(stray, tmp_path / "out6")
+
+
+# ---- to-llava-hf ------------------------------------------------------------------------------------------------------
+def shapes_image():
+    """A real, non-square photo-like image (padding to square matters)."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (60, 36), (235, 230, 220))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((8, 6, 30, 28), fill=(200, 30, 40))
+    draw.rectangle((34, 10, 54, 30), fill=(30, 60, 200))
+    return image
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
+def test_llava_hf_export_computes_what_ours_computes(tmp_path, llama_tokenizer, projector):
+    """transformers' own classes load the directory; on the processor's inputs the logits equal ours, the prompt
+    ids are ours with the image run in place of the placeholder, and the greedy answer is the same."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from data import IMAGE_TOKEN_INDEX, tokenize_prompt
+    from eval import Answerer, load_for_inference
+    model = build(tmp_path / "ckpt", llama_tokenizer, hr=None, projector=projector)
+    model.save_pretrained(tmp_path / "export", llama_tokenizer)
+    (tmp_path / "export" / "train_config.yaml").write_text("template: vicuna_v1\nimage_aspect_ratio: pad\n")
+    summary = convert_main(["to-llava-hf", str(tmp_path / "export"), str(tmp_path / "hf")])
+    assert "vision_feature_select_strategy: default" in summary
+
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "LlavaForConditionalGeneration"
+    question, image = "What color is the shape?", shapes_image()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+
+    ours = tokenize_prompt([{"role": "user", "content": question}], llama_tokenizer, "vicuna_v1", num_images=1)
+    image_id = hf.config.image_token_id
+    ids = inputs["input_ids"][0]
+    first = int((ids == image_id).nonzero()[0])
+    assert int((ids == image_id).sum()) == model.tokens_per_image == 4
+    assert torch.cat([ids[:first], torch.tensor([IMAGE_TOKEN_INDEX]), ids[first + 4:]]).tolist() == ours.tolist()
+
+    pixels = inputs["pixel_values"]
+    loaded, tokenizer, image_processor, template = load_for_inference(str(tmp_path / "export"), device="cpu")
+    views, _ = image_processor(image)
+    assert (views - pixels).abs().max() < 1e-3          # padding, bicubic resize and normalization agree
+    with torch.no_grad():
+        theirs = hf(**inputs).logits[0]
+        mine = loaded(ours[None], images=pixels[:, None]).logits[0]
+    torch.testing.assert_close(theirs[:, :mine.shape[-1]], mine, atol=1e-4, rtol=1e-4)
+
+    answer = Answerer(loaded, tokenizer, image_processor, template)([question], [[image]], max_new_tokens=6)[0]
+    generated = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[0, ids.shape[0]:]
+    stop = generated.tolist().index(2) if 2 in generated.tolist() else len(generated)
+    assert stop == 6 and processor.decode(generated[:stop], skip_special_tokens=True).strip() == answer
+
+
+def test_llava_hf_refuses_an_export_with_an_hr_tower(tmp_path, root, tok):
+    model = build(root, tok)
+    model.save_pretrained(tmp_path / "export", tok)
+    with pytest.raises(ValueError, match="HR tower and patch info mining"):
+        convert_main(["to-llava-hf", str(tmp_path / "export"), str(tmp_path / "hf")])
+
+
+def convert_main(argv) -> str:
+    """Run the CLI in-process and return what it printed."""
+    import contextlib
+    import io
+
+    from convert import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(argv)
+    return out.getvalue()
