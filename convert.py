@@ -557,7 +557,29 @@ CHAT_TEMPLATES = {
         "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
         "{{- (' ' if (loop.first and system) else '') + 'USER: ' + content(m) + ' ASSISTANT:' -}}"
         "{%- else -%}{{- ' ' + content(m) + eos_token -}}{%- endif -%}{%- endfor -%}"),
-    "plain": "{%- for m in messages if m['role'] == 'user' -%}{{- content(m) -}}{%- endfor -%}",
+    "plain": (   # captioning: the first user turn's images are the whole prompt
+        "{%- set m = messages | selectattr('role', 'equalto', 'user') | first -%}"
+        "{%- if m['content'] is string -%}{{- '<image>' * m['content'].count('<image>') -}}"
+        "{%- else -%}{%- for p in m['content'] if p['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}"
+        "{%- endif -%}"),
+    "llama_3": (
+        "{%- for m in messages -%}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + content(m)"
+        " + '<|eot_id|>' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"),
+    "chatml": (
+        "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + content(m) + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"),
+    "gemma": (
+        "{%- set system = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' -%}"
+        "{%- for m in messages if m['role'] != 'system' -%}{%- if m['role'] == 'user' -%}"
+        "{{- '<start_of_turn>user\\n' + (system if loop.first else '') + content(m)"
+        " + '<end_of_turn>\\n<start_of_turn>model\\n' -}}"
+        "{%- else -%}{{- content(m) + '<end_of_turn>\\n' -}}{%- endif -%}{%- endfor -%}"),
+    "mistral": (
+        "{%- set system = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' -%}"
+        "{%- for m in messages if m['role'] != 'system' -%}{%- if m['role'] == 'user' -%}"
+        "{{- '[INST] ' + (system if loop.first else '') + content(m) + ' [/INST]' -}}"
+        "{%- else -%}{{- ' ' + content(m) + eos_token -}}{%- endif -%}{%- endfor -%}"),
 }
 
 

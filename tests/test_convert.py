@@ -344,3 +344,32 @@ def convert_main(argv) -> str:
     with contextlib.redirect_stdout(out):
         main(argv)
     return out.getvalue()
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llama_3", "chatml", "gemma", "mistral", "plain"])
+def test_llava_hf_chat_templates_render_our_prompts(llama_tokenizer, template):
+    """The Jinja template a Llava directory gets renders the text conversation.py renders for the same prompt."""
+    from conversation import get_template
+    from convert import llava_chat_template
+    from data import _place_image_tags, normalize_messages
+    turns = [("What color is the shape?", "Red."), ("And what shape is it?", None)]
+    if template == "plain":
+        turns = [("", None)]
+    for system in (None, "Answer in one word."):
+        ours, theirs = [], []
+        if system:
+            ours.append({"role": "system", "content": system})
+            theirs.append({"role": "system", "content": system})
+        for i, (question, answer) in enumerate(turns):
+            ours.append({"role": "user", "content": question})
+            parts = [{"type": "image"}] if i == 0 else []
+            theirs.append({"role": "user", "content": parts + ([{"type": "text", "text": question}] if question else [])})
+            if answer:
+                ours.append({"role": "assistant", "content": answer})
+                theirs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        segments = get_template(template).prompt_segments(
+            _place_image_tags(normalize_messages(ours, for_prompt=True), 1), llama_tokenizer)
+        rendered = llama_tokenizer.apply_chat_template(
+            theirs, chat_template=llava_chat_template(template, llama_tokenizer, ""), tokenize=False,
+            add_generation_prompt=True)
+        assert rendered == "".join(s.text for s in segments), (template, system)
