@@ -98,7 +98,7 @@ def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision
             model, tokenizer = build_full(src_dir, config, files, keys, args, Path(tmp), summary)
             state, weights = None, "full"
         model.save_pretrained(dst, tokenizer, weights=weights, state_dict=state)
-    template = template or default_template(config, tokenizer)
+    template = template or default_template(config, tokenizer, pretrain)
     aspect = {"pad": "pad", "square": "crop", None: "crop"}.get(config.get("image_aspect_ratio"))
     if aspect is None:
         raise ValueError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
@@ -178,9 +178,9 @@ def build_pretrain(src_dir, config, files, keys, args, llm_ref, summary):
     references those, it does not store them)."""
     from accelerate import init_empty_weights
     base = llm_ref or hub_id(config.get("_name_or_path", ""), "llm", src_dir / "config.json")
-    if not base:
-        raise ValueError(f"{src_dir / 'config.json'}: names no base LLM; pass --llm (the LLM mm_projector.bin "
-                         "was trained on)")
+    if not base or (base.startswith((".", "/")) and not os.path.isdir(base)):
+        raise ValueError(f"{src_dir / 'config.json'}: the base LLM is {base or 'not named'!r}, not found here; "
+                         "pass --llm (the hub id or directory of the LLM mm_projector.bin was trained on)")
     args.llm = base
     mm, llm_keys, derived = classify(keys, src_dir)
     embed = [k for k in llm_keys if k.endswith("embed_tokens.weight")]
@@ -336,12 +336,15 @@ def add_im_tokens(tokenizer, llm, args, src_dir) -> list[int] | None:
     return tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if args.mm_use_im_start_end else None
 
 
-def default_template(config: dict, tokenizer) -> str:
-    """The chat template MGM's training scripts use for this LLM family (vicuna_v1 for Vicuna and LLaVA-1.5)."""
+def default_template(config: dict, tokenizer, pretrain: bool) -> str:
+    """The template MGM's training scripts use for this LLM family (vicuna_v1 for Vicuna and LLaVA-1.5); stage 1
+    captions with `plain`, except MGM-2B (Gemma), whose stage 1 used its chat template too."""
     family = LLM_TYPES.get(config.get("model_type"), config.get("model_type"))
     vocab = tokenizer.get_vocab()
     if family == "gemma":
         return "gemma"
+    if pretrain:
+        return "plain"
     if family in ("mixtral", "mistral"):
         return "mistral"
     if "<|eot_id|>" in vocab:

@@ -200,13 +200,17 @@ def test_mm_projector_bin_becomes_a_pretrain_export(tmp_path, root, tok):
     model = build(root, tok)
     batch = tiny_batch(model)
     state = write_mm_projector_bin(model, tmp_path / "pretrain")
-    summary = from_source(tmp_path / "pretrain" / "mm_projector.bin", tmp_path / "export")
+    config = json.loads((tmp_path / "pretrain" / "config.json").read_text())
+    (tmp_path / "pretrain" / "config.json").write_text(json.dumps(dict(config, _name_or_path="./checkpoints/vicuna")))
+    with pytest.raises(ValueError, match="the base LLM is './checkpoints/vicuna', not found here; pass --llm"):
+        from_source(tmp_path / "pretrain", tmp_path / "export")
+    summary = from_source(tmp_path / "pretrain" / "mm_projector.bin", tmp_path / "export", llm=model.config.llm)
     assert summary["export"] == "pretrain"
     assert summary["tower_tensors_equal_to_checkpoint"] == len([k for k in state if "vision_tower" in k])
     saved = load_file(tmp_path / "export" / "mm_weights.safetensors")
     assert saved.keys() == {k for k in model.state_dict() if k.startswith(("projector.", "mining."))}
     assert all(torch.equal(saved[k], state[source_key(k)]) for k in saved)
-    assert "image_aspect_ratio: crop" in (tmp_path / "export" / "train_config.yaml").read_text()
+    assert (tmp_path / "export" / "train_config.yaml").read_text() == "image_aspect_ratio: crop\ntemplate: plain\n"
     torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "export"), batch), logits(model, batch),
                                rtol=0, atol=0)
 
