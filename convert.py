@@ -413,6 +413,9 @@ def to_llava_hf(src, dst) -> dict:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
+    if not (src / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{src}: no {CONFIG_NAME}, not an export of this repo (an MGM / LLaVA checkpoint "
+                                "converts with from-mgm / from-llava first)")
     meta = json.loads((src / CONFIG_NAME).read_text())
     refuse_for_llava(meta, src)
     model = merge_lora(MiniGemini.from_pretrained(src, bits=16))

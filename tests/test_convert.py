@@ -331,11 +331,15 @@ def test_llava_hf_export_computes_what_ours_computes(tmp_path, llama_tokenizer, 
     assert stop == 6 and processor.decode(generated[:stop], skip_special_tokens=True).strip() == answer
 
 
-def test_llava_hf_refuses_an_export_with_an_hr_tower(tmp_path, root, tok):
-    model = build(root, tok)
-    model.save_pretrained(tmp_path / "export", tok)
-    with pytest.raises(ValueError, match="HR tower and patch info mining"):
-        convert_main(["to-llava-hf", str(tmp_path / "export"), str(tmp_path / "hf")])
+def test_llava_hf_refuses_what_llava_cannot_express(tmp_path, root, tok):
+    build(root, tok).save_pretrained(tmp_path / "mgm", tok)
+    with pytest.raises(ValueError, match="HR tower and patch info mining .* transformers has no Mini-Gemini class"):
+        convert_main(["to-llava-hf", str(tmp_path / "mgm"), str(tmp_path / "hf")])
+    build(root, tok, hr=None, projector="perceiver").save_pretrained(tmp_path / "perceiver", tok)
+    with pytest.raises(ValueError, match="projector 'perceiver'"):
+        convert_main(["to-llava-hf", str(tmp_path / "perceiver"), str(tmp_path / "hf")])
+    with pytest.raises(FileNotFoundError, match="no mgm_config.json"):
+        convert_main(["to-llava-hf", str(tmp_path), str(tmp_path / "hf")])
 
 
 def convert_main(argv) -> str:
