@@ -87,6 +87,10 @@ def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision
         raise ValueError(f"{src_dir / 'config.json'}: mm_vision_tower_aux is set, a Mini-Gemini checkpoint: "
                          "use from-mgm")
     args = model_arguments(config, src_dir, vision_tower=vision_tower, vision_tower_aux=vision_tower_aux)
+    aspect = {"pad": "pad", "square": "crop", None: "crop"}.get(config.get("image_aspect_ratio"))
+    if aspect is None:
+        raise ValueError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
+                         "supported (pad, or square/absent for MGM's short-side resize and center crop)")
     files = weight_files(src_dir, pretrain)
     keys = source_keys(files)
     summary = {"source": str(src_dir), "export": "pretrain" if pretrain else "full"}
@@ -99,10 +103,6 @@ def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision
             state, weights = None, "full"
         model.save_pretrained(dst, tokenizer, weights=weights, state_dict=state)
     template = template or default_template(config, tokenizer, pretrain)
-    aspect = {"pad": "pad", "square": "crop", None: "crop"}.get(config.get("image_aspect_ratio"))
-    if aspect is None:
-        raise ValueError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
-                         "supported (pad, or square/absent for MGM's short-side resize and center crop)")
     # What eval.py / chat.py read to prepare inputs as the source model was trained.
     Path(dst, "train_config.yaml").write_text(yaml.safe_dump({"template": template, "image_aspect_ratio": aspect}))
     summary.update(template=template, image_aspect_ratio=aspect)
@@ -184,9 +184,10 @@ def build_pretrain(src_dir, config, files, keys, args, llm_ref, summary):
     args.llm = base
     mm, llm_keys, derived = classify(keys, src_dir)
     embed = [k for k in llm_keys if k.endswith("embed_tokens.weight")]
-    if set(llm_keys) - set(embed):
-        raise ValueError(f"{files[0]}: holds LLM weights besides the embeddings ({sorted(set(llm_keys) - set(embed))[0]}"
-                         ", ...): not a stage-1 projector file")
+    others = sorted(set(llm_keys) - set(embed))
+    if others:
+        raise ValueError(f"{files[0]}: holds LLM weights besides the embeddings ({others[0]}, ...): not a stage-1 "
+                         "projector file")
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(base)
     with init_empty_weights():           # the LLM is only referenced by a pretrain export: no need for its weights

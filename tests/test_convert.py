@@ -276,7 +276,7 @@ def test_wrong_sources_are_refused_naming_the_problem(tmp_path, root, tok):
         from_source(stray, tmp_path / "out6")
 
 
-# ---- to-llava-hf ------------------------------------------------------------------------------------------------------
+# ---- to-llava-hf ---------------------------------------------------------------------------------------------------
 def shapes_image():
     """A real, non-square photo-like image (padding to square matters)."""
     from PIL import Image, ImageDraw
@@ -371,7 +371,8 @@ def test_llava_hf_chat_templates_render_our_prompts(llama_tokenizer, template):
         for i, (question, answer) in enumerate(turns):
             ours.append({"role": "user", "content": question})
             parts = [{"type": "image"}] if i == 0 else []
-            theirs.append({"role": "user", "content": parts + ([{"type": "text", "text": question}] if question else [])})
+            text = [{"type": "text", "text": question}] if question else []
+            theirs.append({"role": "user", "content": parts + text})
             if answer:
                 ours.append({"role": "assistant", "content": answer})
                 theirs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
