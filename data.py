@@ -208,7 +208,8 @@ class DataArguments:
     data_path: str                      # LLaVA JSON/JSONL, parquet, or a datasets directory; several joined by ","
     image_folder: str = "."             # image, frame and video-folder paths are relative to this
     template: str = "vicuna_v1"         # a name from conversation.py, or "auto" for the tokenizer's chat template
-    image_aspect_ratio: str = "pad"     # "pad": pad to square with the mean colour; "resize": stretch to square
+    image_aspect_ratio: str = "pad"     # "pad": pad to square with the mean colour; "resize": stretch to square;
+    #                                     "crop": short side resized, center crop (MGM's stage-1 default, 'square')
     max_length: int = 2048              # LLM positions, each image counted as tokens_per_image
     num_frames: int = 8                 # frames sampled uniformly from each video
     bad_sample: str = "skip"            # "skip": drop, count and log; "error": stop at once naming the record
@@ -279,7 +280,8 @@ def load_records(data_path: str | list[str], *, cache_dir: str | None = None,
 class ImageProcessor:
     """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None), per DESIGN.md data flow 2.
 
-    The image is padded to a square with the mean colour ("pad") or stretched ("resize"). With an HR tower
+    The image is padded to a square with the mean colour ("pad"), stretched ("resize"), or its short side resized
+    and the center cut out ("crop", what MGM's image processor does by default). With an HR tower
     (image_size_aux=A) the HR tensor is the normalized A x A image and the LR image is its bilinear downsample to
     image_grid * S; without one (plain LLaVA) the LR image is resized directly. With image_grid=g > 1 the LR image is
     cut into g*g tiles of S, row-major; image_global=True puts the LR image resized to S first:
@@ -292,8 +294,8 @@ class ImageProcessor:
         for name, mine, aux in (("mean", image_mean, image_mean_aux), ("std", image_std, image_std_aux)):
             if aux is not None and not np.allclose(mine, aux, atol=1e-4):
                 raise ValueError(f"vision towers disagree on image {name}: {list(mine)} vs {list(aux)}")
-        if aspect_ratio not in ("pad", "resize"):
-            raise ValueError(f"image_aspect_ratio must be 'pad' or 'resize', not {aspect_ratio!r}")
+        if aspect_ratio not in ("pad", "resize", "crop"):
+            raise ValueError(f"image_aspect_ratio must be 'pad', 'resize' or 'crop', not {aspect_ratio!r}")
         self.image_size, self.image_size_aux = image_size, image_size_aux
         self.grid, self.use_global, self.aspect_ratio = image_grid, image_global, aspect_ratio
         self.mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
@@ -310,6 +312,8 @@ class ImageProcessor:
         if self.aspect_ratio == "pad":
             image = self.pad_to_square(image)
         lr_side = self.grid * self.image_size
+        if self.aspect_ratio == "crop":
+            image = self.center_crop(image, self.image_size_aux or lr_side)
         if self.image_size_aux:
             hr = self.resize_normalize(image, self.image_size_aux)
             return self.split_views(_bilinear(hr, lr_side)), hr
@@ -322,6 +326,17 @@ class ImageProcessor:
         canvas = Image.new("RGB", (max(w, h),) * 2, self.background)
         canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
         return canvas
+
+    @staticmethod
+    def center_crop(image: Image.Image, side: int) -> Image.Image:
+        """The short side resized to `side` (PIL bicubic), then the central side x side square: CLIP's image
+        processor (resize shortest_edge + center_crop), which MGM applies when no image_aspect_ratio is given."""
+        w, h = image.size
+        size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+        if size != image.size:
+            image = image.resize(size, Image.BICUBIC)
+        left, top = (size[0] - side) // 2, (size[1] - side) // 2
+        return image.crop((left, top, left + side, top + side))
 
     def resize_normalize(self, image: Image.Image, side: int) -> torch.Tensor:
         """RGB image -> normalized float [3, side, side] (a non-square image is stretched). The resize is torch's

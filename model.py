@@ -120,7 +120,8 @@ class MiniGemini(nn.Module):
         return self.num_views * per_view + (2 if self.im_start_end_ids else 0)
 
     def image_settings(self) -> dict:
-        return dict(image_size=self.vision_tower.image_size, image_size_aux=self.config.image_size_aux,
+        aux = self.config.image_size_aux if self.vision_tower_aux is not None else None   # plain LLaVA: no HR input
+        return dict(image_size=self.vision_tower.image_size, image_size_aux=aux,
                     image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
                     image_grid=self.config.image_grid, image_global=self.config.image_global)
 

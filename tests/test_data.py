@@ -86,6 +86,22 @@ def test_resize_stretches_instead_of_padding():
     assert torch.allclose(hr, colour(processor, RED)[:, None, None].expand_as(hr), atol=1e-3)
 
 
+@pytest.mark.parametrize("size", [(100, 50), (45, 130)])
+def test_crop_is_clip_short_side_resize_and_center_crop(size):
+    """MGM's default ('square'): what CLIP's image processor does, short side to the HR side, then the center."""
+    from transformers import CLIPImageProcessorPil
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    processor = ImageProcessor(**SMALL, aspect_ratio="crop")
+    views, hr = processor(image)
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                 image_mean=processor.mean.flatten().tolist(), image_std=processor.std.flatten().tolist())
+    reference = clip(image, return_tensors="pt")["pixel_values"][0]
+    assert hr.shape == reference.shape == (3, 64, 64)
+    torch.testing.assert_close(hr, reference, atol=1e-5, rtol=0)
+    assert views.shape == (1, 3, 28, 28)
+
+
 @pytest.mark.parametrize("size,side", [((97, 61), 64), ((300, 200), 128), ((40, 40), 64), ((64, 64), 64)])
 def test_fast_resize_matches_pil_bicubic_and_the_plain_normalize(size, side):
     """The fast path (torch's antialiased bicubic on uint8, fused normalize) against the plain reference: PIL's

@@ -1,0 +1,622 @@
+"""Convert checkpoints: released Mini-Gemini (MGM) and LLaVA-1.5 weights in, transformers' Llava out.
+
+    python convert.py from-mgm SRC DST [--vision_tower ID] [--vision_tower_aux ID] [--llm ID] [--template NAME]
+    python convert.py from-llava SRC DST [--vision_tower ID] [--llm ID] [--template NAME]
+    python convert.py to-llava-hf SRC DST
+
+from-mgm / from-llava: SRC is either a full checkpoint directory (config.json with the `mm_*` fields; the LLM's
+weights plus `model.mm_projector.*`, MGM's `model.vlm_uni_{query,aux,val}_projector.*` and, optionally, the towers'
+weights) or a stage-1 directory holding `mm_projector.bin` (or that file itself). DST becomes a full export, or a
+pretrain export (projector + mining only) that `pretrained_mm_path` can start a finetune from. Every tensor of the
+source is used, or the conversion stops naming it; a summary says where each group of tensors went.
+Pickles (`*.bin`) are read with torch.load(weights_only=True) only.
+
+to-llava-hf: an export without an HR tower (plain LLaVA) becomes a directory that transformers'
+AutoModelForImageTextToText / AutoProcessor (and vLLM / SGLang, which read the same layout) load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+
+from conversation import VICUNA_SYSTEM
+from model import (CONFIG_NAME, IM_END, IM_START, ConvNeXtTower, MiniGemini, ModelArguments, VisionTower,
+                   merge_lora)
+
+# MGM's released configs name towers and LLMs by local `model_zoo/...` paths; these are the checkpoints they hold.
+MODEL_ZOO = {
+    "OpenAI/clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
+    "OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup":
+        "hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup",
+    "LLM/vicuna/7B-V1.5": "lmsys/vicuna-7b-v1.5",
+    "LLM/vicuna/13B-V1.5": "lmsys/vicuna-13b-v1.5",
+    "LLM/gemma/gemma-2b-it": "google/gemma-2b-it",
+    "LLM/llama-3/Meta-Llama-3-8B-Instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "LLM/llama-3/Meta-Llama-3-70B-Instruct": "meta-llama/Meta-Llama-3-70B-Instruct",
+    "LLM/mixtral/Mixtral-8x7B-Instruct-v0.1": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "LLM/Nous-Hermes-2-Yi-34B": "NousResearch/Nous-Hermes-2-Yi-34B",
+}
+# The LLM family behind each MGM / LLaVA config class (their model_type), as transformers names it.
+LLM_TYPES = {"mgm": "llama", "mgm_gemma": "gemma", "mgm_mixtral": "mixtral", "mgm_mistral": "mistral",
+             "llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
+# Config fields MGM / LLaVA add to the LLM's config (the LLM's own config.json gets none of them).
+MM_FIELDS = ("image_aspect_ratio", "image_grid", "image_grid_pinpoints", "image_global", "image_size_aux",
+             "optimize_vision_tower", "optimize_vision_tower_aux", "tokenizer_model_max_length",
+             "tokenizer_padding_side", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "use_mm_proj",
+             "unfreeze_mm_vision_tower", "model_path", "architectures", "auto_map", "_name_or_path")
+# Source key prefix -> ours (model.py's module names).
+RENAMES = (
+    ("model.mm_projector.", "projector."),
+    ("model.vlm_uni_query_projector.", "mining.query."),      # Q: LayerNorm + Linear on the LR features
+    ("model.vlm_uni_aux_projector.", "mining.key."),          # K: on the HR map
+    ("model.vlm_uni_val_projector.", "mining.value."),        # V: on the HR map
+    ("model.vision_tower.vision_tower.", "vision_tower.model."),      # CLIPVisionTower wraps a CLIPVisionModel
+    ("model.vision_tower_aux.vision_stem.", "vision_tower_aux.stem."),
+    ("model.vision_tower_aux.vision_stages.", "vision_tower_aux.stages."),
+)
+# Multimodal prefixes that nothing above maps: a source holding them is not one this script understands.
+MM_PREFIXES = ("model.mm_projector", "model.vlm_uni", "model.vision_tower", "model.vision_resampler",
+               "model.vision_fpn")
+# Buffers older transformers saved that are recomputed from the config (never trained).
+DERIVED = (".rotary_emb.inv_freq", "embeddings.position_ids")
+
+
+# =============================================================================================================
+# MGM / LLaVA-1.5 -> our export
+# =============================================================================================================
+def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision_tower: str | None = None,
+                vision_tower_aux: str | None = None, template: str | None = None) -> dict:
+    """An MGM (source="mgm") or LLaVA-1.5 (source="llava") checkpoint -> our export at dst. Returns the summary:
+    how many source tensors went where."""
+    src_dir, config, pretrain = read_source_config(src)
+    has_aux = bool(config.get("mm_vision_tower_aux"))
+    if source == "mgm" and not has_aux:
+        raise ValueError(f"{src_dir / 'config.json'}: no mm_vision_tower_aux, so not a Mini-Gemini checkpoint "
+                         "(a LLaVA one? use from-llava)")
+    if source == "llava" and has_aux:
+        raise ValueError(f"{src_dir / 'config.json'}: mm_vision_tower_aux is set, a Mini-Gemini checkpoint: "
+                         "use from-mgm")
+    args = model_arguments(config, src_dir, vision_tower=vision_tower, vision_tower_aux=vision_tower_aux)
+    aspect = {"pad": "pad", "square": "crop", None: "crop"}.get(config.get("image_aspect_ratio"))
+    if aspect is None:
+        raise ValueError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
+                         "supported (pad, or square/absent for MGM's short-side resize and center crop)")
+    files = weight_files(src_dir, pretrain)
+    keys = source_keys(files)
+    summary = {"source": str(src_dir), "export": "pretrain" if pretrain else "full"}
+    with tempfile.TemporaryDirectory() as tmp:
+        if pretrain:
+            model, tokenizer, state = build_pretrain(src_dir, config, files, keys, args, llm, summary)
+            weights = "pretrain"
+        else:
+            model, tokenizer = build_full(src_dir, config, files, keys, args, Path(tmp), summary)
+            state, weights = None, "full"
+        model.save_pretrained(dst, tokenizer, weights=weights, state_dict=state)
+    template = template or default_template(config, tokenizer, pretrain)
+    # What eval.py / chat.py read to prepare inputs as the source model was trained.
+    Path(dst, "train_config.yaml").write_text(yaml.safe_dump({"template": template, "image_aspect_ratio": aspect}))
+    summary.update(template=template, image_aspect_ratio=aspect)
+    return summary
+
+
+def read_source_config(src) -> tuple[Path, dict, bool]:
+    """(directory, config.json, is a stage-1 mm_projector.bin)."""
+    src = Path(src)
+    src_dir = src.parent if src.is_file() else src
+    if not (src_dir / "config.json").exists():
+        raise FileNotFoundError(f"{src_dir}: no config.json (an MGM / LLaVA checkpoint directory has one)")
+    config = json.loads((src_dir / "config.json").read_text())
+    if not config.get("mm_vision_tower"):
+        raise ValueError(f"{src_dir / 'config.json'}: no mm_vision_tower, not a multimodal checkpoint")
+    pretrain = src.name == "mm_projector.bin" or not _full_weight_files(src_dir)
+    if pretrain and not (src_dir / "mm_projector.bin").exists():
+        raise FileNotFoundError(f"{src_dir}: neither model weights (*.safetensors, pytorch_model*.bin) nor "
+                                "mm_projector.bin")
+    return src_dir, config, pretrain
+
+
+def model_arguments(config: dict, src_dir: Path, *, vision_tower=None, vision_tower_aux=None) -> ModelArguments:
+    """The source's mm_* settings as ours; towers named by hub id (model_zoo/... paths mapped, overrides win)."""
+    where = src_dir / "config.json"
+    projector = config.get("mm_projector_type", "linear")
+    if not (projector == "linear" or re.fullmatch(r"mlp\d+x_gelu", projector)):
+        raise ValueError(f"{where}: mm_projector_type {projector!r} is not supported (linear or mlpNx_gelu)")
+    aux = config.get("mm_vision_tower_aux")
+    aux_ref = vision_tower_aux or (hub_id(aux, "mm_vision_tower_aux", where) if aux else None)
+    if aux_ref and not (config.get("image_size_aux") and config.get("mm_hidden_size_aux")):
+        raise ValueError(f"{where}: mm_vision_tower_aux is set but image_size_aux / mm_hidden_size_aux are missing")
+    image_grid, image_global = int(config.get("image_grid", 1)), bool(config.get("image_global", False))
+    return ModelArguments(
+        llm="", vision_tower=vision_tower or hub_id(config["mm_vision_tower"], "mm_vision_tower", where),
+        vision_tower_aux=aux_ref, projector=projector,
+        mm_vision_select_layer=int(config.get("mm_vision_select_layer", -2)),
+        mm_vision_select_feature=config.get("mm_vision_select_feature", "patch"),
+        mm_use_im_start_end=bool(config.get("mm_use_im_start_end", False)),
+        image_size_aux=int(config.get("image_size_aux") or 768), image_grid=image_grid,
+        image_global=image_global and image_grid > 1,
+        dtype=str(config.get("torch_dtype") or config.get("dtype") or "float16").removeprefix("torch."))
+
+
+def hub_id(path: str, field: str, where) -> str:
+    """A `model_zoo/...` path as the hub id of the checkpoint it holds; anything else (hub id, dir) as is."""
+    if "model_zoo/" not in path:
+        return path
+    name = path.split("model_zoo/", 1)[1].strip("/")
+    if name not in MODEL_ZOO:
+        raise ValueError(f"{where}: {field} is the local path {path!r}, which maps to no known checkpoint; "
+                         f"pass --{field.removeprefix('mm_')} with its hub id or directory")
+    return MODEL_ZOO[name]
+
+
+def build_full(src_dir, config, files, keys, args, tmp: Path, summary):
+    """Full checkpoint: the LLM through transformers' own loading (so its checkpoint conversions apply), the
+    multimodal tensors by name, the towers from their checkpoints with any tensors the source holds on top."""
+    mm, llm_keys, derived = classify(keys, src_dir)
+    dtype = getattr(torch, args.dtype)
+    args.llm = str(src_dir)              # a full export needs no base LLM: this only records where it came from
+    tokenizer = AutoTokenizer.from_pretrained(src_dir)
+    llm = load_source_llm(src_dir, config, files, set(mm.values()) | set(derived), dtype, tmp)
+    im_ids = add_im_tokens(tokenizer, llm, args, src_dir)
+    model = assemble(args, llm, mm, files, dtype, im_ids, src_dir, summary)
+    summary.update(llm=len(llm_keys), derived_buffers_skipped=len(derived))
+    return model, tokenizer
+
+
+def build_pretrain(src_dir, config, files, keys, args, llm_ref, summary):
+    """Stage-1 mm_projector.bin on a base LLM: projector + mining (and the rows of added image tokens) are kept;
+    the frozen towers MGM's substring match also saved must equal the tower checkpoints (a pretrain export
+    references those, it does not store them)."""
+    from accelerate import init_empty_weights
+    base = llm_ref or hub_id(config.get("_name_or_path", ""), "llm", src_dir / "config.json")
+    if not base or (base.startswith((".", "/")) and not os.path.isdir(base)):
+        raise ValueError(f"{src_dir / 'config.json'}: the base LLM is {base or 'not named'!r}, not found here; "
+                         "pass --llm (the hub id or directory of the LLM mm_projector.bin was trained on)")
+    args.llm = base
+    mm, llm_keys, derived = classify(keys, src_dir)
+    embed = [k for k in llm_keys if k.endswith("embed_tokens.weight")]
+    others = sorted(set(llm_keys) - set(embed))
+    if others:
+        raise ValueError(f"{files[0]}: holds LLM weights besides the embeddings ({others[0]}, ...): not a stage-1 "
+                         "projector file")
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    with init_empty_weights():           # the LLM is only referenced by a pretrain export: no need for its weights
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype)
+    im_ids = add_im_tokens(tokenizer, llm, args, src_dir)
+    model = assemble(args, llm, mm, files, dtype, im_ids, src_dir, summary, towers_must_match=True)
+    model.requires_grad_(False)          # nothing is "tuned" in the tower sense: the export keeps projector + mining
+    state = model.state_dict()
+    if im_ids:
+        if not embed:
+            raise ValueError(f"{files[0]}: mm_use_im_start_end is set but model.embed_tokens.weight (the rows of "
+                             "<im_start>/<im_end>) is missing")
+        rows = load_tensors(files, embed)[embed[0]]
+        if rows.shape[0] <= max(im_ids):
+            raise ValueError(f"{files[0]}: {embed[0]} has {rows.shape[0]} rows, fewer than the tokenizer with "
+                             f"<im_start>/<im_end> needs ({max(im_ids) + 1})")
+        embed_name = next(n for n, p in model.named_parameters() if p is llm.get_input_embeddings().weight)
+        state[embed_name] = rows.to(dtype)
+        summary["embed_tokens"] = "rows of <im_start>/<im_end> kept; the other (frozen) rows are the base LLM's"
+    elif embed:
+        raise ValueError(f"{files[0]}: holds {embed[0]} but mm_use_im_start_end is off: unexpected for stage 1")
+    summary.update(derived_buffers_skipped=len(derived))
+    return model, tokenizer, state
+
+
+def assemble(args, llm, mm: dict, files, dtype, im_ids, src_dir, summary, towers_must_match=False) -> MiniGemini:
+    """Towers from their checkpoints, then the source's multimodal tensors (ours -> source key) put in place; every
+    projector and mining weight must come from the source."""
+    vt = VisionTower.load(args.vision_tower, dtype=dtype, select_layer=args.mm_vision_select_layer,
+                          select_feature=args.mm_vision_select_feature)
+    aux = ConvNeXtTower.load(args.vision_tower_aux, dtype=dtype) if args.vision_tower_aux else None
+    model = MiniGemini(args, llm, vt, aux, im_start_end_ids=im_ids)
+    tensors = load_tensors(files, list(mm.values()))
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    new, towers_from_source, towers_equal = {}, 0, 0
+    for ours, key in mm.items():
+        ours = _in_model(ours, own)
+        if ours not in own:
+            raise ValueError(f"{src_dir}: {key} has no place in this model (no {ours}; check mm_projector_type, "
+                             "the towers and the config)")
+        tensor = tensors[key]
+        if tensor.shape != own[ours].shape:
+            raise ValueError(f"{src_dir}: {key} has shape {tuple(tensor.shape)}, the model built from config.json "
+                             f"and the towers expects {tuple(own[ours].shape)}")
+        if ours.startswith("vision_tower"):
+            if towers_must_match:
+                if not torch.equal(tensor, own[ours].to(tensor.dtype)):
+                    raise ValueError(f"{src_dir}: {key} differs from the tower checkpoint; pass the tower these "
+                                     "weights were trained with (--vision_tower / --vision_tower_aux)")
+                towers_equal += 1
+                continue
+            towers_from_source += 1
+        new[ours] = tensor.to(dtype)
+    missing = [k for k in own if k.startswith(("projector.", "mining.")) and k not in new]
+    if missing:
+        raise ValueError(f"{src_dir}: {source_name(missing[0])} is missing (needed for {missing[0]})")
+    model.load_state_dict(new, strict=False)
+    summary.update(projector=sum(k.startswith("projector.") for k in new),
+                   mining=sum(k.startswith("mining.") for k in new), tower_tensors_from_source=towers_from_source,
+                   tower_tensors_equal_to_checkpoint=towers_equal,
+                   towers=[args.vision_tower] + ([args.vision_tower_aux] if args.vision_tower_aux else []))
+    return model
+
+
+def classify(keys: list[str], src_dir) -> tuple[dict, list, list]:
+    """Source keys -> ({our multimodal name: source key}, LLM keys, derived buffers). Unknown multimodal keys
+    stop the conversion: nothing is dropped silently."""
+    mm, llm_keys, derived = {}, [], []
+    for key in keys:
+        if key.endswith(DERIVED):
+            derived.append(key)
+            continue
+        for prefix, ours in RENAMES:
+            if key.startswith(prefix):
+                mm[ours + key[len(prefix):]] = key
+                break
+        else:
+            if key.startswith(MM_PREFIXES):
+                raise ValueError(f"{src_dir}: unknown multimodal weight {key} (not a projector, mining or tower "
+                                 "weight this script knows)")
+            llm_keys.append(key)
+    return mm, llm_keys, derived
+
+
+def _in_model(name: str, own) -> str:
+    """transformers 5's CLIPVisionModel has no `vision_model.` level in its module names (its checkpoints, and
+    those of MGM and LLaVA, keep it)."""
+    wrapped = "vision_tower.model.vision_model."
+    if name not in own and name.startswith(wrapped) and "vision_tower.model." + name[len(wrapped):] in own:
+        return "vision_tower.model." + name[len(wrapped):]
+    return name
+
+
+def source_name(ours: str) -> str:
+    for prefix, mine in RENAMES:
+        if ours.startswith(mine):
+            return prefix + ours[len(mine):]
+    return ours
+
+
+def load_source_llm(src_dir: Path, config: dict, files, not_llm: set, dtype, tmp: Path):
+    """The LLM of an MGM / LLaVA checkpoint, loaded by transformers from a directory of links to the source weights
+    and the LLM's own config (MGM's config class and mm_* fields removed). Every LLM weight must be in the source,
+    and every source weight that is not multimodal must be the LLM's."""
+    model_type = config.get("model_type")
+    family = LLM_TYPES.get(model_type, model_type)
+    llm_config = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in MM_FIELDS}
+    llm_config["model_type"] = family
+    try:
+        AutoConfig.for_model(family)
+    except ValueError:
+        raise ValueError(f"{src_dir / 'config.json'}: model_type {model_type!r} is no LLM family transformers "
+                         f"knows (MGM / LLaVA classes: {sorted(LLM_TYPES)})") from None
+    for f in files + [p for p in src_dir.iterdir() if p.name.endswith(".index.json")]:
+        os.symlink(f.resolve(), tmp / f.name)
+    (tmp / "config.json").write_text(json.dumps(llm_config))
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()        # its load report lists the multimodal keys as unexpected: checked below
+    try:
+        llm, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    if info.get("mismatched_keys"):
+        raise ValueError(f"{src_dir}: {info['mismatched_keys'][0]} does not fit the LLM's config (shape mismatch)")
+    if info["missing_keys"]:
+        raise ValueError(f"{src_dir}: the LLM weight {sorted(info['missing_keys'])[0]} is missing "
+                         f"({len(info['missing_keys'])} missing)")
+    extra = sorted(set(info["unexpected_keys"]) - not_llm)
+    if extra:
+        raise ValueError(f"{src_dir}: {extra[0]} is neither a weight of the {family} LLM nor a multimodal weight")
+    generation = src_dir / "generation_config.json"
+    if generation.exists():
+        from transformers import GenerationConfig
+        llm.generation_config = GenerationConfig.from_pretrained(src_dir)
+    return llm
+
+
+def add_im_tokens(tokenizer, llm, args, src_dir) -> list[int] | None:
+    """<im_start>/<im_end>, as MGM / LLaVA add them at load (mm_use_im_start_end): the source's embeddings must
+    already have their rows (added tokens without trained rows would be random)."""
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if args.mm_use_im_start_end:
+        tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
+    if len(tokenizer) > rows:
+        raise ValueError(f"{src_dir}: the tokenizer has {len(tokenizer)} tokens but the embeddings only {rows} rows "
+                         "(tokens without a trained row)")
+    return tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if args.mm_use_im_start_end else None
+
+
+def default_template(config: dict, tokenizer, pretrain: bool) -> str:
+    """The template MGM's training scripts use for this LLM family (vicuna_v1 for Vicuna and LLaVA-1.5); stage 1
+    captions with `plain`, except MGM-2B (Gemma), whose stage 1 used its chat template too."""
+    family = LLM_TYPES.get(config.get("model_type"), config.get("model_type"))
+    vocab = tokenizer.get_vocab()
+    if family == "gemma":
+        return "gemma"
+    if pretrain:
+        return "plain"
+    if family in ("mixtral", "mistral"):
+        return "mistral"
+    if "<|eot_id|>" in vocab:
+        return "llama_3"
+    if "<|im_start|>" in vocab:
+        return "chatml"
+    return "vicuna_v1"
+
+
+# ---- reading weights --------------------------------------------------------------------------------------------
+def _full_weight_files(src_dir: Path) -> list[Path]:
+    safetensors = sorted(src_dir.glob("*.safetensors"))
+    return safetensors or sorted(src_dir.glob("pytorch_model*.bin"))
+
+
+def weight_files(src_dir: Path, pretrain: bool) -> list[Path]:
+    return [src_dir / "mm_projector.bin"] if pretrain else _full_weight_files(src_dir)
+
+
+def source_keys(files) -> list[str]:
+    keys = []
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(f, "pt") as st:
+                keys += list(st.keys())
+        else:
+            keys += list(_load_pickle(f))
+    return keys
+
+
+def load_tensors(files, keys) -> dict:
+    """The named tensors, from whichever file holds them."""
+    wanted, out = set(keys), {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(f, "pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys() if k in wanted})
+        else:
+            out.update({k: v for k, v in _load_pickle(f).items() if k in wanted})
+    return out
+
+
+def _load_pickle(path) -> dict:
+    """A pickled state dict, read without running code (weights_only); MGM's may nest it under "model"."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+# =============================================================================================================
+# our export -> transformers' Llava
+# =============================================================================================================
+IMAGE_TOKEN = "<image>"
+
+
+def to_llava_hf(src, dst) -> dict:
+    """A plain-LLaVA export (no HR tower) -> a LlavaForConditionalGeneration + LlavaProcessor directory.
+
+    The `<image>` token is added to the tokenizer (its embedding row is the mean of the others and is never read:
+    image features replace it; its output row is zero and generation_config suppresses it). A `linear` projector
+    becomes Llava's linear_1 with an identity linear_2 and no activation between them."""
+    from accelerate import init_empty_weights
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    src, dst = Path(src), Path(dst)
+    if not (src / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{src}: no {CONFIG_NAME}, not an export of this repo (an MGM / LLaVA checkpoint "
+                                "converts with from-mgm / from-llava first)")
+    meta = json.loads((src / CONFIG_NAME).read_text())
+    refuse_for_llava(meta, src)
+    model = merge_lora(MiniGemini.from_pretrained(src, bits=16))
+    settings = yaml.safe_load((src / "train_config.yaml").read_text()) if (src / "train_config.yaml").exists() else {}
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    template = settings.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
+    chat_template = llava_chat_template(template, tokenizer, src)
+    llm, vt = model.llm, model.vision_tower
+    image_id = add_image_token(tokenizer, llm)
+    cls = _num_cls(vt)
+    strategy = "default" if (vt.select_feature == "patch" and cls) else "full"   # "default" drops one CLS token
+    linear = model.config.projector == "linear"
+    config = LlavaConfig(vision_config=vt.model.config.to_dict(), text_config=llm.config.to_dict(),
+                         image_token_index=image_id, image_seq_length=model.tokens_per_image,
+                         vision_feature_layer=vt.select_layer, vision_feature_select_strategy=strategy,
+                         projector_hidden_act="linear" if linear else "gelu", multimodal_projector_bias=True,
+                         tie_word_embeddings=bool(llm.config.get_text_config().tie_word_embeddings))
+    with init_empty_weights():
+        hf = LlavaForConditionalGeneration(config)
+    state = llava_state_dict(model)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{src}: the weights do not map onto transformers' Llava ({missing=}, {unexpected=})")
+    hf.to(_model_dtype(model))
+    hf.generation_config = llm.generation_config
+    hf.generation_config.suppress_tokens = sorted({*(hf.generation_config.suppress_tokens or []), image_id})
+    hf.save_pretrained(dst)
+    llava_processor(model, tokenizer, settings.get("image_aspect_ratio", "pad"), strategy, cls,
+                    chat_template).save_pretrained(dst)
+    return {"source": str(src), "template": template, "image_token_id": image_id,
+            "image_seq_length": model.tokens_per_image, "vision_feature_select_strategy": strategy,
+            "projector": model.config.projector}
+
+
+def refuse_for_llava(meta: dict, src: Path) -> None:
+    """What transformers' Llava cannot express, refused before anything is loaded."""
+    args = meta["args"]
+    reasons = []
+    if meta.get("vision_aux_config"):
+        reasons.append("it has an HR tower and patch info mining (vision_tower_aux); transformers has no "
+                       "Mini-Gemini class: only plain-LLaVA exports (vision_tower_aux: null) convert")
+    if args["projector"] not in ("linear", "mlp2x_gelu"):
+        reasons.append(f"projector {args['projector']!r}: Llava's projector is linear -> act -> linear "
+                       "(linear or mlp2x_gelu)")
+    if args.get("image_grid", 1) != 1:
+        reasons.append("image_grid > 1: Llava takes one view per image")
+    if args.get("mm_use_im_start_end"):
+        reasons.append("mm_use_im_start_end: Llava does not wrap image features in <im_start>/<im_end>")
+    if args.get("attention") == "mmca":
+        reasons.append("attention 'mmca': transformers' LLMs use ordinary causal attention")
+    if reasons:
+        raise ValueError(f"{src} cannot become a transformers Llava model: " + "; ".join(reasons))
+
+
+def add_image_token(tokenizer, llm) -> int:
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if image_id >= rows:
+        llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
+        with torch.no_grad():
+            embed = llm.get_input_embeddings().weight
+            embed[rows:] = embed[:rows].mean(0)
+            head = llm.get_output_embeddings()
+            if head is not None and head.weight is not embed:
+                head.weight[rows:] = 0
+    return image_id
+
+
+def llava_state_dict(model: MiniGemini) -> dict:
+    """Our module names -> LlavaForConditionalGeneration's."""
+    state = {f"model.vision_tower.{k}": v for k, v in model.vision_tower.model.state_dict().items()}
+    proj = model.projector.state_dict()
+    if model.config.projector == "linear":
+        hidden = proj["weight"].shape[0]
+        state.update({"model.multi_modal_projector.linear_1.weight": proj["weight"],
+                      "model.multi_modal_projector.linear_1.bias": proj["bias"],
+                      "model.multi_modal_projector.linear_2.weight": torch.eye(hidden, dtype=proj["weight"].dtype),
+                      "model.multi_modal_projector.linear_2.bias": torch.zeros_like(proj["bias"])})
+    else:
+        for ours, theirs in (("0", "linear_1"), ("2", "linear_2")):
+            for p in ("weight", "bias"):
+                state[f"model.multi_modal_projector.{theirs}.{p}"] = proj[f"{ours}.{p}"]
+    prefix = model.llm.base_model_prefix + "."
+    for k, v in model.llm.state_dict().items():
+        state[f"model.language_model.{k[len(prefix):]}" if k.startswith(prefix) else k] = v
+    return state
+
+
+def llava_processor(model, tokenizer, aspect: str, strategy: str, cls: int, chat_template: str):
+    """LlavaProcessor preparing images as data.ImageProcessor does: pad = pad to square with the mean colour, then
+    resize; crop = short side resized, center crop; resize = stretched."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+    s = model.image_settings()
+    side = s["image_size"]
+    kw = dict(image_mean=s["image_mean"], image_std=s["image_std"], resample=3)   # 3: bicubic
+    if aspect in ("pad", "crop"):
+        images = LlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                     do_pad=aspect == "pad", do_center_crop=True, **kw)
+    elif aspect == "resize":
+        images = LlavaImageProcessor(size={"height": side, "width": side}, do_center_crop=False, do_pad=False, **kw)
+    else:
+        raise ValueError(f"image_aspect_ratio {aspect!r}: pad, crop or resize")
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer,
+                          patch_size=model.vision_tower.model.config.patch_size,
+                          vision_feature_select_strategy=strategy, num_additional_image_tokens=cls,
+                          chat_template=chat_template, image_token=IMAGE_TOKEN)
+
+
+def llava_chat_template(template: str, tokenizer, src) -> str:
+    """A Jinja chat template rendering what conversation.py's template renders for an inference prompt. Message
+    content is a string or a list of {"type": "image"} / {"type": "text", "text"} parts (images first)."""
+    if template == "auto":
+        return tokenizer.chat_template
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"{src}: no Jinja chat template for {template!r} yet ({sorted(CHAT_TEMPLATES)} or auto)")
+    return CONTENT_MACRO + CHAT_TEMPLATES[template]
+
+
+def _num_cls(vt) -> int:
+    """Tokens besides the patches the tower outputs (1: CLIP's CLS; 0: SigLIP)."""
+    inner = getattr(vt.model, "vision_model", vt.model)
+    return inner.embeddings.num_positions - vt.num_patches
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.projector.parameters()).dtype
+
+
+# The content of one message; a single image without an <image> tag goes in front, as data.tokenize_prompt does.
+CONTENT_MACRO = (
+    "{%- macro content(m) -%}"
+    "{%- if m['content'] is string -%}{{- m['content'] | trim -}}"
+    "{%- else -%}{%- for p in m['content'] if p['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{{- (m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')) | trim -}}"
+    "{%- endif -%}{%- endmacro -%}")
+CHAT_TEMPLATES = {
+    "vicuna_v1": (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+        "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
+        "{%- set turns = messages -%}{%- endif -%}{{- system -}}"
+        "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+        "{{- (' ' if (loop.first and system) else '') + 'USER: ' + content(m) + ' ASSISTANT:' -}}"
+        "{%- else -%}{{- ' ' + content(m) + eos_token -}}{%- endif -%}{%- endfor -%}"),
+    "plain": (   # captioning: the first user turn's images are the whole prompt
+        "{%- set m = messages | selectattr('role', 'equalto', 'user') | first -%}"
+        "{%- if m['content'] is string -%}{{- '<image>' * m['content'].count('<image>') -}}"
+        "{%- else -%}{%- for p in m['content'] if p['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}"
+        "{%- endif -%}"),
+    "llama_3": (
+        "{%- for m in messages -%}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + content(m)"
+        " + '<|eot_id|>' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"),
+    "chatml": (
+        "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + content(m) + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"),
+    "gemma": (
+        "{%- set system = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' -%}"
+        "{%- for m in messages if m['role'] != 'system' -%}{%- if m['role'] == 'user' -%}"
+        "{{- '<start_of_turn>user\\n' + (system if loop.first else '') + content(m)"
+        " + '<end_of_turn>\\n<start_of_turn>model\\n' -}}"
+        "{%- else -%}{{- content(m) + '<end_of_turn>\\n' -}}{%- endif -%}{%- endfor -%}"),
+    "mistral": (
+        "{%- set system = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' -%}"
+        "{%- for m in messages if m['role'] != 'system' -%}{%- if m['role'] == 'user' -%}"
+        "{{- '[INST] ' + (system if loop.first else '') + content(m) + ' [/INST]' -}}"
+        "{%- else -%}{{- ' ' + content(m) + eos_token -}}{%- endif -%}{%- endfor -%}"),
+}
+
+
+# =============================================================================================================
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("from-mgm", "an MGM checkpoint or mm_projector.bin -> our export"),
+                            ("from-llava", "a LLaVA-1.5 checkpoint or mm_projector.bin -> our export")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--vision_tower", help="LR tower (hub id or dir); default: from config.json")
+        if name == "from-mgm":
+            p.add_argument("--vision_tower_aux", help="HR tower (hf-hub:... or dir); default: from config.json")
+        p.add_argument("--llm", help="the base LLM of an mm_projector.bin (hub id or dir)")
+        p.add_argument("--template", help="chat template recorded for eval/chat (default: the family's)")
+    p = sub.add_parser("to-llava-hf", help="our export without an HR tower -> transformers' Llava directory")
+    p.add_argument("src")
+    p.add_argument("dst")
+    a = parser.parse_args(argv)
+    if a.command == "to-llava-hf":
+        summary = to_llava_hf(a.src, a.dst)
+    else:
+        summary = from_source(a.src, a.dst, source=a.command.removeprefix("from-"), llm=a.llm,
+                              vision_tower=a.vision_tower, vision_tower_aux=getattr(a, "vision_tower_aux", None),
+                              template=a.template)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
