@@ -1,5 +1,6 @@
 # make test: create .venv if missing, install runtime + test dependencies, run the test suite.
-# make demo: train the tiny embedded Mini-Gemini end to end on CPU (see README.md); DEMO_ARGS="--seed 1" for another draw.
+# make demo: train the tiny embedded Mini-Gemini end to end on CPU (see README.md);
+#   make demo DEMO_ARGS="--seed 1" for another draw of its data and weights.
 VENV ?= .venv
 PYTHON ?= python3
 DEMO_ARGS ?=

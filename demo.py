@@ -170,8 +170,8 @@ class BaseSizes:
     clip_hidden: int = 64
     clip_layers: int = 2
     convnext_dims: tuple = (32, 64, 128, 256)
-    convnext_depths: tuple = (1, 1, 1, 2)     # the last stage (2 blocks) is what the finetune recipe trains
-    convnext_ls_init: float = 1.0      # timm's 1e-6 makes a random ConvNeXt almost linear: weak frozen features
+    convnext_depths: tuple = (1, 1, 1, 2)
+    convnext_ls_init: float = 1.0      # layer scale's start (timm's 1e-6 makes a new ConvNeXt almost linear)
 
 
 def make_base_models(root: Path, sizes: BaseSizes = BaseSizes(), seed: int = 0) -> None:
@@ -303,7 +303,7 @@ def pretrain_convnext(root: Path, args: DemoArguments, sizes: BaseSizes = BaseSi
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if i % 50 == 0:
+        if i % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     check = classifier_accuracy(model, check_images, check_labels)
     print(f"stage 0 check on {opt.check_images} held-out images: colour {check['colour']:.3f}, "

@@ -433,7 +433,8 @@ def test_greedy_generate_equals_argmax_of_full_forwards(root, tok, attention):
 def test_generate_passes_the_cache_under_the_name_the_llm_takes(root, tok, family):
     """No deprecation warning from any family's forward (transformers 5.24 renamed `past_key_values` to `cache`,
     and 5.40 drops the old name), bare or wrapped by PEFT."""
-    for model in (build(root, tok, family=family).eval(), apply_lora(build(root, tok, family=family), r=4, dropout=0.0).eval()):
+    bare = build(root, tok, family=family).eval()
+    for model in (bare, apply_lora(build(root, tok, family=family), r=4, dropout=0.0).eval()):
         batch = tiny_batch(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
