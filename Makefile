@@ -1,7 +1,9 @@
 # make test: create .venv if missing, install runtime + test dependencies, run the test suite.
-# make demo: train the tiny embedded Mini-Gemini end to end on CPU (see README.md).
+# make demo: train the tiny embedded Mini-Gemini end to end on CPU (see README.md);
+#   make demo DEMO_ARGS="--seed 1" for another draw of its data and weights.
 VENV ?= .venv
 PYTHON ?= python3
+DEMO_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
@@ -21,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf runs demo_data .pytest_cache

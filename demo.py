@@ -1,23 +1,28 @@
 """make demo: a tiny Mini-Gemini trained end to end on CPU, through the same commands as a real run.
 
-    python demo.py        # data -> tokenizer + tiny base models -> pretrain -> finetune -> eval -> chat
+    python demo.py             # data -> tokenizer + tiny base models -> stage 0 -> pretrain -> finetune -> eval -> chat
+    python demo.py --seed 1    # another draw of everything: data, initial weights, training order
 
 1. A synthetic visual question answering set drawn with Pillow: one shape (circle, square, triangle, star) in one
    colour (red, green, blue, yellow, purple, orange) on a light background, images of varied size and aspect ratio.
    Pretrain records are captions ("a red circle"); finetune records ask "What color is the shape?" or
    "What shape is this?", answered with one lowercase word. A held-out split is kept for eval.py.
 2. A word-level tokenizer trained on that corpus with `tokenizers` (a normal Hugging Face tokenizer directory with
-   special tokens and a chat template) and tiny random Llama, CLIP ViT and timm ConvNeXt checkpoints saved as normal
-   checkpoint directories, so the real loading code (model.build_model) runs.
-3. `accelerate launch train.py recipes/demo_pretrain.yaml`, then recipes/demo_finetune.yaml, then eval.py on the
+   special tokens and a chat template) and tiny random Llama and CLIP ViT checkpoints saved as normal checkpoint
+   directories, so the real loading code (model.build_model) runs.
+3. Stage 0: the tiny timm ConvNeXt (the HR tower) trained as an ordinary image classifier (colour + shape) on images
+   of its own, then saved as the base ConvNeXt checkpoint. Real Mini-Gemini's towers come pretrained; this one is
+   pretrained here, since nothing is downloaded. The recipes keep it frozen, as real MGM does.
+4. `accelerate launch train.py recipes/demo_pretrain.yaml`, then recipes/demo_finetune.yaml, then eval.py on the
    held-out split, then one chat.py answer. The finetuned export is left in runs/demo/finetune/.
-Everything generated goes under demo_data/ and runs/ (both ignored by git). Seeds are fixed.
+Everything generated goes under demo_data/ and runs/ (both ignored by git). Everything random follows --seed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
 import shlex
 import subprocess
@@ -43,7 +48,9 @@ class DemoArguments:
     pretrain_images: int = 3000        # one caption each
     finetune_images: int = 6000        # one question each
     test_images: int = 200             # held out: both questions each
-    seed: int = 0
+    stage0_images: int = 6000          # stage 0: the ConvNeXt's own classifier images (drawn apart from the splits)
+    stage0_steps: int = 2000           # batches of 64
+    seed: int = 0                      # data, initial weights, stage 0 and both train.py stages
     pretrain_overrides: str = ""       # extra "--field value" options for train.py (the test shortens the runs)
     finetune_overrides: str = ""
 
@@ -53,21 +60,24 @@ def main(argv: list[str] | None = None) -> None:
     for name, default in vars(DemoArguments()).items():
         parser.add_argument(f"--{name}", type=type(default), default=default)
     args = DemoArguments(**vars(parser.parse_args(argv)))
+    quiet_deepspeed()
     data_dir, out = Path(args.data_dir), Path(args.output_dir)
     start = time.time()
 
     step(1, "synthetic shapes: images and LLaVA records")
     make_dataset(data_dir, args)
-    step(2, "tokenizer trained on the corpus + tiny random Llama / CLIP ViT / ConvNeXt checkpoints")
-    make_base_models(data_dir)
-    step(3, "stage 1: pretrain (projector + mining)")
-    launch("recipes/demo_pretrain.yaml", paths(args, "pretrain") + args.pretrain_overrides.split())
-    step(4, "stage 2: finetune (LLM + projector + mining)")
-    launch("recipes/demo_finetune.yaml", paths(args, "finetune") + args.finetune_overrides.split())
-    step(5, "eval.py on the held-out questions")
+    step(2, "tokenizer trained on the corpus + tiny random Llama / CLIP ViT checkpoints")
+    make_base_models(data_dir, seed=args.seed)
+    step(3, "stage 0: pretrain the ConvNeXt (HR tower) as a colour + shape classifier")
+    pretrain_convnext(data_dir, args)
+    step(4, "stage 1: pretrain (projector + mining)")
+    launch("recipes/demo_pretrain.yaml", paths(args, "pretrain") + seed(args) + args.pretrain_overrides.split())
+    step(5, "stage 2: finetune (LLM + projector + mining)")
+    launch("recipes/demo_finetune.yaml", paths(args, "finetune") + seed(args) + args.finetune_overrides.split())
+    step(6, "eval.py on the held-out questions")
     run([sys.executable, "eval.py", "--model", str(out / "finetune"), "--data", str(data_dir / "test.jsonl"),
          "--image_folder", str(data_dir / "images"), "--output", str(out / "finetune" / "predictions.jsonl")])
-    step(6, "chat.py: one answer")
+    step(7, "chat.py: one answer")
     image = data_dir / "images" / "test_00000.png"
     run([sys.executable, "chat.py", "--model", str(out / "finetune"), "--image", str(image), QUESTIONS["shape"]])
     print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
@@ -160,14 +170,15 @@ class BaseSizes:
     clip_hidden: int = 64
     clip_layers: int = 2
     convnext_dims: tuple = (32, 64, 128, 256)
-    convnext_depths: tuple = (1, 1, 1, 2)     # the last stage (2 blocks) is what the finetune recipe trains
-    convnext_ls_init: float = 1.0      # timm's 1e-6 makes a random ConvNeXt almost linear: weak frozen features
+    convnext_depths: tuple = (1, 1, 1, 2)
+    convnext_ls_init: float = 1.0      # layer scale's start (timm's 1e-6 makes a new ConvNeXt almost linear)
 
 
 def make_base_models(root: Path, sizes: BaseSizes = BaseSizes(), seed: int = 0) -> None:
-    """root/base/{llm (+ tokenizer), clip, convnext}; reused when already there."""
-    base = root / "base"
-    if (base / "done").exists():
+    """root/base/{llm (+ tokenizer), clip} with random weights; reused when already there for this seed.
+    The ConvNeXt is stage 0's (pretrain_convnext)."""
+    base, stamp = root / "base", root / "base" / "done"
+    if stamp.exists() and stamp.read_text() == json.dumps({"seed": seed}):
         print(f"reusing {base}/")
         return
     import torch
@@ -176,8 +187,7 @@ def make_base_models(root: Path, sizes: BaseSizes = BaseSizes(), seed: int = 0) 
     torch.manual_seed(seed)
     save_llm(base / "llm", tokenizer, sizes)
     save_clip(base / "clip", sizes)
-    save_convnext(base / "convnext", sizes)
-    (base / "done").write_text("")
+    stamp.write_text(json.dumps({"seed": seed}))
     print(f"tokenizer: {len(tokenizer)} words; checkpoints in {base}/")
 
 
@@ -228,20 +238,122 @@ def save_clip(path: Path, sizes: BaseSizes) -> None:
     CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(path)
 
 
-def save_convnext(path: Path, sizes: BaseSizes) -> None:
-    """A timm ConvNeXt in timm's hub layout (config.json with model_args + weights), normalized like CLIP
-    (as OpenCLIP's ConvNeXt is), so both towers read one image tensor."""
+def new_convnext(sizes: BaseSizes, num_classes: int):
+    """A random timm ConvNeXt of the demo's size with timm's standard classifier head (global average pool, norm,
+    linear), normalized like CLIP (as OpenCLIP's ConvNeXt is), so both towers read one image tensor."""
     import timm
-    from timm.models import save_for_hf
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    model_args = dict(dims=list(sizes.convnext_dims), depths=list(sizes.convnext_depths),
-                      ls_init_value=sizes.convnext_ls_init)
-    model = timm.create_model("convnext_atto", pretrained=False, **model_args)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=num_classes, **convnext_args(sizes))
     model.pretrained_cfg = dict(model.pretrained_cfg, mean=tuple(OPENAI_CLIP_MEAN), std=tuple(OPENAI_CLIP_STD))
-    save_for_hf(model, str(path), model_args=model_args, safe_serialization=True)
+    return model
 
 
-# ---- 3. Running the steps ------------------------------------------------------------------------------------------
+def convnext_args(sizes: BaseSizes) -> dict:
+    return dict(dims=list(sizes.convnext_dims), depths=list(sizes.convnext_depths),
+                ls_init_value=sizes.convnext_ls_init)
+
+
+# ---- 3. Stage 0: a pretrained HR tower ------------------------------------------------------------------------------
+
+@dataclass
+class ClassifierTraining:
+    """Stage 0's optimizer: AdamW, linear warmup then cosine decay to zero."""
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    check_images: int = 400            # held out from stage 0's own training images
+
+
+def pretrain_convnext(root: Path, args: DemoArguments, sizes: BaseSizes = BaseSizes(),
+                      opt: ClassifierTraining = ClassifierTraining()) -> None:
+    """Stage 0: train the tiny ConvNeXt as an ordinary classifier (6 colour + 4 shape outputs, one cross-entropy
+    each) on images of its own, drawn by draw_shape under a seed apart from the demo's splits and preprocessed
+    exactly like the HR input; then save it, head included (the HR tower keeps only stem and stages), in timm's hub
+    layout as root/base/convnext. Reused when already there with these settings.
+
+    Why: through an average-pooled head a ConvNeXt needs about 1,000 steps of 64 images before it tells shapes apart
+    (it sits at chance for the first ~700), far more than the demo's finetune gives a tower; random, it hands the LLM
+    colour but no shape."""
+    import torch
+    from tqdm import tqdm
+
+    from train import lr_at
+    path, stamp = root / "base" / "convnext", root / "base" / "convnext" / "stage0.json"
+    settings = {"seed": args.seed, "images": args.stage0_images, "steps": args.stage0_steps,
+                "sizes": repr(sizes), "training": repr(opt)}
+    if stamp.exists() and json.loads(stamp.read_text())["settings"] == settings:
+        print(f"reusing {path}/ (check accuracy {json.loads(stamp.read_text())['check']})")
+        return
+    hr_side = recipe_value("recipes/demo_finetune.yaml", "image_size_aux")
+    images, labels = classifier_images(random.Random(f"{args.seed}-stage0"), args.stage0_images, hr_side, sizes)
+    check_images, check_labels = classifier_images(random.Random(f"{args.seed}-stage0-check"), opt.check_images,
+                                                   hr_side, sizes)
+    torch.manual_seed(args.seed)
+    model = new_convnext(sizes, num_classes=len(COLORS) + len(SHAPES))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    order = torch.Generator().manual_seed(args.seed)
+    model.train()
+    bar = tqdm(range(args.stage0_steps), desc="stage 0", unit="step")
+    for i in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(i, peak=opt.lr, warmup=opt.warmup_steps, total=args.stage0_steps)
+        batch = torch.randint(len(images), (opt.batch_size,), generator=order)
+        loss = classifier_loss(model(images[batch]), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    check = classifier_accuracy(model, check_images, check_labels)
+    print(f"stage 0 check on {opt.check_images} held-out images: colour {check['colour']:.3f}, "
+          f"shape {check['shape']:.3f}")
+    save_convnext(path, model, sizes)
+    stamp.write_text(json.dumps({"settings": settings, "check": check}))
+
+
+def classifier_images(rng: random.Random, n: int, hr_side: int, sizes: BaseSizes):
+    """n images from draw_shape as the HR tower sees them ([n, 3, hr_side, hr_side], data.py's ImageProcessor),
+    with labels [n, 2]: (colour index, shape index)."""
+    import torch
+    from data import ImageProcessor
+    processor = ImageProcessor(image_size=sizes.clip_image_size, image_size_aux=hr_side)
+    images, labels = [], []
+    for _ in range(n):
+        image, color, shape = draw_shape(rng)
+        images.append(processor(image)[1])
+        labels.append((list(COLORS).index(color), SHAPES.index(shape)))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def classifier_loss(logits, labels):
+    import torch.nn.functional as F
+    c = len(COLORS)
+    return F.cross_entropy(logits[:, :c], labels[:, 0]) + F.cross_entropy(logits[:, c:], labels[:, 1])
+
+
+def classifier_accuracy(model, images, labels) -> dict:
+    import torch
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)])
+    c = len(COLORS)
+    return {"colour": round((logits[:, :c].argmax(1) == labels[:, 0]).float().mean().item(), 4),
+            "shape": round((logits[:, c:].argmax(1) == labels[:, 1]).float().mean().item(), 4)}
+
+
+def save_convnext(path: Path, model, sizes: BaseSizes) -> None:
+    """timm's hub layout (config.json with model_args + weights), which model.build_model loads like any timm tower."""
+    from timm.models import save_for_hf
+    save_for_hf(model, str(path), model_args=convnext_args(sizes), safe_serialization=True)
+
+
+def recipe_value(recipe: str, key: str):
+    import yaml
+    return yaml.safe_load((REPO / recipe).read_text())[key]
+
+
+# ---- 4. Running the steps ------------------------------------------------------------------------------------------
 
 def launch(recipe: str, overrides: list[str]) -> None:
     """accelerate launch train.py RECIPE as one CPU process (the flags keep accelerate from asking or warning)."""
@@ -265,13 +377,26 @@ def paths(args: DemoArguments, stage: str) -> list[str]:
     return options
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed (installed with the test extras, imported by transformers' save_pretrained) looks for an accelerator
+    and warns when it settles on the CPU; on a machine without CUDA, say so up front (inherited by every step)."""
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def seed(args: DemoArguments) -> list[str]:
+    """The recipes' seed (0) is the default one."""
+    return [] if args.seed == DemoArguments.seed else ["--seed", str(args.seed)]
+
+
 def run(cmd: list[str]) -> None:
     print("$ " + shlex.join(["python", *map(str, cmd[1:])]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
 def step(n: int, title: str) -> None:
-    print(f"\n==> [{n}/6] {title}", flush=True)
+    print(f"\n==> [{n}/7] {title}", flush=True)
 
 
 if __name__ == "__main__":

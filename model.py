@@ -13,6 +13,7 @@ merge_lora_export); building blocks below; `python model.py merge SRC DST` merge
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -225,11 +226,11 @@ class MiniGemini(nn.Module):
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         mask, pos = inputs["attention_mask"], inputs["position_ids"]
         image_mask = inputs.get("mm_image_mask")
-        cache = DynamicCache(config=self.llm.config)
+        cache = {cache_keyword(self.llm): DynamicCache(config=self.llm.config)}
         done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
         new = []
         for _ in range(max_new_tokens):
-            logits = self.llm(**inputs, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = self.llm(**inputs, **cache, use_cache=True).logits[:, -1].float()
             token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad), token)
             new.append(token)
@@ -1050,6 +1051,13 @@ def enable_checkpointing(model):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def cache_keyword(llm) -> str:
+    """The keyword an LLM's forward takes its KV cache by: transformers 5.24 renamed `past_key_values` to `cache` in
+    every model family (the old name warns, and stops working in 5.40); earlier 5.x versions know only the old one."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm     # PEFT passes keywords through
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def sample_next(logits, do_sample, temperature=1.0, top_k=0, top_p=1.0, generator=None):

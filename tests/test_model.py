@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -499,6 +500,21 @@ def test_greedy_generate_equals_argmax_of_full_forwards(root, tok, attention):
                 step = model(ids, images=images, images_aux=aux).logits[0, -1].argmax()
             ids = torch.cat([ids, step.view(1, 1)], 1)
         assert got[row].tolist() == ids[0, -5:].tolist(), row
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_passes_the_cache_under_the_name_the_llm_takes(root, tok, family):
+    """No deprecation warning from any family's forward (transformers 5.24 renamed `past_key_values` to `cache`,
+    and 5.40 drops the old name), bare or wrapped by PEFT."""
+    bare = build(root, tok, family=family).eval()
+    for model in (bare, apply_lora(build(root, tok, family=family), r=4, dropout=0.0).eval()):
+        batch = tiny_batch(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model.generate(batch["input_ids"], batch["attention_mask"], batch["images"], batch["images_aux"],
+                                 max_new_tokens=3, eos_token_id=-1)
+        assert out.shape == (3, 3)
+        assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
 
 
 def test_sampling_is_reproducible_with_a_generator(root, tok):
