@@ -32,7 +32,7 @@ IMAGE_TAG = "<image>"
 
 def manifest():
     """The entry point (pyproject.toml): lmms-eval imports the class only when --model names it."""
-    from lmms_eval.models.registry_v2 import ModelManifest   # not at the top: lmms_eval.models loads entry points
+    from lmms_eval.models.registry_v2 import ModelManifest  # not at the top: lmms_eval.models loads entry points
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.MiniGeminiLMM")
 
 
@@ -47,7 +47,7 @@ class MiniGeminiLMM(lmms):
             sys.path.insert(0, here)
         from eval import Answerer, load_for_inference
         if device is None:    # one process per GPU under `accelerate launch`: bind to this process's own
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         if str(batch_size).startswith("auto"):
             raise ValueError("--batch_size auto is not supported: give a number")
         self.answerer = Answerer(*load_for_inference(pretrained, template, device=device))
@@ -80,7 +80,7 @@ class MiniGeminiLMM(lmms):
                     batch = indices[start:start + self.batch_size]
                     prompts, images = [], []
                     for i in batch:
-                        context, gen_kwargs, doc_to_visual, doc_id, task, split = requests[i].args
+                        context, _, doc_to_visual, doc_id, task, split = requests[i].args
                         doc = self.task_dict[task][split][doc_id]
                         prompt, imgs = self.prompt_and_images(context, doc_to_visual, doc)
                         prompts.append(prompt)
@@ -107,14 +107,16 @@ class MiniGeminiLMM(lmms):
                 continuation = target if isinstance(target, str) else str(target(doc))
                 prompt, imgs = self.prompt_and_images(context, doc_to_visual, doc)
                 segments = template.prompt_segments([{"role": "user", "content": prompt}], tokenizer)
-                rows.append(encode_segments(segments + [Segment(continuation, trainable=True, literal=True)], tokenizer))
+                answer = Segment(continuation, trainable=True, literal=True)     # labels mark exactly its tokens
+                rows.append(encode_segments(segments + [answer], tokenizer))
                 images.append(imgs)
             width = max(len(ids) for ids, _ in rows)
             input_ids = torch.full((len(rows), width), self.answerer.pad, dtype=torch.long)
             labels = torch.full_like(input_ids, IGNORE_INDEX)
             mask = torch.zeros_like(input_ids)
             for r, (ids, labs) in enumerate(rows):
-                input_ids[r, :len(ids)], labels[r, :len(ids)], mask[r, :len(ids)] = torch.tensor(ids), torch.tensor(labs), 1
+                input_ids[r, :len(ids)], labels[r, :len(ids)] = torch.tensor(ids), torch.tensor(labs)
+                mask[r, :len(ids)] = 1
             inputs = model.prepare_inputs(input_ids.to(self.device), mask.to(self.device), labels.to(self.device),
                                           **self.answerer.image_inputs(images))
             labels = inputs.pop("labels")[:, 1:]          # spliced: image placeholders expanded to their features

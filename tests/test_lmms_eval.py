@@ -173,3 +173,20 @@ def test_loglikelihood_ranks_the_greedy_first_word_highest(tiny):
                                              idx=0, metadata={"task": "tiny", "doc_id": i, "repeats": 1})
                                     for i in (0, 4)])
     assert red[0] != pytest.approx(yellow[0], abs=1e-6)
+
+
+@pytest.mark.skipif(not (REPO / "runs/demo/finetune/mgm_config.json").exists(), reason="run `make demo` first")
+def test_lmms_eval_scores_the_demo_export_as_eval_py_does(tmp_path):
+    """The demo's finetuned export on the colour questions (true references): the same score and answers."""
+    import eval as eval_py
+    export, task_dir = REPO / "runs/demo/finetune", tmp_path / "task"
+    questions = [json.loads(line) for line in write_task(task_dir).read_text().splitlines()]
+    truth = [q["image"][0].split("_")[0].removesuffix(".png") if q["image"] else "circle" for q in questions]
+    data = write_task(task_dir, truth)
+    expected = eval_py.main(["--model", str(export), "--data", str(data), "--image_folder", str(task_dir / "images"),
+                             "--output", str(tmp_path / "eval.jsonl"), "--max_new_tokens", "6"])
+    greedy = [json.loads(line)["prediction"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    stdout, results, samples = run_lmms_eval(export, task_dir, tmp_path, "mgm_tiny_vqa")
+    print(stdout)
+    assert results["results"]["mgm_tiny_vqa"]["exact_match,none"] == pytest.approx(expected)
+    assert [s["filtered_resps"] for s in samples["mgm_tiny_vqa"]] == greedy
