@@ -121,6 +121,19 @@ def table_value(stdout: str, task: str, metric: str) -> float:
     raise AssertionError(f"no {task}/{metric} row in the printed table:\n{stdout[-3000:]}")
 
 
+def adapter_requests(task_dir: Path, request_type: str, args: list[tuple]) -> tuple[list, list[dict]]:
+    """lmms-eval request objects over the task's docs: args are (doc index, the request's second argument)."""
+    import importlib.util
+
+    from lmms_eval.api.instance import Instance
+    spec = importlib.util.spec_from_file_location("tiny_utils", task_dir / "tiny_utils.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    docs = [json.loads(line) for line in (task_dir / "questions.jsonl").read_text().splitlines()]
+    return [Instance(request_type, (task.doc_to_text(docs[i]), second, task.doc_to_visual, i, "tiny", "train"),
+                     idx=0, metadata={"task": "tiny", "doc_id": i, "repeats": 1}) for i, second in args], docs
+
+
 def test_lmms_eval_scores_an_export_as_eval_py_does(tiny, tmp_path):
     """Every even question's reference is eval.py's own answer, every odd one MISS: both scorers must find 0.5, and
     lmms-eval's answers must be eval.py's word for word (same prompt, images, template and greedy decoding)."""
@@ -141,26 +154,17 @@ def test_lmms_eval_scores_an_export_as_eval_py_does(tiny, tmp_path):
 def test_loglikelihood_ranks_the_greedy_first_word_highest(tiny):
     """lmms-eval's loglikelihood requests (multiple-choice tasks) through the adapter: after each question, the first
     word greedy decoding chose has the highest log-probability of the four candidates and is the only greedy one."""
-    from lmms_eval.api.instance import Instance
-
     from lmms_adapter import MiniGeminiLMM
     export, task_dir, greedy = tiny
-    sys.path.insert(0, str(task_dir))
-    import tiny_utils
-    docs = [json.loads(line) for line in (task_dir / "questions.jsonl").read_text().splitlines()]
+    args, firsts = [], []
+    for i, answer in enumerate(greedy):
+        if answer.split():                 # (an empty answer: the model stopped at once, no first word)
+            firsts.append(answer.split()[0])
+            args += [(i, " " + word) for word in [firsts[-1]] + [w for w in COLOURS if w != firsts[-1]][:3]]
+    assert firsts, greedy
+    requests, docs = adapter_requests(task_dir, "loglikelihood", args)
     lm = MiniGeminiLMM(pretrained=str(export), batch_size=5, device="cpu")
     lm.task_dict = {"tiny": {"train": docs}}
-    requests, firsts = [], []
-    for i, (doc, answer) in enumerate(zip(docs, greedy)):
-        if not answer.split():
-            continue            # the model stopped at once: no first word
-        first = answer.split()[0]
-        firsts.append(first)
-        for word in [first] + [w for w in COLOURS if w != first][:3]:
-            requests.append(Instance("loglikelihood", (tiny_utils.doc_to_text(doc), " " + word,
-                                                       tiny_utils.doc_to_visual, i, "tiny", "train"),
-                                     idx=0, metadata={"task": "tiny", "doc_id": i, "repeats": 1}))
-    assert firsts, greedy
     results = lm.loglikelihood(requests)
     for k in range(len(firsts)):
         scores = results[4 * k:4 * k + 4]
@@ -168,10 +172,7 @@ def test_loglikelihood_ranks_the_greedy_first_word_highest(tiny):
         assert [g for _, g in scores] == [True, False, False, False], scores
         assert all(lp < 0 for lp, _ in scores)
     # The images reach the model: the same question and word score differently after a red and a yellow image.
-    red, yellow = lm.loglikelihood([Instance("loglikelihood", (tiny_utils.doc_to_text(docs[i]), " red",
-                                                               tiny_utils.doc_to_visual, i, "tiny", "train"),
-                                             idx=0, metadata={"task": "tiny", "doc_id": i, "repeats": 1})
-                                    for i in (0, 4)])
+    red, yellow = lm.loglikelihood(adapter_requests(task_dir, "loglikelihood", [(0, " red"), (4, " red")])[0])
     assert red[0] != pytest.approx(yellow[0], abs=1e-6)
 
 
@@ -190,3 +191,36 @@ def test_lmms_eval_scores_the_demo_export_as_eval_py_does(tmp_path):
     print(stdout)
     assert results["results"]["mgm_tiny_vqa"]["exact_match,none"] == pytest.approx(expected)
     assert [s["filtered_resps"] for s in samples["mgm_tiny_vqa"]] == greedy
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "lora"])
+def test_adapter_answers_pretrain_and_lora_exports_as_eval_py_does(tiny, tmp_path, kind):
+    """generate_until on lmms-eval's own request objects, for the other export kinds (standard resolution), cut at
+    the task's `until` string: eval.py's answers, cut the same way."""
+    from transformers import AutoTokenizer
+
+    import eval as eval_py
+    from lmms_adapter import MiniGeminiLMM
+    from model import apply_lora, set_stage
+    from tests.tiny_models import build
+    export, task_dir, _ = tiny
+    root = export.parent
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    model = build(root, tok)
+    if kind == "pretrain":
+        set_stage(model, "pretrain", print_fn=None)
+    else:
+        model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+        for name, p in model.llm.named_parameters():       # LoRA B starts at zero: make the adapters matter
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / kind, tok)
+    eval_py.main(["--model", str(tmp_path / kind), "--data", str(task_dir / "questions.jsonl"), "--image_folder",
+                  str(task_dir / "images"), "--output", str(tmp_path / "eval.jsonl"), "--max_new_tokens", "5"])
+    predictions = [json.loads(line)["prediction"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+
+    requests, docs = adapter_requests(task_dir, "generate_until",
+                                      [(i, {"max_new_tokens": 5, "until": [":"]}) for i in range(len(predictions))])
+    lm = MiniGeminiLMM(pretrained=str(tmp_path / kind), batch_size=3, device="cpu")
+    lm.task_dict = {"tiny": {"train": docs}}
+    assert lm.generate_until(requests) == [p.split(":")[0] for p in predictions]
