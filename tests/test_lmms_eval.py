@@ -224,3 +224,9 @@ def test_adapter_answers_pretrain_and_lora_exports_as_eval_py_does(tiny, tmp_pat
     lm = MiniGeminiLMM(pretrained=str(tmp_path / kind), batch_size=3, device="cpu")
     lm.task_dict = {"tiny": {"train": docs}}
     assert lm.generate_until(requests) == [p.split(":")[0] for p in predictions]
+
+
+def test_adapter_without_lmms_eval_says_how_to_install_it():
+    script = "import sys; sys.modules['lmms_eval'] = None; import lmms_adapter"     # as if not installed
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "pip install -r requirements-eval.txt" in done.stderr.splitlines()[-1]
