@@ -17,14 +17,13 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-from PIL import Image
-
 try:
     from lmms_eval.api.model import lmms
 except ModuleNotFoundError as e:
     raise ModuleNotFoundError(f"lmms_adapter.py needs lmms-eval ({e}): pip install -r requirements-eval.txt "
                               "&& pip install --no-deps -e .") from e
+import torch
+from PIL import Image
 
 MODEL_NAME = "mini_gemini"
 IMAGE_TAG = "<image>"
