@@ -40,6 +40,7 @@ class MiniGeminiLMM(lmms):
 
     def __init__(self, pretrained: str, template: str | None = None, device: str | None = None,
                  batch_size: int | str = 1, max_batch_size=None, max_new_tokens: int | str = 128):
+        # batch_size, max_batch_size and device come from lmms-eval's own options (max_batch_size is unused)
         super().__init__()
         here = os.path.dirname(os.path.abspath(__file__))   # model.py, eval.py, data.py live next to this file
         if here not in sys.path:                            # (the editable install maps only this module)
@@ -67,7 +68,8 @@ class MiniGeminiLMM(lmms):
         return context, images
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy answers in batches of --batch_size, cut at the task's `until` strings."""
+        """Greedy answers in batches of --batch_size, cut at the task's `until` strings. Always greedy: a task's
+        temperature, top_p or num_beams are not used (MGM's and LLaVA's benchmarks ask for greedy anyway)."""
         from tqdm import tqdm
         answers: list[str] = [""] * len(requests)
         by_length: dict[int, list[int]] = {}      # one max_new_tokens per generate call
