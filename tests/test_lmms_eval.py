@@ -1,6 +1,7 @@
-"""lmms-eval scores an export through its own entry point (`python -m lmms_eval --model mini_gemini`), offline, on
-tiny local tasks in its task format: images on disk, questions and answers in JSONL, lmms-eval's own exact-match and
-multiple-choice scoring. The generation task's answers and score equal eval.py's on the same questions."""
+"""lmms-eval scores an export through its own entry point (`python -m lmms_eval --model mini_gemini`), offline, on a
+tiny local task in its task format (images on disk, questions and answers in JSONL, lmms-eval's exact-match scoring):
+its answers and score equal eval.py's on the same questions. The adapter's other paths (pretrain-only and LoRA
+exports, `until` stop strings, loglikelihood) run on lmms-eval's own request objects."""
 import json
 import os
 import re
@@ -113,7 +114,7 @@ def run_lmms_eval(export: Path, task_dir: Path, out: Path, tasks: str) -> tuple[
 
 
 def table_value(stdout: str, task: str, metric: str) -> float:
-    """The value in lmms-eval's printed results table: |task|version|filter|n-shot|metric|↑|value|..."""
+    """The value in lmms-eval's printed results table: |Tasks|Filter|n-shot|Metric|↑|Value|±|Stderr|..."""
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.split("|")]
         if task in cells and metric in cells:
