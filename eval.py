@@ -143,21 +143,26 @@ class Answerer:
         attention_mask = torch.zeros_like(input_ids)
         for row, p in enumerate(prompts):
             input_ids[row, :len(p)], attention_mask[row, :len(p)] = p, 1
+        out = self.model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=self.stop, pad_token_id=self.pad,
+                                  **self.image_inputs(images))
+        return [self.decode(row) for row in out.tolist()]
+
+    def image_inputs(self, images: list[list]) -> dict:
+        """Each row's PIL images -> the model's images / images_aux / image_counts arguments."""
+        device = next(self.model.parameters()).device
         views, aux = [], []
         for image in (img for imgs in images for img in imgs):
             v, a = self.processor(image)
             views.append(v)
             aux.append(a)
-        image_kw = dict(images=None, images_aux=None)
+        kw = dict(images=None, images_aux=None,
+                  image_counts=torch.tensor([len(imgs) for imgs in images], device=device))
         if views:
-            image_kw["images"] = torch.stack(views).to(device, next(self.model.vision_tower.parameters()).dtype)
+            kw["images"] = torch.stack(views).to(device, next(self.model.vision_tower.parameters()).dtype)
             if self.model.vision_tower_aux is not None:
-                image_kw["images_aux"] = torch.stack(aux).to(image_kw["images"])
-        out = self.model.generate(input_ids.to(device), attention_mask.to(device),
-                                  image_counts=torch.tensor([len(imgs) for imgs in images], device=device),
-                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop,
-                                  pad_token_id=self.pad, **image_kw)
-        return [self.decode(row) for row in out.tolist()]
+                kw["images_aux"] = torch.stack(aux).to(kw["images"])
+        return kw
 
     def decode(self, ids: list[int]) -> str:
         for k, token in enumerate(ids):          # cut at the first stop token (later ones are padding)
