@@ -96,7 +96,10 @@ def parse_args(argv: list[str] | None = None):
             argv = recipe_to_argv(yaml.safe_load(f) or {}) + argv
     # "resolve": a field two of the dataclasses share would be one option that sets both.
     parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments), allow_abbrev=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    *arg_objects, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # no prefix abbreviations either: --max_step is not --max_steps
+        raise SettingsError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help")
+    return tuple(arg_objects)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -793,11 +796,13 @@ def file_problem(path: str) -> str | None:
     directory (small ones by every CRC too), YAML / JSON by parsing."""
     try:
         if path.endswith(".safetensors"):
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
+                if 8 + n > size:
+                    return f"truncated ({size} bytes, the header alone says {8 + n})"
                 header = json.loads(f.read(n))
             end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-            size = os.path.getsize(path)
             return None if size == 8 + n + end else f"truncated ({size} bytes, the header says {8 + n + end})"
         if path.endswith((".bin", ".pkl", ".pt", ".pth")):
             if not zipfile.is_zipfile(path):
