@@ -161,13 +161,13 @@ def load_for_inference(model_dir: str, template: str | None = None, device: str 
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
     dtype = None if device != "cpu" else "float32"     # half precision is slow (or unsupported) on CPU
     check_tokenizer_dir(model_dir)
-    model = MiniGemini.from_pretrained(model_dir, dtype=dtype, device=device if device != "cpu" else None)
-    model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = template or config.get("template") or ("auto" if tokenizer.chat_template else None)
     if template is None:  # a wrong template answers badly without any error: never guess one
         raise ValueError(f"{model_dir} names no template (no train_config.yaml with a template, no chat template in "
                          "its tokenizer): pass --template with the one it was trained with (e.g. plain, vicuna_v1)")
+    model = MiniGemini.from_pretrained(model_dir, dtype=dtype, device=device if device != "cpu" else None)
+    model.to(device).eval()
     processor = ImageProcessor(**model.image_settings(), aspect_ratio=config.get("image_aspect_ratio", "pad"))
     return model, tokenizer, processor, template
 
