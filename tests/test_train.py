@@ -190,7 +190,9 @@ def test_settings_out_of_range_are_refused_naming_the_setting_and_its_range(tiny
         with pytest.raises(train.SettingsError, match=rf"^{setting}: .*{value}.*{allowed}"):
             run_in_process([recipe, "--output_dir", str(tmp_path / "run"), f"--{setting}", value])
     with pytest.raises(train.SettingsError, match=r"^data_path: .*nowhere.json does not exist"):
-        run_in_process([recipe, "--data_path", str(tmp_path / "nowhere.json")])
+        run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--data_path", str(tmp_path / "nowhere.json")])
+    with pytest.raises(train.SettingsError, match=r"^image_folder: .*nowhere is not a directory"):
+        run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--image_folder", str(tmp_path / "nowhere")])
     with pytest.raises(train.SettingsError, match=r"^unknown setting\(s\) --max_step 2"):
         train.parse_args([recipe, "--max_step", "2"])
     assert not (tmp_path / "run").exists()
@@ -467,7 +469,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny, tmp_path, stage,
 
 def test_a_run_whose_records_are_mostly_unusable_stops_early(tiny, tmp_path):
     """A wrong image_folder makes every image record "image not found": the run stops, naming the kinds."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], image_folder=str(tmp_path / "nowhere"),
+    (tmp_path / "wrong").mkdir()   # one that does not exist at all is refused at start (check_paths)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], image_folder=str(tmp_path / "wrong"),
                           per_device_batch_size=8, max_steps=20)
     with pytest.raises(RuntimeError, match=r"records seen so far were unusable .*image not found"):
         run_in_process([str(recipe), "--output_dir", str(tmp_path / "run")])
