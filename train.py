@@ -673,7 +673,7 @@ def kept_metrics(path: str, after_step: int, say=print) -> list[str]:
 
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
-RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "export", "mgm")   # what a run writes besides checkpoints ("mgm": trackers)
+RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "export", "export.tmp", "mgm")  # besides checkpoints ("mgm": trackers)
 # Settings a resumed run may change: how long it runs and what it reports or saves, not what it learns. An extended
 # run (max_steps, num_epochs) follows the schedule of its new length, as if that had been set from the start.
 RESUMABLE = ("output_dir", "export_dir", "overwrite_output_dir", "resume", "max_steps", "num_epochs", "logging_steps",

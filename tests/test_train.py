@@ -270,15 +270,18 @@ def test_a_run_owns_its_output_dir_and_resumes_only_itself(tiny, tmp_path, capsy
     records = [{"id": f"gone{i}", "image": "missing.png", "conversations": [
         {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": "red"}]} for i in range(2)]
     (tmp_path / "eval.json").write_text(json.dumps(records))
+    shutil.copytree(out / "export", tmp_path / "export")   # a pretrain export where the full one goes
     export = run_in_process([recipe, "--output_dir", str(out), "--overwrite_output_dir", "true", "--stage",
-                             "finetune", "--template", "vicuna_v1", "--max_steps", "1",
-                             "--eval_data_path", str(tmp_path / "eval.json")])
+                             "finetune", "--template", "vicuna_v1", "--max_steps", "1", "--export_dir",
+                             str(tmp_path / "export"), "--eval_data_path", str(tmp_path / "eval.json")])
     printed = capsys.readouterr().out
     assert ("overwrite_output_dir: deleted checkpoint-000001, checkpoint-000004, checkpoint-000005, export, "
             "metrics.jsonl, run.json") in printed
     assert f"eval skipped: no usable record in {tmp_path / 'eval.json'} (2 unusable eval records skipped)" in printed
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]   # no eval_loss line
     assert checkpoints() == ["checkpoint-000001"] and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000001", "metrics.jsonl", "notes.txt", "run.json",
+                                                     "train.lock"]
     assert (Path(export) / "model.safetensors").exists() and not (Path(export) / "mm_weights.safetensors").exists()
 
 
