@@ -106,6 +106,8 @@ def load_questions(path: str, skipped: list | None = None) -> list[Question]:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     else:
         records = [(f"{name}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not records:
+        raise ValueError(f"{path}: holds no records")
     questions = []
     for fallback_id, r in records:
         try:

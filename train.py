@@ -368,7 +368,10 @@ def parse_lr_multi(text: str) -> list[tuple[str, float]]:
 def check_paths(model_args, data_args, args: TrainArguments) -> None:
     """The files a run reads exist, checked before anything is loaded (a hub name is left to the hub)."""
     for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
-        mgm.check_model_ref(getattr(model_args, setting), setting)
+        try:
+            mgm.check_model_ref(getattr(model_args, setting), setting)
+        except FileNotFoundError as e:
+            raise SettingsError(str(e)) from None
     for setting, value in (("data_path", data_args.data_path), ("eval_data_path", args.eval_data_path)):
         for path in (p.strip() for p in value.split(",")):
             if path and not os.path.exists(path):
@@ -785,7 +788,10 @@ def checkpoint_problem(ckpt: str) -> str | None:
             return f"{name}: {problem}"
     required = ["train_config.yaml", "custom_checkpoint_0.pkl"]
     if "custom_checkpoint_0.pkl" in files:
-        state = torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"), weights_only=False)
+        try:
+            state = torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"), weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            return f"custom_checkpoint_0.pkl: unreadable ({type(e).__name__}: {e})"
         required += [f"random_states_{i}.pkl" for i in range(state.get("num_processes", 1))]
     missing = [name for name in required if name not in files]
     return f"{', '.join(missing)} missing" if missing else None
