@@ -112,6 +112,11 @@ def test_eval_skips_and_names_bad_records_and_keeps_the_predictions_it_has(tiny_
     assert "skipped: 3 of 5 records" in out and re.search(r"^accuracy: [\d.]+ \(n=2\)$", out, re.M)
     assert [json.loads(line)["id"] for line in open(tmp_path / "p.jsonl")] == ["good", "good2"]
     assert evaluation.main(argv + ["--max_skip_fraction", "0.6"]) >= 0.0
+    with pytest.raises(ValueError, match=r"q.jsonl: record q.jsonl:4: invalid JSON"):   # without a skipped list
+        load_questions(str(tmp_path / "q.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: holds no records"):
+        load_questions(str(tmp_path / "empty.jsonl"))
 
     bare = tmp_path / "bare"   # an export that lost its train_config.yaml and its chat template
     shutil.copytree(export, bare)
