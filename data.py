@@ -819,9 +819,15 @@ def _load_source(path: str, cache_dir: str | None, num_proc: int | None) -> data
             ds = ds["train"]
     elif path.endswith((".json", ".jsonl")):
         stat = os.stat(path)   # in the generator's arguments, so an edited file is not served from a stale cache
-        return datasets.Dataset.from_generator(
-            _json_records, features=RECORD_FEATURES, cache_dir=cache_dir,
-            gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
+        try:
+            ds = datasets.Dataset.from_generator(
+                _json_records, features=RECORD_FEATURES, cache_dir=cache_dir,
+                gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
+        except datasets.exceptions.DatasetGenerationError as e:   # its own message names neither file nor cause
+            cause = e.__cause__
+            raise ValueError(f"{path}: not a valid JSON array of records ({cause})" if isinstance(
+                cause, json.JSONDecodeError) else f"{path}: {cause or e}") from e
+        return ds
     elif path.endswith(".parquet"):
         ds = datasets.Dataset.from_parquet(path, cache_dir=cache_dir)
     else:
@@ -843,17 +849,23 @@ def _json_records(path: str, stamp: str):
         f.seek(0)
         if head.startswith("["):   # a JSON array is parsed whole, once, in this process; then it lives in Arrow
             records = json.load(f)
+            if not records:
+                raise ValueError("holds no records")   # load_records names the file
             for i, record in enumerate(records):
                 yield _normalize_record(record, f"{source}:{i}")
             return
+        found = False
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            found = True
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 record = {"id": f"{source}:{line_no}", "_problem": f"malformed record: invalid JSON ({e})"}
             yield _normalize_record(record, f"{source}:{line_no}")
+        if not found:
+            raise ValueError("holds no records")
 
 
 def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int) -> dict:

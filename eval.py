@@ -4,8 +4,14 @@
 
 --data is any LLaVA-format JSON/JSONL: each record's first human turn is the question (with or without an <image>
 tag), the gpt turn after it the reference answer. Answers and references are compared after normalization (case,
-punctuation, articles, spaces). Writes one JSON line per question (--output) and ends with the line
-`accuracy: <float> (n=<int>)`. chat.py uses the same loading and answering code (load_for_inference, Answerer).
+punctuation, articles, spaces). Writes one JSON line per answered question (--output) and ends with the line
+`accuracy: <float> (n=<int>)`, n being the questions answered. chat.py uses the same loading and answering code
+(load_for_inference, Answerer).
+
+A record that cannot be asked (a broken JSON line, no question/answer pair, an unreadable or missing image, <image>
+tags that do not match its images) is skipped and named by id, with a count at the end; the predictions already made
+are written even when the run stops early. The exit status is 1 when more than --max_skip_fraction of the records
+(default 0: any) were skipped, so a script notices a partial evaluation; the accuracy line is printed either way.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from data import ImageProcessor, load_image, tokenize_prompt
+from conversation import ConversationError
+from data import BadSample, ImageProcessor, load_image, tokenize_prompt
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")   # stop tokens besides the tokenizer's eos
@@ -37,22 +44,43 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
+    parser.add_argument("--max_skip_fraction", type=float, default=0.0,
+                        help="exit with status 1 when more of the records than this were skipped as unusable")
     a = parser.parse_args(argv)
     from tqdm import tqdm
 
-    questions = load_questions(a.data)[: a.limit or None]
+    skipped = []                                     # (record id, why)
+    questions = load_questions(a.data, skipped)[: a.limit or None]
     answerer = Answerer(*load_for_inference(a.model, a.template))
-    predictions = []
-    with tqdm(total=len(questions), desc="eval", unit="q", file=sys.stderr) as bar:
-        for i in range(0, len(questions), a.batch_size):
-            batch = questions[i:i + a.batch_size]
-            images = [[load_image({"path": p}, a.image_folder) for p in q.images] for q in batch]
-            predictions += answerer([q.question for q in batch], images, max_new_tokens=a.max_new_tokens)
-            bar.update(len(batch))
     output = a.output or os.path.join(a.model, f"predictions_{Path(a.data).stem}.jsonl")
-    accuracy = score(questions, predictions, output)
-    print(f"predictions: {output}")
-    print(f"accuracy: {accuracy:.4f} (n={len(questions)})")
+    answered, predictions = [], []
+    try:
+        with tqdm(total=len(questions), desc="eval", unit="q", file=sys.stderr) as bar:
+            for i in range(0, len(questions), a.batch_size):
+                ready, images = [], []
+                for q in questions[i:i + a.batch_size]:
+                    try:
+                        images.append(answerer.check(q, a.image_folder))
+                        ready.append(q)
+                    except (BadSample, ConversationError) as e:
+                        skipped.append((q.id, str(e)))
+                if ready:
+                    predictions += answerer([q.question for q in ready], images, max_new_tokens=a.max_new_tokens)
+                    answered += ready
+                bar.update(len(questions[i:i + a.batch_size]))
+    finally:  # also when generation fails part way: the answers so far are kept
+        accuracy = score(answered, predictions, output)
+        for record_id, why in skipped:
+            print(f"skipped record {record_id}: {why}", file=sys.stderr)
+        total = len(answered) + len(skipped)
+        if skipped:
+            print(f"skipped: {len(skipped)} of {total} records")
+        print(f"predictions: {output}")
+    print(f"accuracy: {accuracy:.4f} (n={len(answered)})")
+    if len(skipped) > a.max_skip_fraction * total:
+        print(f"eval.py: {len(skipped)} of {total} records skipped, over --max_skip_fraction "
+              f"{a.max_skip_fraction}", file=sys.stderr)
+        raise SystemExit(1)
     return accuracy
 
 
@@ -64,24 +92,44 @@ class Question:
     images: list[str]
 
 
-def load_questions(path: str) -> list[Question]:
-    """LLaVA JSON (array) or JSONL -> questions: the first human turn and the gpt turn after it."""
+def load_questions(path: str, skipped: list | None = None) -> list[Question]:
+    """LLaVA JSON (array) or JSONL -> questions: the first human turn and the gpt turn after it. A record that has
+    none (or a JSONL line that is not JSON) is an error naming it, or, given a `skipped` list, is appended there as
+    (id, why) and left out. Ids default to <file>:<index> (JSON) or <file>:<line> (JSONL)."""
+    name = os.path.basename(path)
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(s) for s in text.splitlines()
-                                                                        if s.strip()]
+    if text.lstrip().startswith("["):
+        try:
+            records = [(f"{name}:{i}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    else:
+        records = [(f"{name}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not records:
+        raise ValueError(f"{path}: holds no records")
     questions = []
-    for i, r in enumerate(records):
-        turns = r.get("conversations") or r.get("messages") or []
-        roles = [t.get("from", t.get("role")) for t in turns]
-        values = [t.get("value", t.get("content")) for t in turns]
-        user = next((k for k, role in enumerate(roles) if role in ("human", "user")), None)
-        if user is None or user + 1 >= len(turns) or roles[user + 1] not in ("gpt", "assistant"):
-            raise ValueError(f"{path}: record {r.get('id', i)} has no question followed by an answer")
-        image = r.get("image", r.get("images")) or []
-        questions.append(Question(str(r.get("id", i)), values[user], values[user + 1],
-                                  image if isinstance(image, list) else [image]))
+    for fallback_id, r in records:
+        try:
+            questions.append(_question(json.loads(r) if isinstance(r, str) else r, fallback_id))
+        except (ValueError, TypeError, AttributeError) as e:
+            why = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+            if skipped is None:
+                raise ValueError(f"{path}: record {fallback_id}: {why}") from None
+            skipped.append((fallback_id, why))
     return questions
+
+
+def _question(r: dict, fallback_id: str) -> Question:
+    record_id = str(r.get("id", fallback_id))
+    turns = r.get("conversations") or r.get("messages") or []
+    roles = [t.get("from", t.get("role")) for t in turns]
+    values = [t.get("value", t.get("content")) for t in turns]
+    user = next((k for k, role in enumerate(roles) if role in ("human", "user")), None)
+    if user is None or user + 1 >= len(turns) or roles[user + 1] not in ("gpt", "assistant"):
+        raise ValueError(f"record {record_id} has no question followed by an answer")
+    image = r.get("image", r.get("images")) or []
+    return Question(record_id, values[user], values[user + 1], image if isinstance(image, list) else [image])
 
 
 def normalize_answer(text: str) -> str:
@@ -109,16 +157,19 @@ def load_for_inference(model_dir: str, template: str | None = None, device: str 
     model itself (model.image_settings()), so the input is prepared exactly as in training."""
     from transformers import AutoTokenizer
 
-    from model import MiniGemini
+    from model import MiniGemini, check_tokenizer_dir
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config_path = Path(model_dir, "train_config.yaml")
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
     dtype = None if device != "cpu" else "float32"     # half precision is slow (or unsupported) on CPU
+    check_tokenizer_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = template or config.get("template") or ("auto" if tokenizer.chat_template else None)
+    if template is None:  # a wrong template answers badly without any error: never guess one
+        raise ValueError(f"{model_dir} names no template (no train_config.yaml with a template, no chat template in "
+                         "its tokenizer): pass --template with the one it was trained with (e.g. plain, vicuna_v1)")
     model = MiniGemini.from_pretrained(model_dir, dtype=dtype, device=device if device != "cpu" else None)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if template is None:
-        template = config.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
     processor = ImageProcessor(**model.image_settings(), aspect_ratio=config.get("image_aspect_ratio", "pad"))
     return model, tokenizer, processor, template
 
@@ -163,6 +214,13 @@ class Answerer:
             if self.model.vision_tower_aux is not None:
                 kw["images_aux"] = torch.stack(aux).to(kw["images"])
         return kw
+
+    def check(self, question: Question, image_folder: str = ".") -> list:
+        """The images of one question, once its prompt is known to build (BadSample naming the problem if not)."""
+        images = [load_image({"path": p}, image_folder) for p in question.images]
+        tokenize_prompt([{"role": "user", "content": question.question}], self.tokenizer, self.template,
+                        num_images=len(images))
+        return images
 
     def decode(self, ids: list[int]) -> str:
         for k, token in enumerate(ids):          # cut at the first stop token (later ones are padding)

@@ -69,6 +69,8 @@ class ModelArguments:
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
     The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it)."""
+    for setting in (*REF_SETTINGS, "pretrained_mm_path"):
+        check_model_ref(getattr(args, setting), setting)
     dtype = getattr(torch, args.dtype)
     llm = load_llm(args.llm, dtype=dtype, bits=args.bits, attention=args.attention,
                    random_init=args.random_init, device=device)
@@ -266,7 +268,8 @@ class MiniGemini(nn.Module):
         kind = weights if weights != "auto" else "pretrain" if self.stage == "pretrain" else "lora" if lora else "full"
         state = state_dict if state_dict is not None else self.state_dict()
         llm_state = {k.removeprefix("llm."): v for k, v in state.items() if k.startswith("llm.")}
-        meta = dict(format="mini-gemini", export=kind, args=asdict(self.config), image_settings=self.image_settings(),
+        meta = dict(format="mini-gemini", export=kind, args=portable_refs(asdict(self.config)),
+                    image_settings=self.image_settings(),
                     llm_config=self.llm.config.to_dict(), vision_config=self.vision_tower.model.config.to_dict(),
                     vision_aux_config=self.vision_tower_aux.spec if self.vision_tower_aux else None,
                     im_start_end_ids=self.im_start_end_ids, lora_config=None)
@@ -289,7 +292,12 @@ class MiniGemini(nn.Module):
         """Load an export. Full exports need nothing else; pretrain / LoRA exports also load their base
         checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings."""
         path = Path(path)
+        if not (path / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{path} is not a Mini-Gemini export (no {CONFIG_NAME})")
         meta = json.loads((path / CONFIG_NAME).read_text())
+        if meta["export"] != "full":  # the base checkpoints a pretrain / LoRA export builds on must be reachable
+            for setting in ("llm", "vision_tower", "vision_tower_aux"):
+                check_model_ref(meta["args"].get(setting), setting, f"{path / CONFIG_NAME} refers to it: ")
         known = {f.name for f in fields(ModelArguments)}
         args = ModelArguments(**{k: v for k, v in meta["args"].items() if k in known})
         args.bits, args.dtype = bits or args.bits, dtype or args.dtype
@@ -411,6 +419,39 @@ def merge_lora_export(src, dst, dtype=None):
     model.stage = None
     merge_lora(model).save_pretrained(dst, AutoTokenizer.from_pretrained(src), weights="full")
     return dst
+
+
+# =============================================================================================================
+# Checkpoint references: local paths or hub names
+# =============================================================================================================
+REF_SETTINGS = ("llm", "vision_tower", "vision_tower_aux")   # the base checkpoints an export refers to
+TOKENIZER_VOCABULARY = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def is_local_path(ref: str) -> bool:
+    """A reference that can only mean a local path: absolute, ./ ../ ~, or more than the one "/" of org/name."""
+    return not ref.startswith("hf-hub:") and (ref.startswith(("/", ".", "~")) or ref.count("/") > 1)
+
+
+def check_model_ref(ref: str | None, setting: str, context: str = "") -> None:
+    """A missing local checkpoint is named as such, not reported by the hub client as a malformed repo id."""
+    if ref and is_local_path(ref) and not os.path.exists(os.path.expanduser(ref)):
+        raise FileNotFoundError(f"{context}{setting}: {ref} does not exist (a local path, relative to {os.getcwd()}; "
+                                "a hub name has the form org/name)")
+
+
+def portable_refs(args: dict) -> dict:
+    """An export's base references as absolute paths where they are local, so it loads from any working
+    directory; hub names stay as they are."""
+    return {k: str(Path(v).expanduser().resolve()) if k in REF_SETTINGS and isinstance(v, str) and
+            not v.startswith("hf-hub:") and os.path.exists(os.path.expanduser(v)) else v for k, v in args.items()}
+
+
+def check_tokenizer_dir(path) -> None:
+    """A local directory without tokenizer vocabulary fails naming it (transformers would ask for sentencepiece)."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_VOCABULARY):
+        raise FileNotFoundError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_VOCABULARY[:3])}): copy the "
+                                "tokenizer files of the base LLM there")
 
 
 # =============================================================================================================

@@ -12,26 +12,31 @@ all micro-batches and ranks), so accumulation and data parallelism give exactly 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
 import resource
 import shutil
+import socket
 import sys
 import time
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, gather_object, is_tensorboard_available,
-                              is_wandb_available, set_seed)
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, broadcast_object_list, gather_object,
+                              is_tensorboard_available, is_wandb_available, set_seed)
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 
+import conversation
 import data
 import model as mgm
 from data import IGNORE_INDEX
@@ -39,7 +44,8 @@ from data import IGNORE_INDEX
 
 @dataclass
 class TrainArguments:
-    output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs
+    output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs: one run's, see start_run
+    overwrite_output_dir: bool = False   # delete another run's files in output_dir first (else: refuse to start)
     export_dir: str = ""                 # the final export; default: <output_dir>/export
     stage: str = "finetune"              # pretrain (projector + mining) | finetune (LLM too), see DESIGN.md
     tune: str = "full"                   # full | lora | qlora (qlora needs bits 4 or 8 in the model arguments)
@@ -76,7 +82,8 @@ class TrainArguments:
     eval_steps: int = 0                  # 0: only at the end
     save_steps: int = 500
     save_total_limit: int = 2
-    resume: str = ""                     # "auto": newest complete checkpoint in output_dir; or a checkpoint dir
+    resume: str = ""                     # "auto": newest complete checkpoint in output_dir; or a checkpoint dir.
+    #   A resumed run may change only the settings in RESUMABLE (length, reporting, saving); the rest must match.
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
     max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
@@ -89,15 +96,19 @@ def parse_args(argv: list[str] | None = None):
         with open(argv.pop(0)) as f:
             argv = recipe_to_argv(yaml.safe_load(f) or {}) + argv
     # "resolve": a field two of the dataclasses share would be one option that sets both.
-    parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments), allow_abbrev=False)
+    *arg_objects, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # no prefix abbreviations either: --max_step is not --max_steps
+        raise SettingsError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help")
+    return tuple(arg_objects)
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run one training stage; returns the export directory."""
     model_args, data_args, args = parse_args(argv)
     config = resolved_config(model_args, data_args, args)
-    check_args(model_args, args)
+    check_args(model_args, args, data_args)  # every setting, before anything is loaded
+    check_paths(model_args, data_args, args)
     accelerator = Accelerator(
         cpu=not has_accelerator(),  # accelerate 1.15 runs gloo multi-process on CPU only when told
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> str:
     accelerator.print(f"distributed: {accelerator.distributed_type}, {accelerator.num_processes} process(es), "
                       f"mixed precision: {accelerator.mixed_precision}")
     set_seed(args.seed)  # identical initialisation of new modules on every rank
+    run, ckpt = start_run(accelerator, args, config)  # output_dir is this run's; the checkpoint to resume from
 
     # Model, trainable parameters, data.
     tokenizer = load_tokenizer(model_args.llm)
@@ -146,14 +158,9 @@ def main(argv: list[str] | None = None) -> str:
         eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
         worker_init_fn=data.reuse_freed_memory))
     # Resume: weights of the trainables, optimizer, scheduler, RNG, data position, step and counters.
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        for stale in list_checkpoints(args.output_dir, complete=False):  # left by a crash in the middle of a save
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    ckpt = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
     if ckpt:
         accelerator.load_state(ckpt, **deepspeed_state_kwargs(accelerator, load=True))
+        follow_schedule(scheduler)
         if state.num_processes != accelerator.num_processes:
             raise ValueError(f"{ckpt} was written by {state.num_processes} processes, this run has "
                              f"{accelerator.num_processes}: the data position would not carry over")
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> str:
 
     # The loop: one iteration = one optimizer step over G micro-batches on every rank.
     batches = batch_stream(loader, state)
+    empty_steps = 0  # optimizer steps in a row whose batches had nothing to learn
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     say = bar.write if accelerator.is_local_main_process else (lambda message: None)
     peak = peak_flops(accelerator.device, args.peak_tflops)
@@ -184,7 +192,12 @@ def main(argv: list[str] | None = None) -> str:
         num_items = supervised_tokens(accelerator, window)
         if num_items == 0:  # every rank agrees (a global count): nothing to learn, so no update and no step
             say(f"step {state.step + 1}: no supervised token in this step's batches, skipped")
+            empty_steps += 1
+            if empty_steps * G >= per_epoch:  # a whole epoch of batches: the data cannot train anything
+                raise RuntimeError(f"{empty_steps * G} batches in a row held no supervised token (skipped samples: "
+                                   f"{state.skipped_samples}); check data_path / image_folder / template / max_length")
             continue
+        empty_steps = 0
         loss, tokens, samples = forward_backward(accelerator, model, window, num_items)
         state.seen_samples += samples
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
@@ -226,12 +239,16 @@ def main(argv: list[str] | None = None) -> str:
             metrics.write(state.step, log)
         if eval_loader is not None and (state.step == total_steps or
                                         args.eval_steps > 0 and state.step % args.eval_steps == 0):
-            eval_loss = evaluate(accelerator, model, eval_loader)
-            say(f"step {state.step} | eval loss {eval_loss:.4f}")
-            accelerator.log({"eval_loss": eval_loss}, step=state.step)
-            metrics.write(state.step, {"eval_loss": eval_loss})
+            eval_loss, eval_skipped = evaluate(accelerator, model, eval_loader)
+            note = f" ({eval_skipped} unusable eval records skipped)" if eval_skipped else ""
+            if eval_loss is None:  # never a loss of 0 for a set that could not be evaluated
+                say(f"step {state.step} | eval skipped: no usable record in {args.eval_data_path}{note}")
+            else:
+                say(f"step {state.step} | eval loss {eval_loss:.4f}{note}")
+                accelerator.log({"eval_loss": eval_loss}, step=state.step)
+                metrics.write(state.step, {"eval_loss": eval_loss})
         if state.step % args.save_steps == 0 or state.step == total_steps:
-            save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit)
+            save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit, run)
     bar.close()
     if state.skipped_samples:
         accelerator.print(f"skipped samples by kind: {state.skipped_samples}")
@@ -240,6 +257,7 @@ def main(argv: list[str] | None = None) -> str:
     export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
     accelerator.print(f"exported to {export_dir}")
     accelerator.end_training()
+    release_output_dir(args.output_dir)
     return export_dir
 
 
@@ -265,10 +283,18 @@ def resolved_config(*arg_objects) -> dict:
     return config
 
 
-def check_args(model_args, args: TrainArguments) -> None:
+class SettingsError(ValueError):
+    """A setting, path or output_dir that cannot work: reported as one line (no traceback) before anything loads."""
+
+
+def check_args(model_args, args: TrainArguments, data_args=None) -> None:
+    """Every setting against its allowed range: the first one out of range is named, with the range. Pure (no
+    file is read), so a recipe can be checked anywhere; check_paths looks at the files."""
+    for name, value, ok, allowed in setting_ranges(model_args, args, data_args):
+        if not ok:
+            raise SettingsError(f"{name}: {value!r} is out of range, allowed: {allowed}")
+    parse_lr_multi(args.lr_multi)
     bits = model_args.bits
-    if args.stage not in ("pretrain", "finetune") or args.tune not in ("full", "lora", "qlora"):
-        raise ValueError(f"stage must be pretrain|finetune and tune full|lora|qlora, got {args.stage}/{args.tune}")
     if (args.tune == "qlora") != (bits in (4, 8)):
         raise ValueError(f"tune={args.tune} with bits={bits}: qlora needs bits 4 or 8, and a quantized LLM "
                          "can only be trained through LoRA adapters")
@@ -276,8 +302,101 @@ def check_args(model_args, args: TrainArguments) -> None:
         raise ValueError("train_embeddings needs stage=finetune, tune=full (only a full export holds embeddings)")
     if args.tune != "full" and args.stage != "finetune":
         raise ValueError("LoRA / QLoRA adapters are a finetune-stage option")
-    if args.save_total_limit < 1:
-        raise ValueError("save_total_limit must be >= 1 (the newest checkpoint is never deleted)")
+
+
+def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tuple[str, object, bool, str]]:
+    """(setting, value, in range?, the allowed range) for every setting with a range."""
+    a, m = args, model_args
+    optional_lr = "unset or > 0"
+    rules = [
+        ("stage", a.stage, a.stage in ("pretrain", "finetune"), "pretrain | finetune"),
+        ("tune", a.tune, a.tune in ("full", "lora", "qlora"), "full | lora | qlora"),
+        ("learning_rate", a.learning_rate, a.learning_rate > 0, "> 0"),
+        ("projector_lr", a.projector_lr, a.projector_lr is None or a.projector_lr > 0, optional_lr),
+        ("mining_lr", a.mining_lr, a.mining_lr is None or a.mining_lr > 0, optional_lr),
+        ("vision_tower_lr", a.vision_tower_lr, a.vision_tower_lr is None or a.vision_tower_lr > 0, optional_lr),
+        ("weight_decay", a.weight_decay, a.weight_decay >= 0, ">= 0"),
+        ("adam_beta1", a.adam_beta1, 0 <= a.adam_beta1 < 1, "[0, 1)"),
+        ("adam_beta2", a.adam_beta2, 0 <= a.adam_beta2 < 1, "[0, 1)"),
+        ("warmup_ratio", a.warmup_ratio, 0 <= a.warmup_ratio <= 1, "[0, 1] (a fraction of the steps)"),
+        ("per_device_batch_size", a.per_device_batch_size, a.per_device_batch_size >= 1, ">= 1"),
+        ("gradient_accumulation_steps", a.gradient_accumulation_steps, a.gradient_accumulation_steps >= 1, ">= 1"),
+        ("max_steps", a.max_steps, a.max_steps == -1 or a.max_steps >= 1, "-1 (use num_epochs) or >= 1"),
+        ("num_epochs", a.num_epochs, a.max_steps >= 1 or a.num_epochs > 0, "> 0"),
+        ("logging_steps", a.logging_steps, a.logging_steps >= 1, ">= 1"),
+        ("eval_steps", a.eval_steps, a.eval_steps >= 0, ">= 0 (0: only at the end)"),
+        ("save_steps", a.save_steps, a.save_steps >= 1, ">= 1"),
+        ("save_total_limit", a.save_total_limit, a.save_total_limit >= 1, ">= 1 (the newest checkpoint is kept)"),
+        ("max_bad_steps", a.max_bad_steps, a.max_bad_steps >= 1, ">= 1"),
+        ("max_skip_fraction", a.max_skip_fraction, 0 <= a.max_skip_fraction < 1,
+         "[0, 1) (1 would train on nothing when every record is bad)"),
+        ("num_workers", a.num_workers, a.num_workers >= 0, ">= 0"),
+        ("lora_r", a.lora_r, a.lora_r >= 1, ">= 1"),
+        ("lora_alpha", a.lora_alpha, a.lora_alpha > 0, "> 0"),
+        ("lora_dropout", a.lora_dropout, 0 <= a.lora_dropout < 1, "[0, 1)"),
+        ("bits", m.bits, m.bits in (16, 8, 4), "16 | 8 | 4"),
+        ("dtype", m.dtype, m.dtype in ("bfloat16", "float16", "float32"), "bfloat16 | float16 | float32"),
+        ("projector", m.projector, bool(re.fullmatch(r"linear|mlp\d+x_gelu|perceiver|vit", m.projector)),
+         "linear | mlp<N>x_gelu | perceiver | vit"),
+        ("mm_vision_select_feature", m.mm_vision_select_feature, m.mm_vision_select_feature in ("patch", "cls_patch"),
+         "patch | cls_patch"),
+        ("image_grid", m.image_grid, m.image_grid >= 1, ">= 1"),
+        ("image_size_aux", m.image_size_aux, m.image_size_aux >= 1, ">= 1"),
+        ("perceiver_queries", m.perceiver_queries, m.perceiver_queries >= 1, ">= 1"),
+        ("projector_heads", m.projector_heads, m.projector_heads >= 1, ">= 1"),
+    ]
+    if data_args is not None:
+        d = data_args
+        templates = sorted(conversation.TEMPLATES) + ["auto"]
+        rules += [
+            ("template", d.template, d.template in templates, " | ".join(templates)),
+            ("image_aspect_ratio", d.image_aspect_ratio, d.image_aspect_ratio in ("pad", "resize"), "pad | resize"),
+            ("bad_sample", d.bad_sample, d.bad_sample in ("skip", "error"), "skip | error"),
+            ("max_length", d.max_length, d.max_length >= 1, ">= 1"),
+            ("num_frames", d.num_frames, d.num_frames >= 1, ">= 1"),
+            ("max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 1, ">= 1"),
+            ("num_proc", d.num_proc, d.num_proc is None or d.num_proc >= 1, "unset or >= 1"),
+        ]
+    return rules
+
+
+def parse_lr_multi(text: str) -> list[tuple[str, float]]:
+    """lr_multi "name:factor,..." -> [(name, factor)]; a malformed item is named."""
+    pairs = []
+    for item in (i.strip() for i in text.split(",")):
+        name, _, factor = item.partition(":")
+        if not item:
+            continue
+        try:
+            value = float(factor)
+        except ValueError:
+            value = None
+        if not name.strip() or value is None or value <= 0:
+            raise SettingsError(f"lr_multi: {item!r} is not name:factor with a factor > 0 (e.g. projector:0.1)")
+        pairs.append((name.strip(), value))
+    return pairs
+
+
+def check_paths(model_args, data_args, args: TrainArguments) -> None:
+    """The files a run reads exist, checked before anything is loaded (a hub name is left to the hub)."""
+    for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
+        try:
+            mgm.check_model_ref(getattr(model_args, setting), setting)
+        except FileNotFoundError as e:
+            raise SettingsError(str(e)) from None
+    for setting, value in (("data_path", data_args.data_path), ("eval_data_path", args.eval_data_path)):
+        for path in (p.strip() for p in value.split(",")):
+            if path and not os.path.exists(path):
+                raise SettingsError(f"{setting}: {path} does not exist (relative to {os.getcwd()})")
+    if not os.path.isdir(data_args.image_folder):
+        raise SettingsError(f"image_folder: {data_args.image_folder} is not a directory")
+    if args.resume not in ("", "auto") and not os.path.isdir(args.resume):
+        raise SettingsError(f"resume: {args.resume} is not a checkpoint directory (or pass --resume auto)")
+    export_dir = args.export_dir or os.path.join(args.output_dir, "export")
+    if os.path.isdir(export_dir) and os.listdir(export_dir) and \
+            not os.path.exists(os.path.join(export_dir, mgm.CONFIG_NAME)):
+        raise SettingsError(f"export_dir: {export_dir} holds other files (no {mgm.CONFIG_NAME}); the export "
+                            "replaces the directory, so choose an empty or new one")
 
 
 def has_accelerator() -> bool:
@@ -285,6 +404,7 @@ def has_accelerator() -> bool:
 
 
 def load_tokenizer(path: str):
+    mgm.check_tokenizer_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # Llama/Vicuna ship none; padding is masked out of attention and loss anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -360,8 +480,7 @@ def param_groups(model, args: TrainArguments) -> list[dict]:
                        (model.vision_tower, args.vision_tower_lr), (model.vision_tower_aux, args.vision_tower_lr)]:
         for p in module.parameters() if module is not None and lr else []:
             own_lr[id(p)] = lr
-    multipliers = [(name, float(factor)) for name, factor in
-                   (item.split(":") for item in args.lr_multi.split(",") if item.strip())]
+    multipliers = parse_lr_multi(args.lr_multi)
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -550,17 +669,19 @@ def model_inputs(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, eval_loader) -> float:
-    """Mean token loss over the held-out set (one sample per forward, so duplicates from even sharding drop out)."""
+def evaluate(accelerator, model, eval_loader) -> tuple[float | None, int]:
+    """(mean token loss over the held-out set, unusable records skipped); the loss is None when no record was
+    usable. One sample per forward, so duplicates from even sharding drop out."""
     model.eval()
     totals = []
     for batch in eval_loader:
         out = model(**model_inputs(batch, accelerator.device), num_items_in_batch=1)  # the sum of token losses
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        totals.append(torch.stack([out.loss.float(), n.float().to(out.loss.device)])[None])
+        totals.append(torch.tensor([[out.loss.float().item(), n.item(), len(batch["skipped"])]],
+                                   device=accelerator.device))
     model.train()
-    sums = accelerator.gather_for_metrics(torch.cat(totals)).sum(0)
-    return (sums[0] / sums[1].clamp(min=1)).item()
+    loss, tokens, skipped = accelerator.gather_for_metrics(torch.cat(totals)).sum(0).tolist()
+    return (loss / tokens if tokens else None), int(skipped)
 
 
 def peak_memory_gb() -> float:
@@ -570,13 +691,13 @@ def peak_memory_gb() -> float:
 
 
 class MetricsFile:
-    """metrics.jsonl in the output dir, one line per log; on resume, lines after the checkpoint's step are dropped."""
+    """metrics.jsonl in the output dir, one line per log; on resume, lines after the checkpoint's step are dropped,
+    and so is a torn last line (a crash in the middle of a write), with a note."""
 
     def __init__(self, path: str, accelerator, after_step: int):
         self.path, self.main = path, accelerator.is_main_process
         if self.main and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= after_step]
+            kept = kept_metrics(path, after_step, say=accelerator.print)
             with open(path, "w") as f:
                 f.writelines(kept)
 
@@ -586,28 +707,281 @@ class MetricsFile:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
 
+def kept_metrics(path: str, after_step: int, say=print) -> list[str]:
+    """The lines of a metrics file up to `after_step`. Only the last line may be torn; any other bad line is an
+    error naming the file and line."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):
+                say(f"{path}: dropped its torn last line {number} ({line[:40]!r}), left by a crash mid-write")
+                continue
+            raise ValueError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); fix or delete it") from None
+        if step <= after_step:
+            kept.append(line + "\n")
+    return kept
+
+
+# ---- Run ownership: one run per output_dir -------------------------------------------------------------------------
+# output_dir/run.json records the run's identity (an id and its defining settings); each checkpoint carries a copy.
+# A new run refuses a directory holding another run's files (unless --overwrite_output_dir), --resume refuses
+# changed defining settings, rotation deletes only this run's older checkpoints, and a lock keeps a second process out.
+
+RUN_FILE = "run.json"
+LOCK_FILE = "train.lock"
+RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "export", "export.tmp", "mgm")  # besides checkpoints ("mgm": trackers)
+# Settings a resumed run may change: how long it runs and what it reports or saves, not what it learns. An extended
+# run (max_steps, num_epochs) follows the schedule of its new length, as if that had been set from the start.
+RESUMABLE = ("output_dir", "export_dir", "overwrite_output_dir", "resume", "max_steps", "num_epochs", "logging_steps",
+             "report_to", "eval_data_path", "eval_steps", "save_steps", "save_total_limit", "max_bad_steps",
+             "max_skip_fraction", "num_workers", "cache_dir", "num_proc", "gradient_checkpointing",
+             "ddp_find_unused_parameters")
+PATH_SETTINGS = ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path", "data_path", "image_folder")
+_LOCKS: dict = {}   # lock files this process holds, by path (kept open: the lock lasts as long as the process)
+
+
+def start_run(accelerator, args: TrainArguments, config: dict) -> tuple[dict, str | None]:
+    """The main process takes output_dir for this run (claim_output_dir); every rank gets (run, checkpoint)."""
+    answer = list(claim_output_dir(args, config, say=accelerator.print)) if accelerator.is_main_process else [0, 0]
+    accelerator.wait_for_everyone()
+    run, ckpt = broadcast_object_list(answer)
+    return run, ckpt
+
+
+def claim_output_dir(args: TrainArguments, config: dict, say=print) -> tuple[dict, str | None]:
+    """Lock output_dir, check it holds no other run, pick the checkpoint to resume from; returns (run, checkpoint).
+    run = {"id", "settings"}: the defining settings, compared on every resume."""
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    lock_output_dir(out)
+    if args.overwrite_output_dir:
+        removed = clear_run_files(out)
+        if removed:
+            say(f"overwrite_output_dir: deleted {', '.join(removed)} from {out}")
+    for stale in list_checkpoints(out, complete=False):  # left by a crash in the middle of a save
+        shutil.rmtree(stale, ignore_errors=True)
+    settings = run_settings(config)
+    found = run_files(out)
+    if found and not args.resume:
+        raise SettingsError(f"output_dir {out} holds another run ({', '.join(found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}): pass --resume auto to continue it, "
+                            "--overwrite_output_dir true to delete it first, or choose another output_dir")
+    recorded = read_json(os.path.join(out, RUN_FILE))
+    if recorded and args.resume:
+        refuse_changed_settings(recorded["settings"], settings, f"the run in {out}")
+    ckpt = resume_checkpoint(args.resume, out, settings, say) if args.resume else None
+    ckpt_run = read_json(os.path.join(ckpt, RUN_FILE)) if ckpt else None
+    run_id = (recorded or ckpt_run or {}).get("id") or uuid.uuid4().hex[:12]
+    run = {"id": run_id, "settings": settings}
+    write_json(os.path.join(out, RUN_FILE), run)
+    return run, ckpt
+
+
+def run_settings(config: dict) -> dict:
+    """The settings that define a run: all but RESUMABLE, local paths made absolute (a hub name stays as it is)."""
+    settings = {k: v for k, v in config.items() if k not in RESUMABLE}
+    for key in PATH_SETTINGS:
+        if isinstance(settings.get(key), str):
+            settings[key] = ",".join(os.path.abspath(p) if os.path.exists(p) else p
+                                     for p in (p.strip() for p in settings[key].split(",")))
+    return settings
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """Defining settings whose values differ (a setting one side does not know, e.g. a newer field, is skipped)."""
+    return [k for k in before if k in now and k not in RESUMABLE and before[k] != now[k]]
+
+
+def refuse_changed_settings(before: dict, now: dict, what: str) -> None:
+    changed = changed_settings(before, now)
+    if changed:
+        diffs = ", ".join(f"{k} ({before[k]!r} -> {now[k]!r})" for k in changed)
+        raise SettingsError(f"cannot resume {what}: its defining settings differ: {diffs}. Only "
+                            "length, logging, eval and save settings may change; start a new run in another "
+                            "output_dir (or --overwrite_output_dir true)")
+
+
+def resume_checkpoint(resume: str, output_dir: str, settings: dict, say=print) -> str | None:
+    """--resume auto: the newest checkpoint that loads completely (each skipped one is named, with why), or None
+    to start from step 0; --resume DIR: that checkpoint, or an error. Either way its settings must match."""
+    candidates = list_checkpoints(output_dir)[::-1] if resume == "auto" else [resume.rstrip("/")]
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            refuse_changed_settings(checkpoint_settings(ckpt), settings, ckpt)
+            return ckpt
+        if resume != "auto":
+            raise SettingsError(f"resume: {ckpt} cannot be loaded: {problem}")
+        say(f"resume: skipping {ckpt}: {problem}")
+    if candidates:
+        say(f"resume: no complete checkpoint in {output_dir}, starting from step 0")
+    return None
+
+
+def checkpoint_settings(ckpt: str) -> dict:
+    """The defining settings a checkpoint was written with (its run.json; older checkpoints: train_config.yaml)."""
+    recorded = read_json(os.path.join(ckpt, RUN_FILE))
+    if recorded:
+        return recorded["settings"]
+    with open(os.path.join(ckpt, "train_config.yaml")) as f:
+        return run_settings(yaml.safe_load(f))
+
+
+def checkpoint_problem(ckpt: str) -> str | None:
+    """Why a checkpoint would not load completely, or None. Every file is checked: required ones exist (the train
+    state, the config, the RNG state of every process that wrote it), none is truncated or corrupt."""
+    if not os.path.isdir(ckpt):
+        return "not a directory"
+    files = sorted(os.path.relpath(os.path.join(d, n), ckpt) for d, _, names in os.walk(ckpt) for n in names)
+    if not files:
+        return "empty directory"
+    for name in files:
+        problem = file_problem(os.path.join(ckpt, name))
+        if problem:
+            return f"{name}: {problem}"
+    required = ["train_config.yaml", "custom_checkpoint_0.pkl"]
+    if "custom_checkpoint_0.pkl" in files:
+        try:
+            state = torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"), weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            return f"custom_checkpoint_0.pkl: unreadable ({type(e).__name__}: {e})"
+        required += [f"random_states_{i}.pkl" for i in range(state.get("num_processes", 1))]
+    missing = [name for name in required if name not in files]
+    return f"{', '.join(missing)} missing" if missing else None
+
+
+def file_problem(path: str) -> str | None:
+    """A truncated or corrupt file, found cheaply: safetensors by their header's sizes, torch zips by their
+    directory (small ones by every CRC too), YAML / JSON by parsing."""
+    try:
+        if path.endswith(".safetensors"):
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if 8 + n > size:
+                    return f"truncated ({size} bytes, the header alone says {8 + n})"
+                header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            return None if size == 8 + n + end else f"truncated ({size} bytes, the header says {8 + n + end})"
+        if path.endswith((".bin", ".pkl", ".pt", ".pth")):
+            if not zipfile.is_zipfile(path):
+                return "truncated or not a torch.save file"
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip() if os.path.getsize(path) < 2**26 else None
+            return f"corrupt ({bad})" if bad else None
+        if path.endswith((".yaml", ".json")):
+            with open(path) as f:
+                yaml.safe_load(f) if path.endswith(".yaml") else json.load(f)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the answer
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def run_files(output_dir: str) -> list[str]:
+    """What a run left in output_dir (checkpoints, metrics, export, run.json), oldest checkpoint first."""
+    names = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else set()
+    return [os.path.basename(c) for c in list_checkpoints(output_dir)] + sorted(names & set(RUN_ENTRIES))
+
+
+def clear_run_files(output_dir: str) -> list[str]:
+    """Delete what a run writes (never other files in the directory); returns the names deleted."""
+    names = run_files(output_dir) + [os.path.basename(t) for t in list_checkpoints(output_dir, complete=False)]
+    for name in names:
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return names
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """An exclusive lock on output_dir/train.lock, which names its owner. The kernel drops it when the owner exits,
+    however it ends (kill -9 included), so the next run takes it over; a run still going keeps everyone out."""
+    path = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
+    if path in _LOCKS:  # this process already holds it (an earlier in-process run)
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise SettingsError(f"output_dir {output_dir} is in use by another run ({owner}, {path}); wait for it "
+                            "to end or choose another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _LOCKS[path] = f
+
+
+def release_output_dir(output_dir: str) -> None:
+    f = _LOCKS.pop(os.path.realpath(os.path.join(output_dir, LOCK_FILE)), None)
+    if f is not None:
+        f.close()
+
+
+def read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def follow_schedule(scheduler) -> None:
+    """After load_state: the next step's lr from this run's schedule. The optimizer stored the lr its old schedule
+    chose (0 at the end of a finished run); an extended run continues on the schedule of its new length."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper around the LambdaLR
+    lrs = [base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    inner._last_lr = lrs
+
+
 # ---- Checkpoints and export ----------------------------------------------------------------------------------------
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit: int) -> None:
+def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit: int, run: dict) -> None:
     """accelerator.save_state into checkpoint-XXXXXX.tmp, then one rename: a crash mid-save leaves the previous
-    checkpoint whole and this one absent. Rotation keeps the newest `limit` complete checkpoints."""
+    checkpoint whole and this one absent. Rotation keeps this run's newest `limit` checkpoints up to this step."""
     final = os.path.join(output_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
-    accelerator.save_state(tmp, **deepspeed_state_kwargs(accelerator))
+    try:
+        accelerator.save_state(tmp, **deepspeed_state_kwargs(accelerator))
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail ... unexpected pos"
+        raise RuntimeError(f"writing checkpoint {tmp} failed ({shutil.disk_usage(output_dir).free / 2**30:.2f} GB "
+                           f"free there; a full disk?): {e}") from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "train_config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
+        write_json(os.path.join(tmp, RUN_FILE), {**run, "step": step})
         debug_hang("save", step)
         if os.path.exists(final):  # re-saving a step after resuming from an older checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-limit]:
+        for old in rotated_checkpoints(output_dir, run["id"], step, limit):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def rotated_checkpoints(output_dir: str, run_id: str, step: int, limit: int) -> list[str]:
+    """This run's checkpoints up to `step` beyond the newest `limit`: others' (older versions, copies) and later
+    ones (left by a resume from an earlier checkpoint, overwritten when reached) are never deleted."""
+    ours = [c for c in list_checkpoints(output_dir) if int(CHECKPOINT.search(c)[1]) <= step
+            and (read_json(os.path.join(c, RUN_FILE)) or {}).get("id") == run_id]
+    return ours[:-limit]
 
 
 def deepspeed_state_kwargs(accelerator, load=False) -> dict:
@@ -672,9 +1046,14 @@ def export(accelerator, model, tokenizer, export_dir: str, config: dict, dtype: 
         trainable = {n for n, p in unwrapped.named_parameters(remove_duplicate=False) if p.requires_grad}
         state_dict = {k: v.to(getattr(torch, dtype)) if k in trainable and v.dtype == torch.float32 else v
                       for k, v in state_dict.items()}
-        unwrapped.save_pretrained(export_dir, tokenizer=tokenizer, state_dict=state_dict)
-        with open(os.path.join(export_dir, "train_config.yaml"), "w") as f:
+        tmp = export_dir.rstrip("/") + ".tmp"  # written whole, then swapped in: no file of an older export stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, tokenizer=tokenizer, state_dict=state_dict)
+        with open(os.path.join(tmp, "train_config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
+        if os.path.exists(export_dir):
+            shutil.rmtree(export_dir)  # an earlier export of this run (check_paths refused any other directory)
+        os.replace(tmp, export_dir)
     accelerator.wait_for_everyone()
 
 
@@ -688,4 +1067,7 @@ def debug_hang(point: str, step: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SettingsError as e:  # a setting or output_dir problem: one line, no traceback
+        sys.exit(f"train.py: {e}")

@@ -228,6 +228,23 @@ def test_an_edited_file_is_reloaded_not_served_from_the_cache(tmp_path):
     assert list(load_records(str(path), cache_dir=str(tmp_path / "cache"))["id"]) == ["new", "more"]
 
 
+def test_unusable_json_files_are_named_with_the_problem(tmp_path):
+    """A file that is not a JSON array, or holds no record, fails naming the file (not a datasets error); a broken
+    JSONL line is one malformed record, named <file>:<line>."""
+    cases = {"broken.json": '[{"id": "a",', "empty.json": "[]", "blank.jsonl": "\n\n", "nothing.json": ""}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=r"broken.json: not a valid JSON array of records \(Expecting"):
+        load_records(str(tmp_path / "broken.json"), cache_dir=str(tmp_path / "cache"))
+    for name in ("empty.json", "blank.jsonl", "nothing.json"):
+        with pytest.raises(ValueError, match=rf"{name}: holds no records"):
+            load_records(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+    good = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    (tmp_path / "torn.jsonl").write_text(json.dumps(good) + "\n\n" + '{"id": "b", "conv' + "\n")
+    records = load_records(str(tmp_path / "torn.jsonl"), cache_dir=str(tmp_path / "cache"))
+    assert records["id"] == ["a", "torn.jsonl:3"] and records["problem"][1].startswith("malformed record: invalid JSON")
+
+
 def test_batch_mixes_text_only_single_and_multi_image_samples(tmp_path, llama3_tokenizer, pad_id):
     Image.new("RGB", (40, 30), RED).save(tmp_path / "a.png")
     Image.new("RGB", (30, 40), BLUE).save(tmp_path / "b.png")

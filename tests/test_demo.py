@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
+import eval as evaluation
 from eval import Answerer, load_for_inference, load_questions, normalize_answer, score
 
 # The demo's vocabulary, with colour values of our own (not demo.py's table).
@@ -77,6 +79,59 @@ def test_short_demo_answers_colours_of_independently_drawn_images(short_demo, tm
     _, _, export = short_demo
     accuracy = evaluate_on_independent_images(export, tmp_path, n=48, kinds=("color",))
     assert accuracy >= 0.6                               # chance: 1/6
+
+
+@pytest.fixture
+def tiny_export(tmp_path):
+    """A full export of a tiny random model (tests/tiny_models.py) trained with the plain template."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import build, save_tiny_tokenizer
+    tok = AutoTokenizer.from_pretrained(save_tiny_tokenizer(tmp_path / "tok"))
+    build(tmp_path / "base", tok).save_pretrained(tmp_path / "export", tok)
+    (tmp_path / "export" / "train_config.yaml").write_text("template: plain\n")
+    return tmp_path / "export"
+
+
+def test_eval_skips_and_names_bad_records_and_keeps_the_predictions_it_has(tiny_export, tmp_path, capsys):
+    """A missing image, an <image> tag without an image and a broken JSONL line are skipped by id (the line's file and
+    number), counted, and make the exit status 1 past --max_skip_fraction; the answers are written either way."""
+    export = tiny_export
+    paint("circle", RGB["red"], np.random.default_rng(0)).save(tmp_path / "red.png")
+    ask = [{"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}]
+    lines = [json.dumps({"id": "good", "image": "red.png", "conversations": ask}),
+             json.dumps({"id": "no_file", "image": "gone.png", "conversations": ask}),
+             json.dumps({"id": "no_image", "conversations": ask}),
+             '{"id": "torn", "conversations": [',
+             json.dumps({"id": "good2", "image": "red.png", "conversations": ask})]
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["--model", str(export), "--data", str(tmp_path / "q.jsonl"), "--image_folder", str(tmp_path),
+            "--output", str(tmp_path / "p.jsonl"), "--batch_size", "2"]
+    with pytest.raises(SystemExit) as stop:
+        evaluation.main(argv)
+    assert stop.value.code == 1
+    out, err = capsys.readouterr()
+    assert "skipped record q.jsonl:4: invalid JSON" in err
+    assert "skipped record no_file: image not found: gone.png" in err
+    assert "skipped record no_image: image/tag mismatch: 1 <image> tags but 0 images" in err
+    assert "skipped: 3 of 5 records" in out and re.search(r"^accuracy: [\d.]+ \(n=2\)$", out, re.M)
+    assert [json.loads(line)["id"] for line in open(tmp_path / "p.jsonl")] == ["good", "good2"]
+    assert evaluation.main(argv + ["--max_skip_fraction", "0.6"]) >= 0.0
+    with pytest.raises(ValueError, match=r"q.jsonl: record q.jsonl:4: invalid JSON"):   # without a skipped list
+        load_questions(str(tmp_path / "q.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: holds no records"):
+        load_questions(str(tmp_path / "empty.jsonl"))
+
+    bare = tmp_path / "bare"   # an export that lost its train_config.yaml and its chat template
+    shutil.copytree(export, bare)
+    (bare / "train_config.yaml").unlink()
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"names no template .*: pass --template"):
+        load_for_inference(str(bare))
 
 
 @pytest.mark.skipif(not (REPO / "runs/demo/finetune/mgm_config.json").exists(), reason="run `make demo` first")

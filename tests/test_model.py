@@ -1,10 +1,13 @@
 """model.py on CPU with tiny random checkpoints (tests/tiny_models.py), loaded through the real loading code."""
+import dataclasses
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +17,18 @@ from safetensors.torch import load_file
 
 from data import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from model import (
+    CONFIG_NAME,
     MM_WEIGHTS,
     MiniGemini,
     PatchInfoMining,
     apply_lora,
     build_model,
+    check_tokenizer_dir,
     hr_views,
     merge_lora,
     merge_lora_export,
     mmca_attention,
+    portable_refs,
     set_stage,
     splice,
     train_flops,
@@ -461,6 +467,39 @@ def test_pretrain_export_holds_only_projector_and_mining(tmp_path, root, tok):
     torch.testing.assert_close(logits(MiniGemini.from_pretrained(tmp_path / "pretrain"), batch), logits(model, batch))
     args = save_tiny_checkpoints(root, tokenizer=tok, pretrained_mm_path=str(tmp_path / "pretrain"))
     torch.testing.assert_close(logits(build_model(args, tok), batch), logits(model, batch))
+
+
+def test_exports_refer_to_local_bases_by_absolute_path_and_load_from_any_directory(tmp_path, root, tok,
+                                                                                   monkeypatch):
+    """A pretrain export made from relative base paths records them absolute (hub names unchanged), so chat.py /
+    eval.py load it from another working directory; a base that is gone is named as a missing path."""
+    args = save_tiny_checkpoints(root, tokenizer=tok)
+    monkeypatch.chdir(root)
+    relative = dataclasses.replace(args, llm=os.path.relpath(args.llm), vision_tower=os.path.relpath(args.vision_tower),
+                                   vision_tower_aux=os.path.relpath(args.vision_tower_aux))
+    assert not os.path.isabs(relative.llm)
+    model = build_model(relative, tok)
+    set_stage(model, "pretrain", print_fn=None)
+    model.save_pretrained(tmp_path / "pretrain", tok)
+    recorded = json.loads((tmp_path / "pretrain" / CONFIG_NAME).read_text())["args"]
+    assert recorded["llm"] == str(Path(args.llm).resolve())
+    assert portable_refs({"llm": "org/name", "vision_tower_aux": "hf-hub:timm/x"}) == \
+        {"llm": "org/name", "vision_tower_aux": "hf-hub:timm/x"}
+    monkeypatch.chdir(tmp_path)
+    batch = tiny_batch(model)
+    torch.testing.assert_close(logits(MiniGemini.from_pretrained("pretrain"), batch), logits(model, batch))
+
+    recorded["llm"] = str(tmp_path / "gone" / "llm")
+    (tmp_path / "pretrain" / CONFIG_NAME).write_text(json.dumps({**json.loads(
+        (tmp_path / "pretrain" / CONFIG_NAME).read_text()), "args": recorded}))
+    with pytest.raises(FileNotFoundError, match=r"mgm_config.json refers to it: llm: .*gone/llm does not exist"):
+        MiniGemini.from_pretrained("pretrain")
+    with pytest.raises(FileNotFoundError, match=r"llm: demo_data/base/llm does not exist \(a local path"):
+        build_model(dataclasses.replace(args, llm="demo_data/base/llm"), tok)
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "no_tokenizer" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no_tokenizer has no tokenizer \(tokenizer.json"):
+        check_tokenizer_dir(tmp_path / "no_tokenizer")
 
 
 def test_lora_export_load_and_merge(tmp_path, root, tok):

@@ -8,11 +8,13 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,6 +233,113 @@ def test_recipes_parse_and_the_command_line_wins(name):
     assert (model_args.llm, data_args.data_path, args.stage) == (recipe["llm"], recipe["data_path"], recipe["stage"])
 
 
+def test_settings_out_of_range_are_refused_naming_the_setting_and_its_range(tiny, tmp_path):
+    """Checked before anything is loaded; a prefix of a flag is not accepted as the flag."""
+    import train
+    recipe = str(write_recipe(tmp_path / "r.yaml", tiny["recipe"]))
+    cases = {"learning_rate": ("-0.01", "> 0"), "gradient_accumulation_steps": ("0", ">= 1"),
+             "per_device_batch_size": ("0", ">= 1"), "save_steps": ("0", ">= 1"), "logging_steps": ("0", ">= 1"),
+             "warmup_ratio": ("5", r"\[0, 1\]"), "max_skip_fraction": ("1.0", r"\[0, 1\)"),
+             "lr_multi": ("projector", "not name:factor")}
+    for setting, (value, allowed) in cases.items():
+        with pytest.raises(train.SettingsError, match=rf"^{setting}: .*{value}.*{allowed}"):
+            run_in_process([recipe, "--output_dir", str(tmp_path / "run"), f"--{setting}", value])
+    with pytest.raises(train.SettingsError, match=r"^data_path: .*nowhere.json does not exist"):
+        run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--data_path", str(tmp_path / "nowhere.json")])
+    with pytest.raises(train.SettingsError, match=r"^image_folder: .*nowhere is not a directory"):
+        run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--image_folder", str(tmp_path / "nowhere")])
+    with pytest.raises(train.SettingsError, match=r"^unknown setting\(s\) --max_step 2"):
+        train.parse_args([recipe, "--max_step", "2"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_checkpoint_write_names_the_checkpoint_and_the_free_space(tmp_path):
+    """torch reports a full disk as "enforce fail ... unexpected pos"; the error says what was being written."""
+    import train
+    from accelerate.utils import DistributedType
+
+    def full_disk(path, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 576 vs 470")
+    accelerator = SimpleNamespace(save_state=full_disk, distributed_type=DistributedType.NO)
+    with pytest.raises(RuntimeError, match=r"writing checkpoint .*checkpoint-000007.tmp failed \(.* GB free there; "
+                                           r"a full disk\?\): \[enforce fail"):
+        train.save_checkpoint(accelerator, str(tmp_path), 7, {}, 1, {"id": "r", "settings": {}})
+
+
+def test_a_run_owns_its_output_dir_and_resumes_only_itself(tiny, tmp_path, capsys):
+    """Another run refuses an output_dir holding a run; --resume refuses changed defining settings, falls back past
+    a torn checkpoint to the newest complete one, drops a torn metrics line, and an extended run follows the
+    schedule of its new length; rotation spares other runs' checkpoints; --overwrite_output_dir starts over."""
+    import train
+    recipe = str(write_recipe(tmp_path / "r.yaml", tiny["recipe"], max_steps=3, save_steps=1, save_total_limit=2))
+    out = tmp_path / "run"
+    run_in_process([recipe, "--output_dir", str(out)])
+    first = metrics(out)
+
+    def checkpoints():
+        return sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint"))
+    assert checkpoints() == ["checkpoint-000002", "checkpoint-000003"]
+    with pytest.raises(train.SettingsError, match=rf"output_dir {out} holds another run \(checkpoint-000002, "
+                                                  r"checkpoint-000003, export, \.\.\.\): pass --resume auto"):
+        run_in_process([recipe, "--output_dir", str(out), "--learning_rate", "0.02"])
+    with pytest.raises(train.SettingsError, match=r"defining settings differ: learning_rate \(0.01 -> 0.02\), "
+                                                  r"seed \(0 -> 1\)"):
+        run_in_process([recipe, "--output_dir", str(out), "--resume", "auto", "--learning_rate", "0.02",
+                        "--seed", "1"])
+
+    # What makes a checkpoint incomplete: every file is checked, the RNG states of its processes included.
+    good, copies = out / "checkpoint-000002", tmp_path / "copies"
+    for name, damage in [("empty", lambda d: [f.unlink() for f in d.iterdir()]),
+                         ("rng_missing", lambda d: (d / "random_states_0.pkl").unlink()),
+                         ("rng_torn", lambda d: os.truncate(d / "random_states_0.pkl", 50)),
+                         ("weights_torn", lambda d: os.truncate(d / "trainable_0.safetensors", 200))]:
+        shutil.copytree(good, copies / name)
+        damage(copies / name)
+    assert train.checkpoint_problem(str(good)) is None
+    assert train.checkpoint_problem(str(copies / "empty")) == "empty directory"
+    assert train.checkpoint_problem(str(copies / "rng_missing")) == "random_states_0.pkl missing"
+    assert train.checkpoint_problem(str(copies / "rng_torn")).startswith("random_states_0.pkl: truncated")
+    assert train.checkpoint_problem(str(copies / "weights_torn")).startswith("trainable_0.safetensors: truncated")
+
+    # A crash left the newest checkpoint torn and half a metrics line; another run's checkpoint sits alongside.
+    os.truncate(out / "checkpoint-000003" / "optimizer.bin", 100)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    shutil.copytree(good, out / "checkpoint-000001")
+    (out / "checkpoint-000001" / "run.json").write_text(json.dumps({"id": "another-run", "settings": {}}))
+    capsys.readouterr()
+    run_in_process([recipe, "--output_dir", str(out), "--resume", "auto", "--max_steps", "5", "--save_steps", "2"])
+    printed = capsys.readouterr().out
+    assert f"resume: skipping {out}/checkpoint-000003: optimizer.bin: truncated" in printed
+    assert "dropped its torn last line 4" in printed and f"resumed from {good} at step 2" in printed
+    again = metrics(out)
+    assert [m["step"] for m in again] == [1, 2, 3, 4, 5]
+    assert again[2]["loss"] == pytest.approx(first[2]["loss"], rel=1e-5)   # same weights, data and RNG at step 3
+    assert [m["lr"] for m in again[2:]] == pytest.approx(   # steps 3-5 as in a 5-step run, warmup ceil(0.25 * 5)
+        [train.lr_at(s, peak=1e-2, warmup=2, total=5) for s in (2, 3, 4)])
+    assert checkpoints() == ["checkpoint-000001", "checkpoint-000004", "checkpoint-000005"]
+
+    # --overwrite_output_dir deletes the run's files, and only those; a full export has no stale pretrain weights.
+    # Its eval set has no usable record: eval is skipped with the count, never reported as a loss of 0.
+    (out / "notes.txt").write_text("mine")
+    records = [{"id": f"gone{i}", "image": "missing.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": "red"}]} for i in range(2)]
+    (tmp_path / "eval.json").write_text(json.dumps(records))
+    shutil.copytree(out / "export", tmp_path / "export")   # a pretrain export where the full one goes
+    export = run_in_process([recipe, "--output_dir", str(out), "--overwrite_output_dir", "true", "--stage",
+                             "finetune", "--template", "vicuna_v1", "--max_steps", "1", "--export_dir",
+                             str(tmp_path / "export"), "--eval_data_path", str(tmp_path / "eval.json")])
+    printed = capsys.readouterr().out
+    assert ("overwrite_output_dir: deleted checkpoint-000001, checkpoint-000004, checkpoint-000005, export, "
+            "metrics.jsonl, run.json") in printed
+    assert f"eval skipped: no usable record in {tmp_path / 'eval.json'} (2 unusable eval records skipped)" in printed
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]   # no eval_loss line
+    assert checkpoints() == ["checkpoint-000001"] and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000001", "metrics.jsonl", "notes.txt", "run.json",
+                                                     "train.lock"]
+    assert (Path(export) / "model.safetensors").exists() and not (Path(export) / "mm_weights.safetensors").exists()
+
+
 def test_switches_and_parameter_groups(tiny):
     """Tower tuning trains the last half of the CLIP layers that feed the selected layer and the last ConvNeXt
     stage; norms and biases get no weight decay; projector / mining / lr_multi set their own lr."""
@@ -397,7 +506,10 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny, tmp_path, stage,
     for line in proc.stdout:
         lines.append(line)
         hang = re.search(r"MGM_DEBUG_HANG pid=(\d+) at save:6", line)
-        if hang:
+        if hang:   # while it runs, its lock keeps a second run out of the directory
+            import train
+            with pytest.raises(train.SettingsError, match=rf"in use by another run \(pid {hang.group(1)} on"):
+                run_in_process([str(recipe), "--output_dir", str(run)])
             os.kill(int(hang.group(1)), signal.SIGKILL)   # the training process itself
             break
     proc.communicate(timeout=60)
@@ -415,7 +527,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny, tmp_path, stage,
 
 def test_a_run_whose_records_are_mostly_unusable_stops_early(tiny, tmp_path):
     """A wrong image_folder makes every image record "image not found": the run stops, naming the kinds."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], image_folder=str(tmp_path / "nowhere"),
+    (tmp_path / "wrong").mkdir()   # one that does not exist at all is refused at start (check_paths)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], image_folder=str(tmp_path / "wrong"),
                           per_device_batch_size=8, max_steps=20)
     with pytest.raises(RuntimeError, match=r"records seen so far were unusable .*image not found"):
         run_in_process([str(recipe), "--output_dir", str(tmp_path / "run")])
