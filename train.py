@@ -56,7 +56,7 @@ class TrainArguments:
     freeze_projector: bool = False       # keep the projector as loaded (pretrained_mm_path); mining still trains
     train_embeddings: bool = False       # freeze the LLM but train its token embeddings and lm_head (DS-VisualChat)
     tune_vision_tower: bool = False      # last half of the CLIP layers that feed the selected layer
-    tune_vision_tower_aux: bool = False  # last ConvNeXt stage
+    tune_vision_tower_aux: bool = False  # the HR tower's last stage
     # Optimizer and schedule: AdamW, linear warmup then cosine to zero, stepped once per optimizer step.
     learning_rate: float = 2e-5
     projector_lr: float | None = None    # default: learning_rate
@@ -462,14 +462,9 @@ def apply_switches(model, args: TrainArguments) -> None:
         for emb in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings()):
             emb.weight.requires_grad_(True)
     if args.tune_vision_tower:  # the last half of the CLIP layers that feed the selected hidden state
-        tower = model.vision_tower
-        layers = getattr(tower.model, "vision_model", tower.model).encoder.layers  # CLIP / SigLIP
-        used = len(layers) + 1 + tower.select_layer if tower.select_layer < 0 else tower.select_layer
-        tower.requires_grad_(False)
-        layers[used // 2: used].requires_grad_(True)
-    if args.tune_vision_tower_aux:  # the last ConvNeXt stage
-        model.vision_tower_aux.requires_grad_(False)
-        model.vision_tower_aux.stages[-1].requires_grad_(True)
+        model.vision_tower.tune_last_layers()
+    if args.tune_vision_tower_aux:  # the HR tower's last stage
+        model.vision_tower_aux.tune_last_stage()
 
 
 def param_groups(model, args: TrainArguments) -> list[dict]:
