@@ -5,8 +5,11 @@ Public entry points come first; helpers below.
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import ctypes
+import hashlib
+import inspect
 import io
 import json
 import os
@@ -822,7 +825,8 @@ def _load_source(path: str, cache_dir: str | None, num_proc: int | None) -> data
         try:
             ds = datasets.Dataset.from_generator(
                 _json_records, features=RECORD_FEATURES, cache_dir=cache_dir,
-                gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
+                gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}",
+                            "converter": converter_fingerprint()})
         except datasets.exceptions.DatasetGenerationError as e:   # its own message names neither file nor cause
             cause = e.__cause__
             raise ValueError(f"{path}: not a valid JSON array of records ({cause})" if isinstance(
@@ -838,11 +842,13 @@ def _load_source(path: str, cache_dir: str | None, num_proc: int | None) -> data
         elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
             ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
     return ds.map(_normalize_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  features=RECORD_FEATURES, fn_kwargs={"source": source}, num_proc=num_proc,
+                  features=RECORD_FEATURES, fn_kwargs={"source": source, "converter": converter_fingerprint()},
+                  num_proc=num_proc,
                   desc=f"normalizing {source}")
 
 
-def _json_records(path: str, stamp: str):
+def _json_records(path: str, stamp: str, converter: str):
+    """Records of a JSON array or JSONL file, normalized (stamp and converter are cache keys only)."""
     source = os.path.basename(path)
     with open(path, encoding="utf-8") as f:
         head = f.read(4096).lstrip()
@@ -884,7 +890,8 @@ def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image
     return {"length": lengths}
 
 
-def _normalize_batch(batch: dict, indices: list[int], source: str) -> dict:
+def _normalize_batch(batch: dict, indices: list[int], source: str, converter: str) -> dict:
+    """load_records' map function over parquet / datasets sources (converter: a cache key only)."""
     rows = [_normalize_record({k: v[j] for k, v in batch.items()}, f"{source}:{i}") for j, i in enumerate(indices)]
     return {k: [row[k] for row in rows] for k in RECORD_FEATURES}
 
@@ -922,6 +929,8 @@ def _normalize_record(record, fallback_id: str) -> dict:
     for turn in turns:
         role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
         value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if isinstance(value, list):    # content as parts (transformers / OpenAI): text joined, an image tag per image
+            value = _join_parts(value, row["images"], problems)
         if not isinstance(role, str) or not isinstance(value, str):
             problems.append("malformed record: a turn needs string from/value (or role/content)")
             continue
@@ -930,6 +939,40 @@ def _normalize_record(record, fallback_id: str) -> dict:
     row["n_images"] = -1 if row["video"] else len(row["images"])
     row["problem"] = problems[0] if problems else ""
     return row
+
+
+def _join_parts(parts: list, images: list[dict], problems: list[str]) -> str | None:
+    """[{"type": "text", "text": ...}, {"type": "image", ...}, ...] -> one string, parts on their own lines, each
+    image part an <image> tag where it stands. An image part that names its image ("image", "path", "url", or
+    OpenAI's "image_url": {"url"}; a data: URL holds the bytes) appends it to `images`; a bare {"type": "image"}
+    (transformers' form) refers to the record's own "images" list, in order."""
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image", "image_url"):
+            texts.append(IMAGE_TAG)
+            source = part.get("image_url") or part.get("image") or part.get("path") or part.get("url")
+            source = source.get("url") if isinstance(source, dict) else source
+            if isinstance(source, str) and source.startswith("data:"):     # data:image/png;base64,....
+                images.append({"path": None, "bytes": base64.b64decode(source.partition(",")[2])})
+            elif isinstance(source, str) and source:
+                images.append({"path": source, "bytes": None})
+            elif source is not None:
+                problems.append(f"malformed record: unusable image part {str(part)[:40]!r}")
+        else:
+            problems.append(f"malformed record: a content part needs type text or image, not {str(part)[:40]!r}")
+            return None
+    return "\n".join(texts)
+
+
+def converter_fingerprint() -> str:
+    """A hash of the code that turns source records into RECORD_FEATURES rows. It is part of the datasets cache key
+    of every source (beside the file's path, size and mtime), so an edited converter, or a repo upgrade, never gets
+    an unchanged file's records back in their old conversion."""
+    code = [inspect.getsource(f) for f in (_json_records, _normalize_batch, _normalize_record, _join_parts)]
+    return hashlib.sha256("".join(code + [repr(RECORD_FEATURES)]).encode()).hexdigest()[:16]
 
 
 if __name__ == "__main__":
