@@ -1,4 +1,5 @@
-"""Data: LLaVA-format records -> tokenized, label-masked samples with Mini-Gemini image tensors.
+"""Data: records (LLaVA, messages with role/content, content parts, videos; JSON/JSONL, parquet, datasets
+directories: README.md lists the forms) -> tokenized, label-masked samples with Mini-Gemini image tensors.
 
 Public entry points come first; helpers below.
 """
@@ -281,7 +282,7 @@ def load_records(data_path: str | list[str], *, cache_dir: str | None = None,
 
 
 class ImageProcessor:
-    """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None), per DESIGN.md data flow 2.
+    """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None), (ARCHITECTURE.md, how a sample flows, step 2).
 
     The image is padded to a square with the mean colour ("pad"), stretched ("resize"), or its short side resized
     and the center cut out ("crop", what MGM's image processor does by default). With an HR tower

@@ -1,12 +1,15 @@
-"""Mini-Gemini: vision towers + patch info mining + projector in front of any Hugging Face causal LM.
+"""Mini-Gemini: the vision parts of vision.py in front of any Hugging Face causal LM.
 
     images [N, V, 3, S, S] --LR tower (CLIP/SigLIP, layer -2, CLS dropped)--> [N*V, P, d]
-    images_aux [N, 3, A, A] --HR tower (ConvNeXt, 4 stages -> stage-0 res)--> [N, C, A/4, A/4]
+    images_aux [N, 3, A, A] --HR tower (a timm trunk: stage maps, the finest at A/4)--> mining windows
     mining: each LR token attends over its own MxM window of HR positions, output added   (skipped without HR)
     projector -> [N, tokens_per_image, hidden] -> spliced at IMAGE_TOKEN_INDEX placeholders -> AutoModelForCausalLM
 
-No class per LLM family: the LLM is whatever `AutoModelForCausalLM` builds from its config. The optional MMCA
-attention (DeepSpeed-VisualChat) is registered with transformers' AttentionInterface under the name "mmca".
+This file is the composition: MiniGemini (encode, splice, forward, generate, export/load), set_stage and LoRA, the
+MMCA attention, model FLOPs. The parts and their contracts live in vision.py (their names are importable from here
+too); ARCHITECTURE.md says where to change what. No class per LLM family: the LLM is whatever
+`AutoModelForCausalLM` builds from its config. The optional MMCA attention (DeepSpeed-VisualChat) is registered
+with transformers' AttentionInterface under the name "mmca".
 
 Public entry points first (ModelArguments, build_model, MiniGemini, set_stage, apply_lora, merge_lora,
 merge_lora_export); building blocks below; `python model.py merge SRC DST` merges a LoRA export.
@@ -47,10 +50,10 @@ class ModelArguments:
     llm: str = "lmsys/vicuna-7b-v1.5"                    # any causal LM: local dir or hub name
     vision_tower: str = "openai/clip-vit-large-patch14-336"  # transformers CLIP or SigLIP checkpoint
     vision_tower_aux: str | None = "hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
-    # ^ OpenCLIP ConvNeXt (dir with open_clip_config.json, or hf-hub:) or timm ConvNeXt (dir with config.json,
-    #   or hf-hub:timm/...); None = plain LLaVA (no HR tower, no mining)
+    # ^ OpenCLIP ConvNeXt (dir with open_clip_config.json, or hf-hub:) or any timm trunk with stem + stages or
+    #   ResNet's layers (dir with config.json, or hf-hub:timm/...); None = plain LLaVA (no HR tower, no mining)
     random_init: bool = False            # build every part from its config only (tests, benchmarks)
-    projector: str = "mlp2x_gelu"        # linear | mlp{N}x_gelu | perceiver | vit
+    projector: str = "mlp2x_gelu"        # linear | mlp{N}x_gelu | perceiver | vit, or pool2x_ before one
     perceiver_queries: int = 64          # perceiver: image tokens per view
     projector_heads: int = 8             # perceiver / vit attention heads
     mm_vision_select_layer: int = -2
@@ -352,7 +355,7 @@ class MiniGemini(nn.Module):
 
 def set_stage(model: MiniGemini, stage: str, *, tune_vision_tower=False, tune_vision_tower_aux=False,
               print_fn=print) -> str:
-    """Freeze/unfreeze per DESIGN.md's stage table; returns (and prints) a table of trainable parameters.
+    """Freeze/unfreeze for a training stage; returns (and prints) a table of trainable parameters.
     pretrain: projector + mining (+ rows of added image tokens). finetune: + the LLM, or only its LoRA adapters
     when apply_lora was called. Towers train only when asked."""
     if stage not in ("pretrain", "finetune"):

@@ -371,6 +371,9 @@ def _support(matrix) -> tuple[int, int]:
 # =============================================================================================================
 # Projectors
 # =============================================================================================================
+PROJECTORS = r"(pool2x_)?(linear|mlp\d+x_gelu|perceiver|vit)"     # the kinds build_projector builds (train.py checks)
+
+
 def projector_tokens(kind: str, tokens: int, *, queries=64) -> int:
     """Tokens a projector of this kind makes from `tokens` input tokens per view (MiniGemini.tokens_per_image,
     and through it data.py's length budget, reads it): change it together with build_projector."""
