@@ -109,23 +109,42 @@ def vit_forward_flops(config, tokens: int) -> tuple[int, int]:
 
 
 def conv_forward_flops(blocks: list[nn.Module], side: int) -> tuple[list[int], list[int]]:
-    """Forward FLOPs of each block of a convolutional trunk (ConvNeXt's stem and stages) on one square image of
-    side `side`, and the feature-map side after each: every Conv2d and Linear (applied per position), in the order
-    they are registered, which is the order they run in for ConvNeXt (a strided convolution shrinks the map)."""
+    """Forward FLOPs of each block of a convolutional trunk (the HR tower's stem and stages) on one square image of
+    side `side`, and the feature-map side after each: every Conv2d and Linear (applied per position). Modules run in
+    the order they are registered (a strided convolution or a pooling shrinks the map), except a residual shortcut:
+    a `downsample` registered after its block's main path (ResNet's) reads the block's input."""
     flops, sides = [], []
     for block in blocks:
-        total = 0
-        for m in block.modules():
-            if isinstance(m, nn.Conv2d):
-                k, stride = m.kernel_size[0], m.stride[0]
-                pad = m.padding[0] if not isinstance(m.padding, str) else (k - 1) // 2 if m.padding == "same" else 0
-                side = (side + 2 * pad - m.dilation[0] * (k - 1) - 1) // stride + 1
-                total += 2 * side * side * m.out_channels * (m.in_channels // m.groups) * k * m.kernel_size[1]
-            elif isinstance(m, nn.Linear):
-                total += 2 * side * side * m.in_features * m.out_features
+        total, side = _conv_flops(block, side)
         flops.append(total)
         sides.append(side)
     return flops, sides
+
+
+def _conv_flops(module: nn.Module, side: int) -> tuple[int, int]:
+    """(forward FLOPs, output side) of one module on a square map of side `side`."""
+    if isinstance(module, nn.Conv2d):
+        k, stride = module.kernel_size[0], module.stride[0]
+        pad = module.padding[0] if not isinstance(module.padding, str) else (k - 1) // 2 if module.padding == "same" \
+            else 0
+        side = (side + 2 * pad - module.dilation[0] * (k - 1) - 1) // stride + 1
+        return 2 * side * side * module.out_channels * (module.in_channels // module.groups) * k * \
+            module.kernel_size[1], side
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        k, stride, pad = (v if isinstance(v, int) else v[0]
+                          for v in (module.kernel_size, module.stride, module.padding))
+        return 0, (side + 2 * pad - k) // stride + 1
+    if isinstance(module, nn.Linear):
+        return 2 * side * side * module.in_features * module.out_features, side
+    total, entry, seen_main_path = 0, side, False
+    for name, child in module.named_children():
+        if name == "downsample" and seen_main_path:          # a shortcut beside the main path
+            total += _conv_flops(child, entry)[0]
+            continue
+        flops, side = _conv_flops(child, side)
+        total += flops
+        seen_main_path = seen_main_path or flops > 0
+    return total, side
 
 
 def mining_forward_flops(queries: int, dim: int, channels: int, window: int) -> int:

@@ -116,6 +116,7 @@ class TimmTrunkTower(nn.Module):
         self.spec = dict(spec, mean=self.mean, std=self.std)     # what an export needs to rebuild this tower
         self.channels = sum(info["num_chs"] for info in trunk.feature_info[-len(self.stages):])
         self.renormalize = None                                   # (scale, shift) per channel, or None
+        self.train(self.training)                                 # BatchNorm in eval mode from the start
 
     @classmethod
     def load(cls, ref, *, dtype, random_init=False):

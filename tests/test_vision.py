@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from data import CLIP_MEAN, CLIP_STD, DataArguments, build_dataset, collate
-from model import MiniGemini, set_stage
+from model import MiniGemini, conv_forward_flops, set_stage, train_flops
 from tests.tiny_models import build, save_tiny_timm_trunk, tiny_batch
 from vision import GridPool2x, projector_tokens
 
@@ -70,6 +71,10 @@ def test_hr_tower_trains_its_last_stage_and_exports(tmp_path, root, tok, name):
     for inputs in (batch, text_only):         # text-only: the dummy black image, a 1x1 last-stage map of one image
         model(**inputs).loss.backward()
     optimizer.step()
+    with FlopCounterMode(display=False) as counted:                          # MFU counts the trunk's layers right
+        aux.stage_maps(torch.zeros(1, 3, 32, 32))
+    assert sum(conv_forward_flops([aux.stem, *aux.stages], 32)[0]) == counted.get_total_flops()
+    assert train_flops(model).per_image > 0
     changed = {n for n, p in aux.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= tuned
     assert all(torch.equal(m.running_mean, s) for m, s in zip(norms, stats))
