@@ -337,7 +337,7 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
         ("lora_dropout", a.lora_dropout, 0 <= a.lora_dropout < 1, "[0, 1)"),
         ("bits", m.bits, m.bits in (16, 8, 4), "16 | 8 | 4"),
         ("dtype", m.dtype, m.dtype in ("bfloat16", "float16", "float32"), "bfloat16 | float16 | float32"),
-        ("projector", m.projector, bool(re.fullmatch(vision.PROJECTORS, m.projector)),
+        ("projector", m.projector, vision.is_projector(m.projector),
          "linear | mlp<N>x_gelu | perceiver | vit, or pool2x_ before one"),
         ("mm_vision_select_feature", m.mm_vision_select_feature, m.mm_vision_select_feature in ("patch", "cls_patch"),
          "patch | cls_patch"),

@@ -372,9 +372,6 @@ def _support(matrix) -> tuple[int, int]:
 # =============================================================================================================
 # Projectors
 # =============================================================================================================
-PROJECTORS = r"(pool2x_)?(linear|mlp\d+x_gelu|perceiver|vit)"     # the kinds build_projector builds (train.py checks)
-
-
 def projector_tokens(kind: str, tokens: int, *, queries=64) -> int:
     """Tokens a projector of this kind makes from `tokens` input tokens per view (MiniGemini.tokens_per_image,
     and through it data.py's length budget, reads it): change it together with build_projector."""
@@ -399,6 +396,15 @@ def build_projector(kind: str, in_dim: int, out_dim: int, *, heads=8, queries=64
         return nn.Sequential(GridPool2x(), build_projector(kind.removeprefix("pool2x_"), in_dim, out_dim,
                                                            heads=heads, queries=queries))
     raise ValueError(f"unknown projector {kind!r}: linear, mlp{{N}}x_gelu, perceiver, vit, or pool2x_ before one")
+
+
+def is_projector(kind: str) -> bool:
+    """Whether build_projector knows this kind (train.py checks the setting up front)."""
+    try:
+        build_projector(kind, 8, 8, heads=1, queries=1)
+    except ValueError:
+        return False
+    return True
 
 
 class GridPool2x(nn.Module):
