@@ -126,14 +126,17 @@ class MiniGemini(nn.Module):
     @property
     def _no_split_modules(self) -> list[str]:
         """Blocks FSDP wraps one by one (accelerate's TRANSFORMER_BASED_WRAP reads this): the LLM's decoder layers,
-        the LR tower's encoder layers, the ConvNeXt stages."""
+        the LR tower's encoder layers, the ConvNeXt stages. Only classes this model contains: accelerate stops on a
+        listed class it cannot find, and CLIPVisionModel's own list names CLIP's text-model classes too."""
         names = set()
         for module in (self.llm, self.vision_tower.model):
             base = module.get_base_model() if _is_peft(module) else module
             names.update(getattr(base, "_no_split_modules", None) or [])
+            names.update(type(layer).__name__ for layer in _repeated_blocks(base))
         if self.vision_tower_aux is not None:
             names.add(type(self.vision_tower_aux.stages[0]).__name__)
-        return sorted(names)
+        present = {type(m).__name__ for m in self.modules()}
+        return sorted(names & present)
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, images_aux=None, image_counts=None,
@@ -929,6 +932,14 @@ def trainable_table(model: MiniGemini) -> str:
 
 def _numel(p) -> int:
     return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()   # two 4-bit values per stored byte
+
+
+def _repeated_blocks(model: nn.Module) -> nn.ModuleList | list:
+    """The outermost list of identical blocks (a causal LM's decoder layers, a ViT's encoder layers), found from
+    the structure: a family whose _no_split_modules leaves its decoder layer out still gets it wrapped."""
+    lists = [(name.count("."), m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(block) for block in m}) == 1]
+    return min(lists, key=lambda depth_and_list: depth_and_list[0], default=(0, []))[1]
 
 
 def _is_peft(module) -> bool:
