@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -68,10 +69,14 @@ def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGem
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
     The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it)."""
     dtype = getattr(torch, args.dtype)
-    llm = load_llm(args.llm, dtype=dtype, bits=args.bits, attention=args.attention,
-                   random_init=args.random_init, device=device)
-    vision_tower = VisionTower.load(args.vision_tower, dtype=dtype, select_layer=args.mm_vision_select_layer,
-                                    select_feature=args.mm_vision_select_feature, random_init=args.random_init)
+    # Loading a transformers checkpoint must not move the random numbers the new modules (added token rows,
+    # mining, projector) are drawn from: inside DeepSpeed's zero.Init, or for weights missing from a checkpoint,
+    # from_pretrained draws some, so the same seed would give other new weights on another engine.
+    with nullcontext() if args.random_init else torch.random.fork_rng(devices=[]):
+        llm = load_llm(args.llm, dtype=dtype, bits=args.bits, attention=args.attention,
+                       random_init=args.random_init, device=device)
+        vision_tower = VisionTower.load(args.vision_tower, dtype=dtype, select_layer=args.mm_vision_select_layer,
+                                        select_feature=args.mm_vision_select_feature, random_init=args.random_init)
     vision_tower_aux = None
     if args.vision_tower_aux:
         vision_tower_aux = ConvNeXtTower.load(args.vision_tower_aux, dtype=dtype, random_init=args.random_init)
@@ -435,16 +440,30 @@ def load_llm(ref, *, dtype, bits=16, attention="sdpa", random_init=False, device
 
 
 def add_image_tokens(llm, tokenizer) -> list[int]:
-    """Add <im_start>/<im_end> to the tokenizer and the embeddings; new rows start at the mean of the old ones."""
+    """Add <im_start>/<im_end> to the tokenizer and the embeddings; new rows start at the mean of the old ones.
+    Also on weights DeepSpeed ZeRO-3 has already partitioned (loaded inside zero.Init): they are gathered here."""
     tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
-    old = llm.get_input_embeddings().weight.shape[0]
+    old = _full_shape(llm.get_input_embeddings().weight)[0]
     if len(tokenizer) > old:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
-                if emb is not None and emb.weight.shape[0] > old:
-                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+        weights = [emb.weight for emb in (llm.get_input_embeddings(), llm.get_output_embeddings())
+                   if emb is not None and _full_shape(emb.weight)[0] > old]
+        with torch.no_grad(), _gathered(weights):
+            for weight in weights:
+                weight[old:] = weight[:old].mean(0, keepdim=True)
     return tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+
+
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)   # a ZeRO-3 partitioned parameter is empty; ds_shape is its real shape
+
+
+def _gathered(params: list):
+    """Whole parameters to modify in place (rank 0's change is then partitioned again), or nothing to do."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 # =============================================================================================================

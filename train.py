@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> str:
     if ds_plugin is not None:  # DeepSpeed reads the batch from a prepared loader (ours is not one) and clips itself
         ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.per_device_batch_size,
                                           gradient_clipping=max(args.max_grad_norm, 0.0))
+        # ZeRO-3 keeps parameters below this size whole on every rank. accelerate sets 10 x hidden size for a
+        # transformers model, but cannot read a hidden size from ours; DeepSpeed's own default is 1e5 elements.
+        zero = ds_plugin.deepspeed_config["zero_optimization"]
+        if zero.get("stage3_param_persistence_threshold", "auto") == "auto":
+            zero["stage3_param_persistence_threshold"] = 10 * model.llm.config.get_text_config().hidden_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState(num_processes=accelerator.num_processes)
     accelerator.register_for_checkpointing(state)

@@ -63,8 +63,8 @@ def record_shards_after_first_step(path: str):
 def held_and_full(p) -> tuple[int, int]:
     """(elements this rank holds, elements of the whole parameter)."""
     from torch.distributed.tensor import DTensor
-    if hasattr(p, "ds_tensor"):              # DeepSpeed ZeRO-3: the local partition
-        return p.ds_tensor.numel(), p.ds_numel
+    if hasattr(p, "ds_tensor"):              # DeepSpeed ZeRO-3: the local partition, unless gathered or persistent
+        return p.numel() or p.ds_tensor.numel(), p.ds_numel
     if isinstance(p, DTensor):               # FSDP2: the local shard of a DTensor
         return p.to_local().numel(), p.numel()
     return p.numel(), p.numel()
