@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,10 @@ RECIPES = {  # on top of the tiny recipe: 4 steps of 2 micro-batches of 4 sample
     "lora": dict(stage="finetune", template="vicuna_v1", tune="lora"),
     "moe": dict(stage="finetune", template="vicuna_v1"),                                  # a Mixtral LLM
 }
+# Weights whose true gradient is exactly 0: Adam turns float noise there into moves of up to ~1e-4, which depend on
+# the order of the sums. mining.key biases (softmax ignores a shift shared by all keys); the router of a top-1 MoE
+# (the selected expert's weight is renormalized to 1).
+GRADIENT_FREE = re.compile(r"mining\.key\.\d+\.bias|block_sparse_moe\.gate\.weight")
 TORCH_EXTENSIONS = ROOT / ".cache" / "torch_extensions"   # DeepSpeed's compiled extension, kept between sessions
 
 
@@ -66,10 +71,10 @@ def reference(tiny, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("engine,recipe,resume", [
-    ("zero2", "pretrain", False), ("zero2", "finetune", True), ("zero2", "lora", True),
-    ("zero3", "pretrain", True), ("zero3", "finetune", True), ("zero3_moe", "moe", False),
-    ("fsdp2", "pretrain", False), ("fsdp2", "finetune", True), ("fsdp2", "lora", True)])
+@pytest.mark.parametrize("engine,recipe,resume", [  # one resume per engine, where frozen weights stay out of it
+    ("zero2", "pretrain", False), ("zero2", "finetune", False), ("zero2", "lora", True),
+    ("zero3", "pretrain", True), ("zero3", "finetune", False), ("zero3_moe", "moe", False),
+    ("fsdp2", "pretrain", False), ("fsdp2", "finetune", False), ("fsdp2", "lora", True)])
 def test_two_processes_equal_one(reference, tmp_path, engine, recipe, resume):
     recipe_path, ref = reference(recipe)
     config, script, line = ENGINES[engine]
@@ -117,6 +122,38 @@ def test_a_config_asking_for_an_engine_this_machine_cannot_run_stops(tiny, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_image_token_rows_on_weights_zero3_has_partitioned(tiny):
+    """model.add_image_tokens on an LLM that transformers loaded inside deepspeed.zero.Init (ZeRO-3 with
+    zero3_init_flag true; train.py builds with full weights): the new rows are the mean of the old ones, not NaN."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    import model as mgm
+    environ = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", TORCH_EXTENSIONS_DIR=str(TORCH_EXTENSIONS))
+    deepspeed.init_distributed(dist_backend="gloo")
+    zero3 = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})  # noqa: F841
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(tiny["recipe"]["llm"])
+        assert llm.get_input_embeddings().weight.numel() == 0, "not partitioned"
+        tokenizer = AutoTokenizer.from_pretrained(tiny["recipe"]["llm"])
+        old = len(tokenizer)
+        ids = mgm.add_image_tokens(llm, tokenizer)
+        assert ids == [old, old + 1]
+        weights = [llm.get_input_embeddings().weight, llm.get_output_embeddings().weight]
+        with deepspeed.zero.GatheredParameters(weights):
+            for weight in weights:
+                assert weight.shape[0] == old + 2 and torch.isfinite(weight).all()
+                torch.testing.assert_close(weight[old:], weight[:old].mean(0).expand(2, -1))
+    finally:
+        unset_hf_deepspeed_config()   # later from_pretrained calls in this process load normally again
+        torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
 # ---- helpers -------------------------------------------------------------------------------------------------------
 
 def launch(config: str, script: str, recipe: Path, *args, env=None, wait=True, launch_args=None, processes=2):
@@ -156,8 +193,8 @@ def assert_same_export(ref: Path, export: Path):
         a, b = load_file(ref / name), load_file(export / name)
         assert a.keys() == b.keys(), name
         for k in a:
-            # atol 1e-5: mining.key biases have a true gradient of 0, and Adam turns float noise there into ~1e-6
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}")
+            atol = 1e-3 if GRADIENT_FREE.search(k) else 1e-5
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{name} {k}: {m}")
     assert json.loads((export / "mgm_config.json").read_text())["export"] == \
         json.loads((ref / "mgm_config.json").read_text())["export"]
     models = [MiniGemini.from_pretrained(path) for path in (ref, export)]
