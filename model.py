@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -76,10 +77,14 @@ def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGem
     for setting in (*REF_SETTINGS, "pretrained_mm_path"):
         check_model_ref(getattr(args, setting), setting)
     dtype = getattr(torch, args.dtype)
-    llm = load_llm(args.llm, dtype=dtype, bits=args.bits, attention=args.attention,
-                   random_init=args.random_init, device=device)
-    vision_tower = VisionTower.load(args.vision_tower, dtype=dtype, select_layer=args.mm_vision_select_layer,
-                                    select_feature=args.mm_vision_select_feature, random_init=args.random_init)
+    # Loading a transformers checkpoint must not move the random numbers the new modules (added token rows,
+    # mining, projector) are drawn from: inside DeepSpeed's zero.Init, or for weights missing from a checkpoint,
+    # from_pretrained draws some, so the same seed would give other new weights on another engine.
+    with nullcontext() if args.random_init else torch.random.fork_rng(devices=[]):
+        llm = load_llm(args.llm, dtype=dtype, bits=args.bits, attention=args.attention,
+                       random_init=args.random_init, device=device)
+        vision_tower = VisionTower.load(args.vision_tower, dtype=dtype, select_layer=args.mm_vision_select_layer,
+                                        select_feature=args.mm_vision_select_feature, random_init=args.random_init)
     vision_tower_aux = None
     if args.vision_tower_aux:
         vision_tower_aux = TimmTrunkTower.load(args.vision_tower_aux, dtype=dtype, random_init=args.random_init)
@@ -134,14 +139,18 @@ class MiniGemini(nn.Module):
     @property
     def _no_split_modules(self) -> list[str]:
         """Blocks FSDP wraps one by one (accelerate's TRANSFORMER_BASED_WRAP reads this): the LLM's decoder layers,
-        the LR tower's encoder layers, the HR tower's blocks (its fsdp_block_class)."""
+        the LR tower's encoder layers, the HR tower's blocks (its fsdp_block_class). Only classes this model contains:
+        accelerate stops on a listed class it cannot find, and CLIPVisionModel's own list names CLIP's text-model
+        classes too."""
         names = set()
         for module in (self.llm, self.vision_tower.model):
             base = module.get_base_model() if _is_peft(module) else module
             names.update(getattr(base, "_no_split_modules", None) or [])
+            names.update(type(layer).__name__ for layer in _repeated_blocks(base))
         if self.vision_tower_aux is not None:
             names.add(self.vision_tower_aux.fsdp_block_class.__name__)
-        return sorted(names)
+        present = {type(m).__name__ for m in self.modules()}
+        return sorted(names & present)
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, images_aux=None, image_counts=None,
@@ -479,17 +488,30 @@ def load_llm(ref, *, dtype, bits=16, attention="sdpa", random_init=False, device
 
 
 def add_image_tokens(llm, tokenizer) -> list[int]:
-    """Add <im_start>/<im_end> to the tokenizer and the embeddings; new rows start at the mean of the old ones."""
+    """Add <im_start>/<im_end> to the tokenizer and the embeddings; new rows start at the mean of the old ones.
+    Also on weights DeepSpeed ZeRO-3 has already partitioned (loaded inside zero.Init): they are gathered here."""
     tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
-    old = llm.get_input_embeddings().weight.shape[0]
+    old = _full_shape(llm.get_input_embeddings().weight)[0]
     if len(tokenizer) > old:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
-                if emb is not None and emb.weight.shape[0] > old:
-                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+        weights = [emb.weight for emb in (llm.get_input_embeddings(), llm.get_output_embeddings())
+                   if emb is not None and _full_shape(emb.weight)[0] > old]
+        with torch.no_grad(), _gathered(weights):
+            for weight in weights:
+                weight[old:] = weight[:old].mean(0, keepdim=True)
     return tokenizer.convert_tokens_to_ids([IM_START, IM_END])
 
+
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)   # a ZeRO-3 partitioned parameter is empty; ds_shape is its real shape
+
+
+def _gathered(params: list):
+    """Whole parameters to modify in place (rank 0's change is then partitioned again), or nothing to do."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 # =============================================================================================================
@@ -657,6 +679,14 @@ def trainable_table(model: MiniGemini) -> str:
 
 def _numel(p) -> int:
     return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()   # two 4-bit values per stored byte
+
+
+def _repeated_blocks(model: nn.Module) -> nn.ModuleList | list:
+    """The outermost list of identical blocks (a causal LM's decoder layers, a ViT's encoder layers), found from
+    the structure: a family whose _no_split_modules leaves its decoder layer out still gets it wrapped."""
+    lists = [(name.count("."), m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(block) for block in m}) == 1]
+    return min(lists, key=lambda depth_and_list: depth_and_list[0], default=(0, []))[1]
 
 
 def _is_peft(module) -> bool:

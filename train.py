@@ -24,14 +24,17 @@ import sys
 import time
 import uuid
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
+import accelerate
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, broadcast_object_list, gather_object,
-                              is_tensorboard_available, is_wandb_available, set_seed)
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
+                              broadcast_object_list, gather_object, is_tensorboard_available, is_wandb_available,
+                              parse_flag_from_env, set_seed)
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
@@ -110,18 +113,12 @@ def main(argv: list[str] | None = None) -> str:
     config = resolved_config(model_args, data_args, args)
     check_args(model_args, args, data_args)  # every setting, before anything is loaded
     check_paths(model_args, data_args, args)
-    accelerator = Accelerator(
-        cpu=not has_accelerator(),  # accelerate 1.15 runs gloo multi-process on CPU only when told
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, not once per process
-        log_with=trackers(args.report_to), project_dir=args.output_dir,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)],
-    )
+    accelerator = make_accelerator(args)
     if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # an accelerate config's value wins
         raise ValueError(f"the accelerate config sets gradient_accumulation_steps="
                          f"{accelerator.gradient_accumulation_steps}; set it in the recipe only")
-    accelerator.print(f"distributed: {accelerator.distributed_type}, {accelerator.num_processes} process(es), "
-                      f"mixed precision: {accelerator.mixed_precision}")
+    accelerator.print(f"distributed: {accelerator.distributed_type}{engine_detail(accelerator)}, "
+                      f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}")
     set_seed(args.seed)  # identical initialisation of new modules on every rank
     run, ckpt = start_run(accelerator, args, config)  # output_dir is this run's; the checkpoint to resume from
 
@@ -129,8 +126,9 @@ def main(argv: list[str] | None = None) -> str:
     tokenizer = load_tokenizer(model_args.llm)
     quantized = model_args.bits in (4, 8)  # each process loads its 4/8-bit LLM straight onto its own device
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    model = build(model_args, args, tokenizer, device=accelerator.device if quantized else None,
-                  upcast_trainables=not sharded)
+    with full_weights_at_build(accelerator):
+        model = build(model_args, args, tokenizer, device=accelerator.device if quantized else None,
+                      upcast_trainables=not sharded)
     accelerator.print(mgm.trainable_table(model))
     flops = mgm.train_flops(model)  # before prepare: ZeRO-3 / FSDP may shard what it reads
     with accelerator.main_process_first():
@@ -151,6 +149,11 @@ def main(argv: list[str] | None = None) -> str:
     if ds_plugin is not None:  # DeepSpeed reads the batch from a prepared loader (ours is not one) and clips itself
         ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.per_device_batch_size,
                                           gradient_clipping=max(args.max_grad_norm, 0.0))
+        # ZeRO-3 keeps parameters below this size whole on every rank. accelerate sets 10 x hidden size for a
+        # transformers model, but cannot read a hidden size from ours; DeepSpeed's own default is 1e5 elements.
+        zero = ds_plugin.deepspeed_config["zero_optimization"]
+        if zero.get("stage3_param_persistence_threshold", "auto") == "auto":
+            zero["stage3_param_persistence_threshold"] = 10 * model.llm.config.get_text_config().hidden_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState(num_processes=accelerator.num_processes)
     accelerator.register_for_checkpointing(state)
@@ -257,7 +260,11 @@ def main(argv: list[str] | None = None) -> str:
     export_dir = args.export_dir or os.path.join(args.output_dir, "export")
     export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
     accelerator.print(f"exported to {export_dir}")
-    accelerator.end_training()
+    # Release the wrapped model (DDP reducer, DeepSpeed engine, FSDP hooks) before the process group goes: left to
+    # interpreter exit, gloo's threads can be torn down mid-flight ("terminate called...", exit code -6).
+    del model, optimizer, scheduler, eval_loader
+    accelerator.free_memory()
+    accelerator.end_training()  # trackers, then destroy_process_group
     release_output_dir(args.output_dir)
     return export_dir
 
@@ -398,6 +405,72 @@ def check_paths(model_args, data_args, args: TrainArguments) -> None:
             not os.path.exists(os.path.join(export_dir, mgm.CONFIG_NAME)):
         raise SettingsError(f"export_dir: {export_dir} holds other files (no {mgm.CONFIG_NAME}); the export "
                             "replaces the directory, so choose an empty or new one")
+
+
+def make_accelerator(args: TrainArguments) -> Accelerator:
+    """The Accelerator for the engine the launched accelerate config names (`accelerate launch` exports it as
+    ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP), or a clear error: never a silent fallback to another engine.
+    Without an accelerator, accelerate 1.15 runs several CPU processes only with cpu=True, and DeepSpeed only with
+    cpu=False; DeepSpeed on CPU then needs the gloo backend named, or each rank becomes a one-process run."""
+    wanted = requested_engine()
+    on_cpu = not has_accelerator()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)]
+    deepspeed_on_cpu = on_cpu and wanted == DistributedType.DEEPSPEED
+    if deepspeed_on_cpu:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        cpu=on_cpu and not deepspeed_on_cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, not once per process
+        log_with=trackers(args.report_to), project_dir=args.output_dir, kwargs_handlers=handlers,
+    )
+    running = accelerator.distributed_type
+    if wanted is not None and running != wanted:
+        why = (f"accelerate {accelerate.__version__} selects FSDP only on GPU-like devices, and this machine has "
+               "none" if wanted == DistributedType.FSDP and on_cpu else "see accelerate's log above")
+        raise RuntimeError(f"the accelerate config asks for {wanted.name}, but accelerate set up {running.name} "
+                           f"on {accelerator.device}: {why}. Use a config for the engine this machine can run "
+                           "(multi_gpu.yaml runs DDP, also on CPU).")
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None and ds_plugin.zero3_init_flag:
+        raise ValueError("zero3_init_flag: true is not supported: model.py builds the model with full weights (new "
+                         "image-token rows, stage freezing) and prepare() partitions them; set it to false")
+    return accelerator
+
+
+def requested_engine() -> DistributedType | None:
+    """DEEPSPEED or FSDP when the launched accelerate config asks for it, else None (DDP or one process)."""
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return DistributedType.DEEPSPEED
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return DistributedType.FSDP
+    return None
+
+
+def engine_detail(accelerator) -> str:
+    """" (ZeRO-2)" / " (FSDP2)" after the distributed type on the start-up line."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f" (ZeRO-{accelerator.state.deepspeed_plugin.zero_stage})"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return f" (FSDP{accelerator.state.fsdp_plugin.fsdp_version})"
+    return ""
+
+
+@contextmanager
+def full_weights_at_build(accelerator):
+    """Build the model with full, unpartitioned weights, as every engine does: accelerate registers a ZeRO-3 config
+    with transformers even with zero3_init_flag false, and from_pretrained would then load inside
+    deepspeed.zero.Init (partitioned weights; a different random-number stream for the new modules)."""
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        ds_plugin.set_deepspeed_weakref()  # back for prepare / save, as accelerate left it
 
 
 def has_accelerator() -> bool:

@@ -229,6 +229,7 @@ def test_forward_backward_each_family(root, tok, family):
     assert grads(model) == {"llm", "mining", "projector"}
     assert {"CLIPEncoderLayer", "ConvNeXtStage"} < set(model._no_split_modules)       # FSDP wrap units
     assert any(name.endswith("DecoderLayer") for name in model._no_split_modules)
+    assert set(model._no_split_modules) <= {type(m).__name__ for m in model.modules()}  # accelerate stops on others
     with torch.no_grad():       # the image mask reaches this family's attention layers: MMCA changes the output
         mmca = build(root, tok, family=family, attention="mmca")(**batch).logits
     assert not torch.allclose(mmca, out.logits, atol=1e-4)
@@ -380,6 +381,19 @@ def test_plain_llava_cls_patch_and_image_start_end_tokens(root, tok):
     grad = model.llm.get_input_embeddings().weight.grad
     changed = grad.abs().sum(1).nonzero().flatten().tolist()
     assert changed == model.im_start_end_ids                              # only the new rows train
+
+
+def test_new_modules_start_the_same_however_the_llm_loads(root, tok, monkeypatch):
+    """A load that draws random numbers (inside DeepSpeed's zero.Init, or for weights a checkpoint lacks) leaves the
+    projector and mining as the seed makes them: the same recipe and seed start the same on every engine."""
+    import model as mgm
+    first = build(root, tok)
+    load_llm = mgm.load_llm
+    monkeypatch.setattr(mgm, "load_llm", lambda *args, **kw: (torch.rand(100), load_llm(*args, **kw))[1])
+    second = build(root, tok)
+    a, b = ({k: v for k, v in m.state_dict().items() if k.startswith(("projector.", "mining."))}
+            for m in (first, second))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_random_init_from_configs_alone_and_bf16(root, tok):

@@ -444,28 +444,6 @@ def test_two_processes_give_the_update_of_one_big_batch(tiny, tmp_path, stage):
     assert_same_run(one, two, step=4)
 
 
-def test_fsdp_two_processes(tiny, tmp_path):
-    """accelerate_configs/fsdp.yaml with two processes matches one process with the same global batch, where
-    accelerate can run FSDP at all (it checks what the launch really ran, not what the config asked for)."""
-    import accelerate
-    if torch.cuda.device_count() == 1:
-        pytest.skip("one GPU: two FSDP processes would share it (NCCL refuses duplicate GPUs)")
-    recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], stage="finetune", template="vicuna_v1", max_steps=2,
-                          save_steps=2)
-    out = launch("fsdp.yaml", recipe, "--output_dir", tmp_path / "fsdp", "--per_device_batch_size", "2", processes=2)
-    kind, processes = re.search(r"distributed: (\S+), (\d+) process", out).groups()
-    if kind != "DistributedType.FSDP":
-        pytest.skip(f"torch {torch.__version__} runs FSDP2 (fully_shard) on CPU with gloo, but accelerate "
-                    f"{accelerate.__version__} does not: AcceleratorState selects DistributedType.FSDP only for "
-                    f"GPU-like devices, so fsdp.yaml on this CPU-only machine ran as {kind} with {processes} "
-                    "processes (plain DDP, tested above)")
-    run_in_process([str(recipe), "--output_dir", str(tmp_path / "one"), "--per_device_batch_size", "4"])
-    ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
-    torch.testing.assert_close(torch.tensor([m["loss"] for m in mb]), torch.tensor([m["loss"] for m in ma]),
-                               rtol=1e-3, atol=1e-4)
-    assert (tmp_path / "fsdp" / "export" / "mgm_config.json").exists()
-
-
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch):
     import train
     real = train.forward_backward
@@ -502,7 +480,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny, tmp_path, stage,
     run_in_process([str(recipe), "--output_dir", str(ref)])
 
     proc = launch("single_gpu.yaml", recipe, "--output_dir", run, env={"MGM_TEST_HANG_AT_SAVE": "6"}, wait=False,
-                  script="tests/hang_at_save.py")
+                  script="tests/launch_train.py")
     lines = []
     for line in proc.stdout:
         lines.append(line)

@@ -1,0 +1,93 @@
+"""train.py under `accelerate launch`, with two test-only additions (tests/test_engines.py uses it):
+
+    accelerate launch --config_file accelerate_configs/fsdp.yaml tests/launch_train.py recipe.yaml [--field value ...]
+
+- FSDP without a GPU: torch's FSDP2 (`fully_shard`) runs on CPU over gloo, but accelerate 1.15 selects FSDP only
+  for GPU-like devices, and no config field or environment variable changes that. When the launched config asks
+  for FSDP and no accelerator is visible, accelerate's shared state is turned into FSDP as it is created, so
+  train.main's Accelerator runs FSDP2 (train.py itself refuses such a config on CPU).
+- MGM_SHARDS_FILE=path: after the first optimizer step each rank appends, for every parameter, how many elements it
+  holds and the full size (ZeRO-3 and FSDP2 shard parameters; DDP and ZeRO-2 hold them whole) to path.<rank>.
+- MGM_TEST_HANG_AT_SAVE=N (tests/test_train.py's kill -9 test): once checkpoint N is written but not yet renamed
+  into place, print "hanging pid=<pid> at save:N" and sleep, so the test can kill the process there.
+train.main shuts the process group down itself.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from accelerate.state import AcceleratorState, PartialState  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
+
+
+def main():
+    if train.requested_engine() == DistributedType.FSDP and not train.has_accelerator():
+        run_fsdp_on_cpu()
+    if os.environ.get("MGM_SHARDS_FILE"):
+        record_shards_after_first_step(os.environ["MGM_SHARDS_FILE"])
+    if os.environ.get("MGM_TEST_HANG_AT_SAVE"):
+        hang_before_the_rename(int(os.environ["MGM_TEST_HANG_AT_SAVE"]))
+    train.main(sys.argv[1:])
+
+
+def run_fsdp_on_cpu():
+    """After AcceleratorState is set up (MULTI_CPU over gloo, from Accelerator(cpu=True)), make it FSDP with the
+    plugin accelerate built from the config (Accelerator passes it in; the CPU branch ignores it)."""
+    init = AcceleratorState.__init__
+
+    def init_as_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init_as_fsdp
+
+
+def record_shards_after_first_step(path: str):
+    forward_backward = train.forward_backward
+
+    def recording(accelerator, model, window, num_items):
+        out = forward_backward(accelerator, model, window, num_items)
+        if not recording.done:
+            sizes = {name: held_and_full(p) for name, p in model.named_parameters()}
+            with open(f"{path}.{accelerator.process_index}", "w") as f:
+                json.dump(sizes, f)
+            recording.done = True
+        return out
+
+    recording.done = False
+    train.forward_backward = recording
+
+
+def hang_before_the_rename(step: int):
+    """The run file is the last thing train.save_checkpoint writes into checkpoint-N.tmp before the rename."""
+    write_json = train.write_json
+
+    def write_json_then_hang(path: str, value: dict) -> None:
+        write_json(path, value)
+        if Path(path).name == train.RUN_FILE and Path(path).parent.name == f"checkpoint-{step:06d}.tmp":
+            print(f"hanging pid={os.getpid()} at save:{step}", flush=True)
+            while True:
+                time.sleep(60)
+
+    train.write_json = write_json_then_hang
+
+
+def held_and_full(p) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole parameter)."""
+    from torch.distributed.tensor import DTensor
+    if hasattr(p, "ds_tensor"):              # DeepSpeed ZeRO-3: the local partition, unless gathered or persistent
+        return p.numel() or p.ds_tensor.numel(), p.ds_numel
+    if isinstance(p, DTensor):               # FSDP2: the local shard of a DTensor
+        return p.to_local().numel(), p.numel()
+    return p.numel(), p.numel()
+
+
+if __name__ == "__main__":
+    main()
