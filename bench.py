@@ -590,7 +590,7 @@ def _mining_run(variant, hd, dtype, quick, cuda):
     maps = [torch.randn(1, c, side >> s, side >> s, device=device, dtype=dtype) for s, c in enumerate(channels)]
     base = _reset_peak(device)
     start = clock()
-    if variant == "reference":      # ConvNeXtTower.forward's concatenated map, cut into views, windows materialized
+    if variant == "reference":      # TimmTrunkTower.forward's concatenated map, cut into views, windows materialized
         out = mining.reference(lr, hr_views(upsample_concat(maps), grid, image_global, views).flatten(0, 1))
     else:
         out = mining(lr, maps, grid=grid, image_global=image_global)

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from conversation import VICUNA_SYSTEM
-from model import (CONFIG_NAME, IM_END, IM_START, ConvNeXtTower, MiniGemini, ModelArguments, VisionTower,
+from model import (CONFIG_NAME, IM_END, IM_START, MiniGemini, ModelArguments, TimmTrunkTower, VisionTower,
                    merge_lora)
 
 # MGM's released configs name towers and LLMs by local `model_zoo/...` paths; these are the checkpoints they hold.
@@ -218,7 +218,7 @@ def assemble(args, llm, mm: dict, files, dtype, im_ids, src_dir, summary, towers
     projector and mining weight must come from the source."""
     vt = VisionTower.load(args.vision_tower, dtype=dtype, select_layer=args.mm_vision_select_layer,
                           select_feature=args.mm_vision_select_feature)
-    aux = ConvNeXtTower.load(args.vision_tower_aux, dtype=dtype) if args.vision_tower_aux else None
+    aux = TimmTrunkTower.load(args.vision_tower_aux, dtype=dtype) if args.vision_tower_aux else None
     model = MiniGemini(args, llm, vt, aux, im_start_end_ids=im_ids)
     tensors = load_tensors(files, list(mm.values()))
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}

@@ -1,12 +1,17 @@
-"""Data: LLaVA-format records -> tokenized, label-masked samples with Mini-Gemini image tensors.
+"""Data: records (LLaVA, messages with role/content, content parts, videos; JSON/JSONL, parquet, datasets
+directories: README.md lists the forms) -> tokenized, label-masked samples with Mini-Gemini image tensors.
 
-Public entry points come first; helpers below.
+Entry points and record loading come first; images, the dataset, collator, samplers and the `check` CLI next;
+tokenization and label masking last.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import ctypes
+import hashlib
+import inspect
 import io
 import json
 import os
@@ -45,140 +50,7 @@ class BadSample(ValueError):
         return reason if self.record is None else f"record {self.record}: {reason}"
 
 
-# ---- Tokenization and label masking --------------------------------------------------------------------------------
-
-def tokenize_conversation(conversations: list[dict], tokenizer, template: str | Template, max_length: int | None = None,
-                          *, image_token_len: int = 1, num_images: int | None = None) -> dict[str, torch.Tensor]:
-    """Tokenize one conversation; labels are exact by construction.
-
-    The template renders segments (text, trainable); each segment is tokenized on its own and the ids concatenated,
-    so a token is supervised exactly when its segment is. Each `<image>` tag becomes one IMAGE_TOKEN_INDEX id.
-    `num_images` (when known) is checked against the tags; a single image without a tag gets one in front of the first
-    user turn. `max_length` counts each image as `image_token_len` positions; a sample is cut at the end, never
-    inside or before an image, and a sample left with nothing to learn raises BadSample with the reason.
-    """
-    template = get_template(template) if isinstance(template, str) else template
-    try:
-        messages = _place_image_tags(normalize_messages(conversations), num_images)
-        segments = template.segments(messages, tokenizer)
-    except ConversationError as e:
-        raise BadSample(e.kind, str(e)) from None
-    input_ids, labels = encode_segments(segments, tokenizer)
-    if not any(label != IGNORE_INDEX for label in labels):
-        raise BadSample("empty reply", "no supervised tokens (no assistant reply)")
-    if max_length is not None:
-        input_ids, labels = _truncate(input_ids, labels, max_length, image_token_len)
-    return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-def tokenize_prompt(messages: list[dict], tokenizer, template: str | Template, *, num_images: int | None = None) -> torch.Tensor:
-    """Inference prompt ids (1-D), ending where the assistant's answer starts; the same ids training saw there."""
-    template = get_template(template) if isinstance(template, str) else template
-    messages = _place_image_tags(normalize_messages(messages, for_prompt=True), num_images)
-    input_ids, _ = encode_segments(template.prompt_segments(messages, tokenizer), tokenizer)
-    return torch.tensor(input_ids, dtype=torch.long)
-
-
-def encode_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels of rendered segments.
-
-    The first piece of text is tokenized as the tokenizer tokenizes the start of a text (with its BOS, unless the
-    template wrote the BOS itself). Every later piece is tokenized as a continuation: for tokenizers that put a
-    SentencePiece "▁" in front of every text they encode, behind an anchor "\\n" whose ids are then dropped (and
-    checked). Literal segments (message content) keep special-token strings as plain text.
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    text = "".join(s.text for s in segments)
-    bos = tokenizer.bos_token
-    if not (bos and text.startswith(bos)):
-        ids += _bos_ids(tokenizer)
-        labels += [IGNORE_INDEX] * len(ids)
-    anchored = _adds_prefix_space(tokenizer)
-    first = True
-    for seg in segments:
-        pieces = seg.text.split(IMAGE_TAG) if seg.literal else [seg.text]
-        for j, piece in enumerate(pieces):
-            if j > 0:
-                ids.append(IMAGE_TOKEN_INDEX)
-                labels.append(IGNORE_INDEX)
-                first = False
-            if not piece:
-                continue
-            piece_ids = _encode_piece(tokenizer, piece, literal=seg.literal, anchored=anchored and not first)
-            ids += piece_ids
-            labels += piece_ids if seg.trainable else [IGNORE_INDEX] * len(piece_ids)
-            first = False
-    return ids, labels
-
-
-def _encode_piece(tokenizer, text: str, *, literal: bool, anchored: bool) -> list[int]:
-    kwargs = dict(add_special_tokens=False, split_special_tokens=literal)
-    if not anchored:
-        return tokenizer(text, **kwargs)["input_ids"]
-    anchor = tokenizer("\n", **kwargs)["input_ids"]
-    both = tokenizer("\n" + text, **kwargs)["input_ids"]
-    if both[: len(anchor)] != anchor:
-        raise ValueError(f"{type(tokenizer).__name__} merges the anchor '\\n' into {text[:20]!r}: "
-                         "cannot tokenize this segment as a continuation")
-    return both[len(anchor):]
-
-
-def _adds_prefix_space(tokenizer) -> bool:
-    """True for SentencePiece-style tokenizers that put "▁" in front of every text they encode."""
-    return _tokenizer_facts(tokenizer)[0]
-
-
-def _bos_ids(tokenizer) -> list[int]:
-    """What the tokenizer itself puts in front of a text (BOS or nothing); never an EOS it would append."""
-    return list(_tokenizer_facts(tokenizer)[1])
-
-
-_TOKENIZER_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a cache: same answer per tokenizer
-
-
-def _tokenizer_facts(tokenizer) -> tuple[bool, tuple[int, ...]]:
-    if tokenizer not in _TOKENIZER_FACTS:
-        def enc(t):
-            return tokenizer(t, add_special_tokens=False)["input_ids"]
-        ids = tokenizer("", add_special_tokens=True)["input_ids"]
-        bos = tuple(i for i in ids if i != tokenizer.eos_token_id or i == tokenizer.bos_token_id)
-        _TOKENIZER_FACTS[tokenizer] = (enc("\n") + enc("a") != enc("\na"), bos)
-    return _TOKENIZER_FACTS[tokenizer]
-
-
-def _place_image_tags(messages: list[dict], num_images: int | None) -> list[dict]:
-    n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-    if num_images == 1 and n_tags == 0:
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages = [dict(m) for m in messages]
-        messages[first_user]["content"] = IMAGE_TAG + "\n" + messages[first_user]["content"]
-    elif num_images is not None and n_tags != num_images:
-        raise BadSample("image/tag mismatch", f"{n_tags} <image> tags but {num_images} images")
-    if any(IMAGE_TAG in m["content"] for m in messages if m["role"] != "user"):
-        raise BadSample("image/tag mismatch", "<image> tag outside a user turn")
-    return messages
-
-
-def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_len: int):
-    lengths = [image_token_len if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
-    total = sum(lengths)
-    if total <= max_length:
-        return ids, labels
-    keep, used = 0, 0
-    while keep < len(ids) and used + lengths[keep] <= max_length:
-        used += lengths[keep]
-        keep += 1
-    if IMAGE_TOKEN_INDEX in ids[keep:]:
-        raise BadSample("too long", f"needs {total} positions (images count {image_token_len} each) but max_length is "
-                        f"{max_length}: an image would be cut")
-    if all(label == IGNORE_INDEX for label in labels[:keep]):
-        raise BadSample("too long", f"the prompt alone needs more than max_length={max_length} positions "
-                        f"(images count {image_token_len} each); nothing left to learn")
-    return ids[:keep], labels[:keep]
-
-
-# ---- Records, images, datasets, collator, sampler ----
+# ---- Entry points: records, images, datasets, collator, sampler ----
 # Records from every source (LLaVA JSON/JSONL, parquet, a saved `datasets` directory) are normalized into one Arrow
 # table (RECORD_FEATURES) in the datasets cache. Arrow is memory-mapped, so dataloader workers share its pages instead
 # of each holding a copy of a 1.5M-entry Python list.
@@ -277,8 +149,157 @@ def load_records(data_path: str | list[str], *, cache_dir: str | None = None,
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+# ---- Record loading: every source -> RECORD_FEATURES rows (cached; the key covers this code) ----------------
+
+def _load_source(path: str, cache_dir: str | None, num_proc: int | None) -> datasets.Dataset:
+    source = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+    elif path.endswith((".json", ".jsonl")):
+        stat = os.stat(path)   # in the generator's arguments, so an edited file is not served from a stale cache
+        try:
+            ds = datasets.Dataset.from_generator(
+                _json_records, features=RECORD_FEATURES, cache_dir=cache_dir,
+                gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}",
+                            "converter": converter_fingerprint()})
+        except datasets.exceptions.DatasetGenerationError as e:   # its own message names neither file nor cause
+            cause = e.__cause__
+            raise ValueError(f"{path}: not a valid JSON array of records ({cause})" if isinstance(
+                cause, json.JSONDecodeError) else f"{path}: {cause or e}") from e
+        return ds
+    elif path.endswith(".parquet"):
+        ds = datasets.Dataset.from_parquet(path, cache_dir=cache_dir)
+    else:
+        raise ValueError(f"{path}: expected a .json/.jsonl/.parquet file or a saved datasets directory")
+    for name, feature in ds.features.items():   # keep image bytes as bytes: decoding belongs to the workers
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return ds.map(_normalize_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  features=RECORD_FEATURES, fn_kwargs={"source": source, "converter": converter_fingerprint()},
+                  num_proc=num_proc,
+                  desc=f"normalizing {source}")
+
+
+def _json_records(path: str, stamp: str, converter: str):
+    """Records of a JSON array or JSONL file, normalized (stamp and converter are cache keys only)."""
+    source = os.path.basename(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):   # a JSON array is parsed whole, once, in this process; then it lives in Arrow
+            records = json.load(f)
+            if not records:
+                raise ValueError("holds no records")   # load_records names the file
+            for i, record in enumerate(records):
+                yield _normalize_record(record, f"{source}:{i}")
+            return
+        found = False
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            found = True
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                record = {"id": f"{source}:{line_no}", "_problem": f"malformed record: invalid JSON ({e})"}
+            yield _normalize_record(record, f"{source}:{line_no}")
+        if not found:
+            raise ValueError("holds no records")
+
+
+def _normalize_batch(batch: dict, indices: list[int], source: str, converter: str) -> dict:
+    """load_records' map function over parquet / datasets sources (converter: a cache key only)."""
+    rows = [_normalize_record({k: v[j] for k, v in batch.items()}, f"{source}:{i}") for j, i in enumerate(indices)]
+    return {k: [row[k] for row in rows] for k in RECORD_FEATURES}
+
+
+def _normalize_record(record, fallback_id: str) -> dict:
+    """Any LLaVA-like record -> a RECORD_FEATURES row. Never raises: problems go to the "problem" column."""
+    row = {"id": fallback_id, "images": [], "video": [], "conversations": [], "n_words": 0, "n_images": 0,
+           "problem": ""}
+    if not isinstance(record, dict):
+        row["problem"] = "malformed record: not a JSON object"
+        return row
+    if record.get("id") is not None:
+        row["id"] = str(record["id"])
+    problems = [record["_problem"]] if record.get("_problem") else []
+    image = record.get("image", record.get("images"))
+    for item in [] if image is None else image if isinstance(image, list) else [image]:
+        if isinstance(item, str) and item:
+            row["images"].append({"path": item, "bytes": None})
+        elif isinstance(item, (bytes, bytearray)) and item:
+            row["images"].append({"path": None, "bytes": bytes(item)})
+        elif isinstance(item, dict) and (item.get("bytes") or item.get("path")):
+            row["images"].append({"path": item.get("path"), "bytes": item.get("bytes")})
+        else:
+            problems.append(f"malformed record: unusable image entry {str(item)[:40]!r}")
+    video = record.get("video")
+    if video:
+        if isinstance(video, str) or (isinstance(video, list) and all(isinstance(v, str) for v in video)):
+            row["video"] = [video] if isinstance(video, str) else video
+        else:
+            problems.append("malformed record: video must be a folder or a list of frame files")
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        problems.append("malformed record: no conversations")
+        turns = []
+    for turn in turns:
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if isinstance(value, list):    # content as parts (transformers / OpenAI): text joined, an image tag per image
+            value = _join_parts(value, row["images"], problems)
+        if not isinstance(role, str) or not isinstance(value, str):
+            problems.append("malformed record: a turn needs string from/value (or role/content)")
+            continue
+        row["conversations"].append({"from": role, "value": value})
+    row["n_words"] = sum(len(turn["value"].split()) for turn in row["conversations"])
+    row["n_images"] = -1 if row["video"] else len(row["images"])
+    row["problem"] = problems[0] if problems else ""
+    return row
+
+
+def _join_parts(parts: list, images: list[dict], problems: list[str]) -> str | None:
+    """[{"type": "text", "text": ...}, {"type": "image", ...}, ...] -> one string, parts on their own lines, each
+    image part an <image> tag where it stands. An image part that names its image ("image", "path", "url", or
+    OpenAI's "image_url": {"url"}; a data: URL holds the bytes) appends it to `images`; a bare {"type": "image"}
+    (transformers' form) refers to the record's own "images" list, in order."""
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image", "image_url"):
+            texts.append(IMAGE_TAG)
+            source = part.get("image_url") or part.get("image") or part.get("path") or part.get("url")
+            source = source.get("url") if isinstance(source, dict) else source
+            if isinstance(source, str) and source.startswith("data:"):     # data:image/png;base64,....
+                images.append({"path": None, "bytes": base64.b64decode(source.partition(",")[2])})
+            elif isinstance(source, str) and source:
+                images.append({"path": source, "bytes": None})
+            elif source is not None:
+                problems.append(f"malformed record: unusable image part {str(part)[:40]!r}")
+        else:
+            problems.append(f"malformed record: a content part needs type text or image, not {str(part)[:40]!r}")
+            return None
+    return "\n".join(texts)
+
+
+def converter_fingerprint() -> str:
+    """A hash of the code that turns source records into RECORD_FEATURES rows. It is part of the datasets cache key
+    of every source (beside the file's path, size and mtime), so an edited converter, or a repo upgrade, never gets
+    an unchanged file's records back in their old conversion."""
+    code = [inspect.getsource(f) for f in (_json_records, _normalize_batch, _normalize_record, _join_parts)]
+    return hashlib.sha256("".join(code + [repr(RECORD_FEATURES)]).encode()).hexdigest()[:16]
+
+
+# ---- Images, the dataset, collator, samplers, the check CLI ----------------------------------------------------
+
 class ImageProcessor:
-    """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None), per DESIGN.md data flow 2.
+    """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None): step 2 of ARCHITECTURE.md's flow.
 
     The image is padded to a square with the mean colour ("pad"), stretched ("resize"), or its short side resized
     and the center cut out ("crop", what MGM's image processor does by default). With an HR tower
@@ -811,63 +832,6 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _load_source(path: str, cache_dir: str | None, num_proc: int | None) -> datasets.Dataset:
-    source = os.path.basename(os.path.normpath(path))
-    if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"]
-    elif path.endswith((".json", ".jsonl")):
-        stat = os.stat(path)   # in the generator's arguments, so an edited file is not served from a stale cache
-        try:
-            ds = datasets.Dataset.from_generator(
-                _json_records, features=RECORD_FEATURES, cache_dir=cache_dir,
-                gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
-        except datasets.exceptions.DatasetGenerationError as e:   # its own message names neither file nor cause
-            cause = e.__cause__
-            raise ValueError(f"{path}: not a valid JSON array of records ({cause})" if isinstance(
-                cause, json.JSONDecodeError) else f"{path}: {cause or e}") from e
-        return ds
-    elif path.endswith(".parquet"):
-        ds = datasets.Dataset.from_parquet(path, cache_dir=cache_dir)
-    else:
-        raise ValueError(f"{path}: expected a .json/.jsonl/.parquet file or a saved datasets directory")
-    for name, feature in ds.features.items():   # keep image bytes as bytes: decoding belongs to the workers
-        if isinstance(feature, datasets.Image):
-            ds = ds.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
-            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
-    return ds.map(_normalize_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  features=RECORD_FEATURES, fn_kwargs={"source": source}, num_proc=num_proc,
-                  desc=f"normalizing {source}")
-
-
-def _json_records(path: str, stamp: str):
-    source = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-        f.seek(0)
-        if head.startswith("["):   # a JSON array is parsed whole, once, in this process; then it lives in Arrow
-            records = json.load(f)
-            if not records:
-                raise ValueError("holds no records")   # load_records names the file
-            for i, record in enumerate(records):
-                yield _normalize_record(record, f"{source}:{i}")
-            return
-        found = False
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            found = True
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                record = {"id": f"{source}:{line_no}", "_problem": f"malformed record: invalid JSON ({e})"}
-            yield _normalize_record(record, f"{source}:{line_no}")
-        if not found:
-            raise ValueError("holds no records")
-
-
 def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int) -> dict:
     """SupervisedDataset.measure_lengths' map function: a batch of records (no image column) -> {"length"}."""
     measurer = SupervisedDataset(None, tokenizer, args, None, tokens_per_image)
@@ -884,52 +848,137 @@ def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image
     return {"length": lengths}
 
 
-def _normalize_batch(batch: dict, indices: list[int], source: str) -> dict:
-    rows = [_normalize_record({k: v[j] for k, v in batch.items()}, f"{source}:{i}") for j, i in enumerate(indices)]
-    return {k: [row[k] for row in rows] for k in RECORD_FEATURES}
+# ---- Tokenization and label masking --------------------------------------------------------------------------------
+
+def tokenize_conversation(conversations: list[dict], tokenizer, template: str | Template, max_length: int | None = None,
+                          *, image_token_len: int = 1, num_images: int | None = None) -> dict[str, torch.Tensor]:
+    """Tokenize one conversation; labels are exact by construction.
+
+    The template renders segments (text, trainable); each segment is tokenized on its own and the ids concatenated,
+    so a token is supervised exactly when its segment is. Each `<image>` tag becomes one IMAGE_TOKEN_INDEX id.
+    `num_images` (when known) is checked against the tags; a single image without a tag gets one in front of the first
+    user turn. `max_length` counts each image as `image_token_len` positions; a sample is cut at the end, never
+    inside or before an image, and a sample left with nothing to learn raises BadSample with the reason.
+    """
+    template = get_template(template) if isinstance(template, str) else template
+    try:
+        messages = _place_image_tags(normalize_messages(conversations), num_images)
+        segments = template.segments(messages, tokenizer)
+    except ConversationError as e:
+        raise BadSample(e.kind, str(e)) from None
+    input_ids, labels = encode_segments(segments, tokenizer)
+    if not any(label != IGNORE_INDEX for label in labels):
+        raise BadSample("empty reply", "no supervised tokens (no assistant reply)")
+    if max_length is not None:
+        input_ids, labels = _truncate(input_ids, labels, max_length, image_token_len)
+    return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-def _normalize_record(record, fallback_id: str) -> dict:
-    """Any LLaVA-like record -> a RECORD_FEATURES row. Never raises: problems go to the "problem" column."""
-    row = {"id": fallback_id, "images": [], "video": [], "conversations": [], "n_words": 0, "n_images": 0,
-           "problem": ""}
-    if not isinstance(record, dict):
-        row["problem"] = "malformed record: not a JSON object"
-        return row
-    if record.get("id") is not None:
-        row["id"] = str(record["id"])
-    problems = [record["_problem"]] if record.get("_problem") else []
-    image = record.get("image", record.get("images"))
-    for item in [] if image is None else image if isinstance(image, list) else [image]:
-        if isinstance(item, str) and item:
-            row["images"].append({"path": item, "bytes": None})
-        elif isinstance(item, (bytes, bytearray)) and item:
-            row["images"].append({"path": None, "bytes": bytes(item)})
-        elif isinstance(item, dict) and (item.get("bytes") or item.get("path")):
-            row["images"].append({"path": item.get("path"), "bytes": item.get("bytes")})
-        else:
-            problems.append(f"malformed record: unusable image entry {str(item)[:40]!r}")
-    video = record.get("video")
-    if video:
-        if isinstance(video, str) or (isinstance(video, list) and all(isinstance(v, str) for v in video)):
-            row["video"] = [video] if isinstance(video, str) else video
-        else:
-            problems.append("malformed record: video must be a folder or a list of frame files")
-    turns = record.get("conversations", record.get("messages"))
-    if not isinstance(turns, list) or not turns:
-        problems.append("malformed record: no conversations")
-        turns = []
-    for turn in turns:
-        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-        if not isinstance(role, str) or not isinstance(value, str):
-            problems.append("malformed record: a turn needs string from/value (or role/content)")
-            continue
-        row["conversations"].append({"from": role, "value": value})
-    row["n_words"] = sum(len(turn["value"].split()) for turn in row["conversations"])
-    row["n_images"] = -1 if row["video"] else len(row["images"])
-    row["problem"] = problems[0] if problems else ""
-    return row
+def tokenize_prompt(messages: list[dict], tokenizer, template: str | Template, *, num_images: int | None = None) -> torch.Tensor:
+    """Inference prompt ids (1-D), ending where the assistant's answer starts; the same ids training saw there."""
+    template = get_template(template) if isinstance(template, str) else template
+    messages = _place_image_tags(normalize_messages(messages, for_prompt=True), num_images)
+    input_ids, _ = encode_segments(template.prompt_segments(messages, tokenizer), tokenizer)
+    return torch.tensor(input_ids, dtype=torch.long)
+
+
+def encode_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of rendered segments.
+
+    The first piece of text is tokenized as the tokenizer tokenizes the start of a text (with its BOS, unless the
+    template wrote the BOS itself). Every later piece is tokenized as a continuation: for tokenizers that put a
+    SentencePiece "▁" in front of every text they encode, behind an anchor "\\n" whose ids are then dropped (and
+    checked). Literal segments (message content) keep special-token strings as plain text.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    text = "".join(s.text for s in segments)
+    bos = tokenizer.bos_token
+    if not (bos and text.startswith(bos)):
+        ids += _bos_ids(tokenizer)
+        labels += [IGNORE_INDEX] * len(ids)
+    anchored = _adds_prefix_space(tokenizer)
+    first = True
+    for seg in segments:
+        pieces = seg.text.split(IMAGE_TAG) if seg.literal else [seg.text]
+        for j, piece in enumerate(pieces):
+            if j > 0:
+                ids.append(IMAGE_TOKEN_INDEX)
+                labels.append(IGNORE_INDEX)
+                first = False
+            if not piece:
+                continue
+            piece_ids = _encode_piece(tokenizer, piece, literal=seg.literal, anchored=anchored and not first)
+            ids += piece_ids
+            labels += piece_ids if seg.trainable else [IGNORE_INDEX] * len(piece_ids)
+            first = False
+    return ids, labels
+
+
+def _encode_piece(tokenizer, text: str, *, literal: bool, anchored: bool) -> list[int]:
+    kwargs = dict(add_special_tokens=False, split_special_tokens=literal)
+    if not anchored:
+        return tokenizer(text, **kwargs)["input_ids"]
+    anchor = tokenizer("\n", **kwargs)["input_ids"]
+    both = tokenizer("\n" + text, **kwargs)["input_ids"]
+    if both[: len(anchor)] != anchor:
+        raise ValueError(f"{type(tokenizer).__name__} merges the anchor '\\n' into {text[:20]!r}: "
+                         "cannot tokenize this segment as a continuation")
+    return both[len(anchor):]
+
+
+def _adds_prefix_space(tokenizer) -> bool:
+    """True for SentencePiece-style tokenizers that put "▁" in front of every text they encode."""
+    return _tokenizer_facts(tokenizer)[0]
+
+
+def _bos_ids(tokenizer) -> list[int]:
+    """What the tokenizer itself puts in front of a text (BOS or nothing); never an EOS it would append."""
+    return list(_tokenizer_facts(tokenizer)[1])
+
+
+_TOKENIZER_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a cache: same answer per tokenizer
+
+
+def _tokenizer_facts(tokenizer) -> tuple[bool, tuple[int, ...]]:
+    if tokenizer not in _TOKENIZER_FACTS:
+        def enc(t):
+            return tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        bos = tuple(i for i in ids if i != tokenizer.eos_token_id or i == tokenizer.bos_token_id)
+        _TOKENIZER_FACTS[tokenizer] = (enc("\n") + enc("a") != enc("\na"), bos)
+    return _TOKENIZER_FACTS[tokenizer]
+
+
+def _place_image_tags(messages: list[dict], num_images: int | None) -> list[dict]:
+    n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if num_images == 1 and n_tags == 0:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = [dict(m) for m in messages]
+        messages[first_user]["content"] = IMAGE_TAG + "\n" + messages[first_user]["content"]
+    elif num_images is not None and n_tags != num_images:
+        raise BadSample("image/tag mismatch", f"{n_tags} <image> tags but {num_images} images")
+    if any(IMAGE_TAG in m["content"] for m in messages if m["role"] != "user"):
+        raise BadSample("image/tag mismatch", "<image> tag outside a user turn")
+    return messages
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_len: int):
+    lengths = [image_token_len if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
+    total = sum(lengths)
+    if total <= max_length:
+        return ids, labels
+    keep, used = 0, 0
+    while keep < len(ids) and used + lengths[keep] <= max_length:
+        used += lengths[keep]
+        keep += 1
+    if IMAGE_TOKEN_INDEX in ids[keep:]:
+        raise BadSample("too long", f"needs {total} positions (images count {image_token_len} each) but max_length is "
+                        f"{max_length}: an image would be cut")
+    if all(label == IGNORE_INDEX for label in labels[:keep]):
+        raise BadSample("too long", f"the prompt alone needs more than max_length={max_length} positions "
+                        f"(images count {image_token_len} each); nothing left to learn")
+    return ids[:keep], labels[:keep]
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 import conversation
 import data
 import model as mgm
+import vision
 from data import IGNORE_INDEX
 
 
@@ -50,7 +51,7 @@ class TrainArguments:
     output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs: one run's, see start_run
     overwrite_output_dir: bool = False   # delete another run's files in output_dir first (else: refuse to start)
     export_dir: str = ""                 # the final export; default: <output_dir>/export
-    stage: str = "finetune"              # pretrain (projector + mining) | finetune (LLM too), see DESIGN.md
+    stage: str = "finetune"              # pretrain (projector + mining) | finetune (LLM too), see model.set_stage
     tune: str = "full"                   # full | lora | qlora (qlora needs bits 4 or 8 in the model arguments)
     lora_r: int = 64
     lora_alpha: int = 16
@@ -59,7 +60,7 @@ class TrainArguments:
     freeze_projector: bool = False       # keep the projector as loaded (pretrained_mm_path); mining still trains
     train_embeddings: bool = False       # freeze the LLM but train its token embeddings and lm_head (DS-VisualChat)
     tune_vision_tower: bool = False      # last half of the CLIP layers that feed the selected layer
-    tune_vision_tower_aux: bool = False  # last ConvNeXt stage
+    tune_vision_tower_aux: bool = False  # the HR tower's last stage
     # Optimizer and schedule: AdamW, linear warmup then cosine to zero, stepped once per optimizer step.
     learning_rate: float = 2e-5
     projector_lr: float | None = None    # default: learning_rate
@@ -343,8 +344,8 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
         ("lora_dropout", a.lora_dropout, 0 <= a.lora_dropout < 1, "[0, 1)"),
         ("bits", m.bits, m.bits in (16, 8, 4), "16 | 8 | 4"),
         ("dtype", m.dtype, m.dtype in ("bfloat16", "float16", "float32"), "bfloat16 | float16 | float32"),
-        ("projector", m.projector, bool(re.fullmatch(r"linear|mlp\d+x_gelu|perceiver|vit", m.projector)),
-         "linear | mlp<N>x_gelu | perceiver | vit"),
+        ("projector", m.projector, vision.is_projector(m.projector),
+         "linear | mlp<N>x_gelu | perceiver | vit, or pool2x_ before one"),
         ("mm_vision_select_feature", m.mm_vision_select_feature, m.mm_vision_select_feature in ("patch", "cls_patch"),
          "patch | cls_patch"),
         ("image_grid", m.image_grid, m.image_grid >= 1, ">= 1"),
@@ -535,14 +536,9 @@ def apply_switches(model, args: TrainArguments) -> None:
         for emb in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings()):
             emb.weight.requires_grad_(True)
     if args.tune_vision_tower:  # the last half of the CLIP layers that feed the selected hidden state
-        tower = model.vision_tower
-        layers = getattr(tower.model, "vision_model", tower.model).encoder.layers  # CLIP / SigLIP
-        used = len(layers) + 1 + tower.select_layer if tower.select_layer < 0 else tower.select_layer
-        tower.requires_grad_(False)
-        layers[used // 2: used].requires_grad_(True)
-    if args.tune_vision_tower_aux:  # the last ConvNeXt stage
-        model.vision_tower_aux.requires_grad_(False)
-        model.vision_tower_aux.stages[-1].requires_grad_(True)
+        model.vision_tower.tune_last_layers()
+    if args.tune_vision_tower_aux:  # the HR tower's last stage
+        model.vision_tower_aux.tune_last_stage()
 
 
 def param_groups(model, args: TrainArguments) -> list[dict]:
@@ -1040,7 +1036,6 @@ def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit
         with open(os.path.join(tmp, "train_config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
         write_json(os.path.join(tmp, RUN_FILE), {**run, "step": step})
-        debug_hang("save", step)
         if os.path.exists(final):  # re-saving a step after resuming from an older checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -1128,15 +1123,6 @@ def export(accelerator, model, tokenizer, export_dir: str, config: dict, dtype: 
             shutil.rmtree(export_dir)  # an earlier export of this run (check_paths refused any other directory)
         os.replace(tmp, export_dir)
     accelerator.wait_for_everyone()
-
-
-def debug_hang(point: str, step: int) -> None:
-    """Testing aid: MGM_DEBUG_HANG=save:6 blocks the process at that point (checkpoint written, not yet renamed),
-    so a test can kill -9 it there. Unset in normal runs."""
-    if os.environ.get("MGM_DEBUG_HANG") == f"{point}:{step}":
-        print(f"MGM_DEBUG_HANG pid={os.getpid()} at {point}:{step}", flush=True)
-        while True:
-            time.sleep(60)
 
 
 if __name__ == "__main__":

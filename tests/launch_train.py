@@ -8,11 +8,14 @@
   train.main's Accelerator runs FSDP2 (train.py itself refuses such a config on CPU).
 - MGM_SHARDS_FILE=path: after the first optimizer step each rank appends, for every parameter, how many elements it
   holds and the full size (ZeRO-3 and FSDP2 shard parameters; DDP and ZeRO-2 hold them whole) to path.<rank>.
+- MGM_TEST_HANG_AT_SAVE=N (tests/test_train.py's kill -9 test): once checkpoint N is written but not yet renamed
+  into place, print "hanging pid=<pid> at save:N" and sleep, so the test can kill the process there.
 train.main shuts the process group down itself.
 """
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +30,8 @@ def main():
         run_fsdp_on_cpu()
     if os.environ.get("MGM_SHARDS_FILE"):
         record_shards_after_first_step(os.environ["MGM_SHARDS_FILE"])
+    if os.environ.get("MGM_TEST_HANG_AT_SAVE"):
+        hang_before_the_rename(int(os.environ["MGM_TEST_HANG_AT_SAVE"]))
     train.main(sys.argv[1:])
 
 
@@ -58,6 +63,20 @@ def record_shards_after_first_step(path: str):
 
     recording.done = False
     train.forward_backward = recording
+
+
+def hang_before_the_rename(step: int):
+    """The run file is the last thing train.save_checkpoint writes into checkpoint-N.tmp before the rename."""
+    write_json = train.write_json
+
+    def write_json_then_hang(path: str, value: dict) -> None:
+        write_json(path, value)
+        if Path(path).name == train.RUN_FILE and Path(path).parent.name == f"checkpoint-{step:06d}.tmp":
+            print(f"hanging pid={os.getpid()} at save:{step}", flush=True)
+            while True:
+                time.sleep(60)
+
+    train.write_json = write_json_then_hang
 
 
 def held_and_full(p) -> tuple[int, int]:

@@ -1,4 +1,5 @@
 """Data pipeline: records from every source, Mini-Gemini image tensors, batches, the sampler, bad records, `check`."""
+import base64
 import functools
 import io
 import json
@@ -226,6 +227,41 @@ def test_an_edited_file_is_reloaded_not_served_from_the_cache(tmp_path):
     assert list(load_records(str(path), cache_dir=str(tmp_path / "cache"))["id"]) == ["old"]
     write_jsonl(path, [{"id": "new", "conversations": turns()}, {"id": "more", "conversations": turns()}])
     assert list(load_records(str(path), cache_dir=str(tmp_path / "cache"))["id"]) == ["new", "more"]
+
+
+def test_a_changed_converter_is_not_served_the_old_cache(tmp_path, monkeypatch):
+    import data
+    path = write_jsonl(tmp_path / "data.jsonl", [{"id": "a", "conversations": turns()}])
+    datasets.Dataset.from_list([{"id": "a", "conversations": turns()}]).to_parquet(str(tmp_path / "data.parquet"))
+    sources = f"{path},{tmp_path / 'data.parquet'}"
+    assert list(load_records(sources, cache_dir=str(tmp_path / "cache"))["id"]) == ["a", "a"]
+    original = data._normalize_record
+
+    def renamed(record, fallback_id):     # a fork's edit of the converter; the files stay unchanged
+        return {**original(record, fallback_id), "id": "converted again"}
+    monkeypatch.setattr(data, "_normalize_record", renamed)
+    assert list(load_records(sources, cache_dir=str(tmp_path / "cache"))["id"]) == ["converted again"] * 2
+    monkeypatch.undo()
+    assert list(load_records(sources, cache_dir=str(tmp_path / "cache"))["id"]) == ["a", "a"]
+
+
+def test_content_given_as_parts_is_joined_and_each_image_part_is_one_image(tmp_path):
+    png = b"\x89PNG fake"
+    record = {"id": "parts", "images": ["first.jpg"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Same as"},
+                                     {"type": "image_url", "image_url": {"url": "second.png"}},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                         + base64.b64encode(png).decode()}},
+                                     {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]}
+    bad = {"id": "bad", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}
+    rows = load_records(str(write_jsonl(tmp_path / "d.jsonl", [record, bad])), cache_dir=str(tmp_path / "cache"))
+    assert rows[0]["conversations"] == [{"from": "user", "value": "<image>\nSame as\n<image>\n<image>\n?"},
+                                        {"from": "assistant", "value": "Yes."}]
+    assert [(i["path"], i["bytes"]) for i in rows[0]["images"]] == [("first.jpg", None), ("second.png", None),
+                                                                    (None, png)]
+    assert rows[0]["n_images"] == 3 and rows[0]["problem"] == ""
+    assert rows[1]["problem"].startswith("malformed record: a content part needs type text or image")
 
 
 def test_unusable_json_files_are_named_with_the_problem(tmp_path):

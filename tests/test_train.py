@@ -100,12 +100,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config: str, recipe: Path, *args, processes: int = 1, env=None, wait=True):
+def launch(config: str, recipe: Path, *args, processes: int = 1, env=None, wait=True, script="train.py"):
     """`accelerate launch --config_file accelerate_configs/<config> train.py recipe ...`, as a user runs it (fp32 on
     CPU). Not `--cpu`: with it, accelerate 1.15 runs a multi-GPU config as one plain process."""
     cmd = [*LAUNCH, "--config_file", str(ROOT / "accelerate_configs" / config), "--mixed_precision", "no",
            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-           str(ROOT / "train.py"), str(recipe), *map(str, args)]
+           str(ROOT / script), str(recipe), *map(str, args)]
     env = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
@@ -479,11 +479,12 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny, tmp_path, stage,
     ref, run = tmp_path / "ref", tmp_path / "run"
     run_in_process([str(recipe), "--output_dir", str(ref)])
 
-    proc = launch("single_gpu.yaml", recipe, "--output_dir", run, env={"MGM_DEBUG_HANG": "save:6"}, wait=False)
+    proc = launch("single_gpu.yaml", recipe, "--output_dir", run, env={"MGM_TEST_HANG_AT_SAVE": "6"}, wait=False,
+                  script="tests/launch_train.py")
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        hang = re.search(r"MGM_DEBUG_HANG pid=(\d+) at save:6", line)
+        hang = re.search(r"hanging pid=(\d+) at save:6", line)
         if hang:   # while it runs, its lock keeps a second run out of the directory
             import train
             with pytest.raises(train.SettingsError, match=rf"in use by another run \(pid {hang.group(1)} on"):

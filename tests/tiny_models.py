@@ -78,6 +78,18 @@ def save_tiny_timm_convnext(path, *, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), 
     return str(path)
 
 
+def save_tiny_timm_trunk(path, architecture, *, mean, std, seed=0, **model_args) -> str:
+    """A random timm model of any architecture (narrow through model_args) in timm's hub layout, whose
+    pretrained_cfg records this mean/std (ImageNet's, say: then it differs from the CLIP LR tower's)."""
+    import timm
+    from timm.models import save_for_hf
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, pretrained=False, **model_args)
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=tuple(mean), std=tuple(std))
+    save_for_hf(model, path, model_args=model_args, safe_serialization=True)
+    return str(path)
+
+
 def save_tiny_openclip_convnext(path, *, image_size=32, seed=0) -> str:
     """A random OpenCLIP model with a timm ConvNeXt image tower (convnext_atto, the smallest timm ConvNeXt) in
     OpenCLIP's hub layout: open_clip_config.json + open_clip_model.safetensors."""
