@@ -87,11 +87,17 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
     tok = AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tokenizer"))
     build(root, tok, hd=True).save_pretrained(root / "export", tok)
+    record_template(root / "export")
     data = write_task(root / "task")
     eval_py.main(["--model", str(root / "export"), "--data", str(data), "--image_folder", str(root / "task/images"),
                   "--output", str(root / "greedy.jsonl"), "--max_new_tokens", "6", "--batch_size", "4"])
     greedy = [json.loads(line)["prediction"] for line in (root / "greedy.jsonl").read_text().splitlines()]
     return root / "export", root / "task", greedy
+
+
+def record_template(export: Path, template: str = "vicuna_v1") -> None:
+    """What train.py writes into every export: eval.py and the adapter answer in the export's own template."""
+    (export / "train_config.yaml").write_text(f"template: {template}\n")
 
 
 def run_lmms_eval(export: Path, task_dir: Path, out: Path, tasks: str) -> tuple[str, dict, dict]:
@@ -216,6 +222,7 @@ def test_adapter_answers_pretrain_and_lora_exports_as_eval_py_does(tiny, tmp_pat
             if "lora_B" in name:
                 p.data.normal_(0, 0.5)
     model.save_pretrained(tmp_path / kind, tok)
+    record_template(tmp_path / kind)
     eval_py.main(["--model", str(tmp_path / kind), "--data", str(task_dir / "questions.jsonl"), "--image_folder",
                   str(task_dir / "images"), "--output", str(tmp_path / "eval.jsonl"), "--max_new_tokens", "5"])
     predictions = [json.loads(line)["prediction"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
