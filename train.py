@@ -1069,10 +1069,6 @@ def list_checkpoints(output_dir: str, complete: bool = True) -> list[str]:
     return [os.path.join(output_dir, n) for _, n in steps]
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    return (list_checkpoints(output_dir) or [None])[-1]
-
-
 def checkpoint_trainables_only(accelerator) -> None:
     """save_state/load_state hooks: a checkpoint holds only the trainable weights (frozen towers and a frozen LLM
     come from the base checkpoints when the run is rebuilt), under the unwrapped model's names, so a checkpoint
