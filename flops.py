@@ -1,9 +1,12 @@
 """Model FLOPs of a training step, for the MFU on train.py's log line and bench.py train: counted from the
 configs and layer shapes of a model.MiniGemini's parts, never from parameter tensors (ZeRO-3 may have partitioned
-them). model.py re-exports these names."""
+them). model.py re-exports these names. Below them, what train.py measures with them: Throughput (tokens, samples
+and MFU per second) and each GPU's peak FLOP/s."""
 from __future__ import annotations
 
 import math
+import re
+import time
 from typing import NamedTuple
 
 import torch
@@ -185,3 +188,54 @@ def _training_flops(chain: list[tuple[float, bool]], upstream: bool = False) -> 
 
 def _trains(module) -> bool:
     return module is not None and any(p.requires_grad for p in module.parameters())
+
+
+# ---- Measuring a run: throughput and MFU (train.py's log line) ---------------------------------------------------
+
+class Throughput:
+    """Tokens (LLM positions, images expanded), samples and model FLOPs per second since the last log line, and
+    MFU = model FLOPs / (seconds x peak FLOP/s of all devices), for the LLM alone (what published MFU figures of
+    vision-language finetunes count) and for all parts. Tokens and samples arrive as counts over all processes,
+    FLOPs as this process's own: they are summed over processes once per log line rather than once per step."""
+
+    def __init__(self, peak_flops: float | None = None, num_processes: int = 1):  # peak of one device, or None
+        self.peak, self.num_processes = peak_flops, num_processes
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.samples = time.time(), 0, 0
+        self.flops = [0.0, 0.0]   # this process's model FLOPs: LLM, all parts
+
+    def add(self, tokens: int, samples: int, flops: tuple[float, float] = (0.0, 0.0)) -> None:
+        self.tokens, self.samples = self.tokens + tokens, self.samples + samples
+        self.flops = [self.flops[0] + flops[0], self.flops[1] + flops[1]]
+
+    def rates(self, sum_over_processes=lambda t: t) -> dict:
+        seconds = max(time.time() - self.start, 1e-9)
+        llm, every = sum_over_processes(torch.tensor(self.flops, dtype=torch.float32)).tolist()
+        per_device = seconds * self.num_processes
+        rates = {"tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds,
+                 "model_tflops_per_device": every / per_device / 1e12}
+        if self.peak:   # unknown peak (CPU, an unlisted GPU): no MFU rather than a made-up one
+            rates.update(mfu_llm=llm / per_device / self.peak, mfu_all=every / per_device / self.peak)
+        self.reset()
+        return rates
+
+
+# Peak dense bf16 tensor-core FLOP/s of one device (vendors' data sheets: FP32 accumulate, no sparsity), matched
+# against the CUDA device name in this order. --peak_tflops overrides it (an unlisted GPU, other precisions).
+PEAK_BF16_TFLOPS = [(r"\bB200", 2250), (r"GH200", 989), (r"H200 NVL", 835), (r"\bH200", 989), (r"H100 NVL", 835),
+                    (r"H[18]00 PCIe", 756), (r"\bH[18]00\b", 989), (r"\bA[18]00\b", 312), (r"\bL40S\b", 362),
+                    (r"\bL40\b", 181), (r"\bL4\b", 121), (r"\bA10\b", 125), (r"RTX 4090", 165),
+                    (r"RTX 3090(?! Ti)", 71), (r"MI300X", 1307)]
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """One device's peak FLOP/s: the override if given, else PEAK_BF16_TFLOPS by the GPU's name; None when
+    unknown (a CPU, an unlisted GPU), and then MFU is not reported."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for pattern, tflops in PEAK_BF16_TFLOPS if re.search(pattern, name)), None)

@@ -12,18 +12,10 @@ all micro-batches and ranks), so accumulation and data parallelism give exactly 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import math
 import os
-import re
 import resource
-import shutil
-import socket
 import sys
-import time
-import uuid
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,22 +25,24 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
-                              broadcast_object_list, gather_object, is_tensorboard_available, is_wandb_available,
+                              gather_object, is_tensorboard_available, is_wandb_available,
                               parse_flag_from_env, set_seed)
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 
+import checkpoint
 import conversation
 import data
 import model as mgm
 import vision
+from cli import UserError, run
 from data import IGNORE_INDEX
+from flops import Throughput, peak_flops
 
 
 @dataclass
 class TrainArguments:
-    output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs: one run's, see start_run
+    output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs: one run's (checkpoint.py)
     overwrite_output_dir: bool = False   # delete another run's files in output_dir first (else: refuse to start)
     export_dir: str = ""                 # the final export; default: <output_dir>/export
     stage: str = "finetune"              # pretrain (projector + mining) | finetune (LLM too), see model.set_stage
@@ -80,14 +74,14 @@ class TrainArguments:
     num_workers: int = 4
     # Logging, evaluation, checkpoints.
     logging_steps: int = 1
-    peak_tflops: float = 0.0             # one device's peak (dense bf16) for MFU; 0: from PEAK_BF16_TFLOPS by GPU name
+    peak_tflops: float = 0.0             # one device's peak (dense bf16) for MFU; 0: by GPU name (flops.PEAK_BF16_TFLOPS)
     report_to: str = "tensorboard"       # comma list of accelerate trackers (tensorboard, wandb), or "none"
     eval_data_path: str = ""             # held-out records (same format as data_path): eval loss every eval_steps
     eval_steps: int = 0                  # 0: only at the end
     save_steps: int = 500
     save_total_limit: int = 2
     resume: str = ""                     # "auto": newest complete checkpoint in output_dir; or a checkpoint dir.
-    #   A resumed run may change only the settings in RESUMABLE (length, reporting, saving); the rest must match.
+    #   A resumed run may change only the settings in checkpoint.RESUMABLE (length, reporting, saving); the rest must match.
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
     max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
@@ -103,7 +97,7 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments), allow_abbrev=False)
     *arg_objects, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:  # no prefix abbreviations either: --max_step is not --max_steps
-        raise SettingsError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help")
+        raise UserError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help")
     return tuple(arg_objects)
 
 
@@ -120,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     accelerator.print(f"distributed: {accelerator.distributed_type}{engine_detail(accelerator)}, "
                       f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}")
     set_seed(args.seed)  # identical initialisation of new modules on every rank
-    run, ckpt = start_run(accelerator, args, config)  # output_dir is this run's; the checkpoint to resume from
+    run, ckpt = checkpoint.start_run(accelerator, args, config)  # output_dir is this run's; the checkpoint to resume from
 
     # Model, trainable parameters, data.
     tokenizer = load_tokenizer(model_args.llm)
@@ -157,20 +151,16 @@ def main(argv: list[str] | None = None) -> str:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState(num_processes=accelerator.num_processes)
     accelerator.register_for_checkpointing(state)
-    checkpoint_trainables_only(accelerator)
+    checkpoint.checkpoint_trainables_only(accelerator)
     eval_loader = None if eval_set is None else accelerator.prepare(torch.utils.data.DataLoader(
         eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
         worker_init_fn=data.reuse_freed_memory))
     # Resume: weights of the trainables, optimizer, scheduler, RNG, data position, step and counters.
     if ckpt:
-        accelerator.load_state(ckpt, **deepspeed_state_kwargs(accelerator, load=True))
-        follow_schedule(scheduler)
-        if state.num_processes != accelerator.num_processes:
-            raise ValueError(f"{ckpt} was written by {state.num_processes} processes, this run has "
-                             f"{accelerator.num_processes}: the data position would not carry over")
+        checkpoint.resume(accelerator, ckpt, scheduler, state)
         accelerator.print(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batch_in_epoch})")
-    metrics = MetricsFile(os.path.join(args.output_dir, "metrics.jsonl"), accelerator, after_step=state.step)
+    metrics = checkpoint.MetricsFile(os.path.join(args.output_dir, "metrics.jsonl"), accelerator, after_step=state.step)
     accelerator.init_trackers("mgm", config=flat_scalars(config))
     accelerator.print(f"{total_steps} optimizer steps of {args.per_device_batch_size} x {G} x "
                       f"{accelerator.num_processes} samples ({per_epoch} batches per rank per epoch), "
@@ -252,20 +242,20 @@ def main(argv: list[str] | None = None) -> str:
                 accelerator.log({"eval_loss": eval_loss}, step=state.step)
                 metrics.write(state.step, {"eval_loss": eval_loss})
         if state.step % args.save_steps == 0 or state.step == total_steps:
-            save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit, run)
+            checkpoint.save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit, run)
     bar.close()
     if state.skipped_samples:
         accelerator.print(f"skipped samples by kind: {state.skipped_samples}")
 
     export_dir = args.export_dir or os.path.join(args.output_dir, "export")
-    export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
+    checkpoint.export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
     accelerator.print(f"exported to {export_dir}")
     # Release the wrapped model (DDP reducer, DeepSpeed engine, FSDP hooks) before the process group goes: left to
     # interpreter exit, gloo's threads can be torn down mid-flight ("terminate called...", exit code -6).
     del model, optimizer, scheduler, eval_loader
     accelerator.free_memory()
     accelerator.end_training()  # trackers, then destroy_process_group
-    release_output_dir(args.output_dir)
+    checkpoint.release_output_dir(args.output_dir)
     return export_dir
 
 
@@ -291,16 +281,12 @@ def resolved_config(*arg_objects) -> dict:
     return config
 
 
-class SettingsError(ValueError):
-    """A setting, path or output_dir that cannot work: reported as one line (no traceback) before anything loads."""
-
-
 def check_args(model_args, args: TrainArguments, data_args=None) -> None:
     """Every setting against its allowed range: the first one out of range is named, with the range. Pure (no
     file is read), so a recipe can be checked anywhere; check_paths looks at the files."""
     for name, value, ok, allowed in setting_ranges(model_args, args, data_args):
         if not ok:
-            raise SettingsError(f"{name}: {value!r} is out of range, allowed: {allowed}")
+            raise UserError(f"{name}: {value!r} is out of range, allowed: {allowed}")
     parse_lr_multi(args.lr_multi)
     bits = model_args.bits
     if (args.tune == "qlora") != (bits in (4, 8)):
@@ -380,7 +366,7 @@ def parse_lr_multi(text: str) -> list[tuple[str, float]]:
         except ValueError:
             value = None
         if not name.strip() or value is None or value <= 0:
-            raise SettingsError(f"lr_multi: {item!r} is not name:factor with a factor > 0 (e.g. projector:0.1)")
+            raise UserError(f"lr_multi: {item!r} is not name:factor with a factor > 0 (e.g. projector:0.1)")
         pairs.append((name.strip(), value))
     return pairs
 
@@ -391,19 +377,19 @@ def check_paths(model_args, data_args, args: TrainArguments) -> None:
         try:
             mgm.check_model_ref(getattr(model_args, setting), setting)
         except FileNotFoundError as e:
-            raise SettingsError(str(e)) from None
+            raise UserError(str(e)) from None
     for setting, value in (("data_path", data_args.data_path), ("eval_data_path", args.eval_data_path)):
         for path in (p.strip() for p in value.split(",")):
             if path and not os.path.exists(path):
-                raise SettingsError(f"{setting}: {path} does not exist (relative to {os.getcwd()})")
+                raise UserError(f"{setting}: {path} does not exist (relative to {os.getcwd()})")
     if not os.path.isdir(data_args.image_folder):
-        raise SettingsError(f"image_folder: {data_args.image_folder} is not a directory")
+        raise UserError(f"image_folder: {data_args.image_folder} is not a directory")
     if args.resume not in ("", "auto") and not os.path.isdir(args.resume):
-        raise SettingsError(f"resume: {args.resume} is not a checkpoint directory (or pass --resume auto)")
+        raise UserError(f"resume: {args.resume} is not a checkpoint directory (or pass --resume auto)")
     export_dir = args.export_dir or os.path.join(args.output_dir, "export")
     if os.path.isdir(export_dir) and os.listdir(export_dir) and \
             not os.path.exists(os.path.join(export_dir, mgm.CONFIG_NAME)):
-        raise SettingsError(f"export_dir: {export_dir} holds other files (no {mgm.CONFIG_NAME}); the export "
+        raise UserError(f"export_dir: {export_dir} holds other files (no {mgm.CONFIG_NAME}); the export "
                             "replaces the directory, so choose an empty or new one")
 
 
@@ -671,36 +657,6 @@ def count_skipped_samples(accelerator, state: TrainState, window: list[dict], sa
         say(f"skipped record {record_id}: {reason}")
 
 
-class Throughput:
-    """Tokens (LLM positions, images expanded), samples and model FLOPs per second since the last log line, and
-    MFU = model FLOPs / (seconds x peak FLOP/s of all devices), for the LLM alone (what published MFU figures of
-    vision-language finetunes count) and for all parts. Tokens and samples arrive as counts over all processes,
-    FLOPs as this process's own: they are summed over processes once per log line rather than once per step."""
-
-    def __init__(self, peak_flops: float | None = None, num_processes: int = 1):  # peak of one device, or None
-        self.peak, self.num_processes = peak_flops, num_processes
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.tokens, self.samples = time.time(), 0, 0
-        self.flops = [0.0, 0.0]   # this process's model FLOPs: LLM, all parts
-
-    def add(self, tokens: int, samples: int, flops: tuple[float, float] = (0.0, 0.0)) -> None:
-        self.tokens, self.samples = self.tokens + tokens, self.samples + samples
-        self.flops = [self.flops[0] + flops[0], self.flops[1] + flops[1]]
-
-    def rates(self, sum_over_processes=lambda t: t) -> dict:
-        seconds = max(time.time() - self.start, 1e-9)
-        llm, every = sum_over_processes(torch.tensor(self.flops, dtype=torch.float32)).tolist()
-        per_device = seconds * self.num_processes
-        rates = {"tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds,
-                 "model_tflops_per_device": every / per_device / 1e12}
-        if self.peak:   # unknown peak (CPU, an unlisted GPU): no MFU rather than a made-up one
-            rates.update(mfu_llm=llm / per_device / self.peak, mfu_all=every / per_device / self.peak)
-        self.reset()
-        return rates
-
-
 def sample_lengths(batch: dict, tokens_per_image: int) -> torch.Tensor:
     """LLM positions of every sample of a batch after the splice (an image placeholder becomes tokens_per_image
     positions): one sample per padded row; packed rows split where their position ids restart (the padding tail
@@ -711,25 +667,6 @@ def sample_lengths(batch: dict, tokens_per_image: int) -> torch.Tensor:
     starts[:, 0] = True
     sample = starts.flatten().cumsum(0) - 1
     return torch.zeros(int(sample[-1]) + 1, dtype=torch.long).index_add_(0, sample, weight.flatten())
-
-
-# Peak dense bf16 tensor-core FLOP/s of one device (vendors' data sheets: FP32 accumulate, no sparsity), matched
-# against the CUDA device name in this order. --peak_tflops overrides it (an unlisted GPU, other precisions).
-PEAK_BF16_TFLOPS = [(r"\bB200", 2250), (r"GH200", 989), (r"H200 NVL", 835), (r"\bH200", 989), (r"H100 NVL", 835),
-                    (r"H[18]00 PCIe", 756), (r"\bH[18]00\b", 989), (r"\bA[18]00\b", 312), (r"\bL40S\b", 362),
-                    (r"\bL40\b", 181), (r"\bL4\b", 121), (r"\bA10\b", 125), (r"RTX 4090", 165),
-                    (r"RTX 3090(?! Ti)", 71), (r"MI300X", 1307)]
-
-
-def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
-    """One device's peak FLOP/s: the override if given, else PEAK_BF16_TFLOPS by the GPU's name; None when
-    unknown (a CPU, an unlisted GPU), and then MFU is not reported."""
-    if override_tflops > 0:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for pattern, tflops in PEAK_BF16_TFLOPS if re.search(pattern, name)), None)
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -759,370 +696,7 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
 
 
-class MetricsFile:
-    """metrics.jsonl in the output dir, one line per log; on resume, lines after the checkpoint's step are dropped,
-    and so is a torn last line (a crash in the middle of a write), with a note."""
-
-    def __init__(self, path: str, accelerator, after_step: int):
-        self.path, self.main = path, accelerator.is_main_process
-        if self.main and os.path.exists(path):
-            kept = kept_metrics(path, after_step, say=accelerator.print)
-            with open(path, "w") as f:
-                f.writelines(kept)
-
-    def write(self, step: int, values: dict) -> None:
-        if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-
-
-def kept_metrics(path: str, after_step: int, say=print) -> list[str]:
-    """The lines of a metrics file up to `after_step`. Only the last line may be torn; any other bad line is an
-    error naming the file and line."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number == len(lines):
-                say(f"{path}: dropped its torn last line {number} ({line[:40]!r}), left by a crash mid-write")
-                continue
-            raise ValueError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); fix or delete it") from None
-        if step <= after_step:
-            kept.append(line + "\n")
-    return kept
-
-
-# ---- Run ownership: one run per output_dir -------------------------------------------------------------------------
-# output_dir/run.json records the run's identity (an id and its defining settings); each checkpoint carries a copy.
-# A new run refuses a directory holding another run's files (unless --overwrite_output_dir), --resume refuses
-# changed defining settings, rotation deletes only this run's older checkpoints, and a lock keeps a second process out.
-
-RUN_FILE = "run.json"
-LOCK_FILE = "train.lock"
-RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "export", "export.tmp", "mgm")  # besides checkpoints ("mgm": trackers)
-# Settings a resumed run may change: how long it runs and what it reports or saves, not what it learns. An extended
-# run (max_steps, num_epochs) follows the schedule of its new length, as if that had been set from the start.
-RESUMABLE = ("output_dir", "export_dir", "overwrite_output_dir", "resume", "max_steps", "num_epochs", "logging_steps",
-             "report_to", "eval_data_path", "eval_steps", "save_steps", "save_total_limit", "max_bad_steps",
-             "max_skip_fraction", "num_workers", "cache_dir", "num_proc", "gradient_checkpointing",
-             "ddp_find_unused_parameters")
-PATH_SETTINGS = ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path", "data_path", "image_folder")
-_LOCKS: dict = {}   # lock files this process holds, by path (kept open: the lock lasts as long as the process)
-
-
-def start_run(accelerator, args: TrainArguments, config: dict) -> tuple[dict, str | None]:
-    """The main process takes output_dir for this run (claim_output_dir); every rank gets (run, checkpoint)."""
-    answer = list(claim_output_dir(args, config, say=accelerator.print)) if accelerator.is_main_process else [0, 0]
-    accelerator.wait_for_everyone()
-    run, ckpt = broadcast_object_list(answer)
-    return run, ckpt
-
-
-def claim_output_dir(args: TrainArguments, config: dict, say=print) -> tuple[dict, str | None]:
-    """Lock output_dir, check it holds no other run, pick the checkpoint to resume from; returns (run, checkpoint).
-    run = {"id", "settings"}: the defining settings, compared on every resume."""
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    lock_output_dir(out)
-    if args.overwrite_output_dir:
-        removed = clear_run_files(out)
-        if removed:
-            say(f"overwrite_output_dir: deleted {', '.join(removed)} from {out}")
-    for stale in list_checkpoints(out, complete=False):  # left by a crash in the middle of a save
-        shutil.rmtree(stale, ignore_errors=True)
-    settings = run_settings(config)
-    found = run_files(out)
-    if found and not args.resume:
-        raise SettingsError(f"output_dir {out} holds another run ({', '.join(found[:3])}"
-                            f"{', ...' if len(found) > 3 else ''}): pass --resume auto to continue it, "
-                            "--overwrite_output_dir true to delete it first, or choose another output_dir")
-    recorded = read_json(os.path.join(out, RUN_FILE))
-    if recorded and args.resume:
-        refuse_changed_settings(recorded["settings"], settings, f"the run in {out}")
-    ckpt = resume_checkpoint(args.resume, out, settings, say) if args.resume else None
-    ckpt_run = read_json(os.path.join(ckpt, RUN_FILE)) if ckpt else None
-    run_id = (recorded or ckpt_run or {}).get("id") or uuid.uuid4().hex[:12]
-    run = {"id": run_id, "settings": settings}
-    write_json(os.path.join(out, RUN_FILE), run)
-    return run, ckpt
-
-
-def run_settings(config: dict) -> dict:
-    """The settings that define a run: all but RESUMABLE, local paths made absolute (a hub name stays as it is)."""
-    settings = {k: v for k, v in config.items() if k not in RESUMABLE}
-    for key in PATH_SETTINGS:
-        if isinstance(settings.get(key), str):
-            settings[key] = ",".join(os.path.abspath(p) if os.path.exists(p) else p
-                                     for p in (p.strip() for p in settings[key].split(",")))
-    return settings
-
-
-def changed_settings(before: dict, now: dict) -> list[str]:
-    """Defining settings whose values differ (a setting one side does not know, e.g. a newer field, is skipped)."""
-    return [k for k in before if k in now and k not in RESUMABLE and before[k] != now[k]]
-
-
-def refuse_changed_settings(before: dict, now: dict, what: str) -> None:
-    changed = changed_settings(before, now)
-    if changed:
-        diffs = ", ".join(f"{k} ({before[k]!r} -> {now[k]!r})" for k in changed)
-        raise SettingsError(f"cannot resume {what}: its defining settings differ: {diffs}. Only "
-                            "length, logging, eval and save settings may change; start a new run in another "
-                            "output_dir (or --overwrite_output_dir true)")
-
-
-def resume_checkpoint(resume: str, output_dir: str, settings: dict, say=print) -> str | None:
-    """--resume auto: the newest checkpoint that loads completely (each skipped one is named, with why), or None
-    to start from step 0; --resume DIR: that checkpoint, or an error. Either way its settings must match."""
-    candidates = list_checkpoints(output_dir)[::-1] if resume == "auto" else [resume.rstrip("/")]
-    for ckpt in candidates:
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            refuse_changed_settings(checkpoint_settings(ckpt), settings, ckpt)
-            return ckpt
-        if resume != "auto":
-            raise SettingsError(f"resume: {ckpt} cannot be loaded: {problem}")
-        say(f"resume: skipping {ckpt}: {problem}")
-    if candidates:
-        say(f"resume: no complete checkpoint in {output_dir}, starting from step 0")
-    return None
-
-
-def checkpoint_settings(ckpt: str) -> dict:
-    """The defining settings a checkpoint was written with (its run.json; older checkpoints: train_config.yaml)."""
-    recorded = read_json(os.path.join(ckpt, RUN_FILE))
-    if recorded:
-        return recorded["settings"]
-    with open(os.path.join(ckpt, "train_config.yaml")) as f:
-        return run_settings(yaml.safe_load(f))
-
-
-def checkpoint_problem(ckpt: str) -> str | None:
-    """Why a checkpoint would not load completely, or None. Every file is checked: required ones exist (the train
-    state, the config, the RNG state of every process that wrote it), none is truncated or corrupt."""
-    if not os.path.isdir(ckpt):
-        return "not a directory"
-    files = sorted(os.path.relpath(os.path.join(d, n), ckpt) for d, _, names in os.walk(ckpt) for n in names)
-    if not files:
-        return "empty directory"
-    for name in files:
-        problem = file_problem(os.path.join(ckpt, name))
-        if problem:
-            return f"{name}: {problem}"
-    required = ["train_config.yaml", "custom_checkpoint_0.pkl"]
-    if "custom_checkpoint_0.pkl" in files:
-        try:
-            state = torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"), weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            return f"custom_checkpoint_0.pkl: unreadable ({type(e).__name__}: {e})"
-        required += [f"random_states_{i}.pkl" for i in range(state.get("num_processes", 1))]
-    missing = [name for name in required if name not in files]
-    return f"{', '.join(missing)} missing" if missing else None
-
-
-def file_problem(path: str) -> str | None:
-    """A truncated or corrupt file, found cheaply: safetensors by their header's sizes, torch zips by their
-    directory (small ones by every CRC too), YAML / JSON by parsing."""
-    try:
-        if path.endswith(".safetensors"):
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if 8 + n > size:
-                    return f"truncated ({size} bytes, the header alone says {8 + n})"
-                header = json.loads(f.read(n))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-            return None if size == 8 + n + end else f"truncated ({size} bytes, the header says {8 + n + end})"
-        if path.endswith((".bin", ".pkl", ".pt", ".pth")):
-            if not zipfile.is_zipfile(path):
-                return "truncated or not a torch.save file"
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip() if os.path.getsize(path) < 2**26 else None
-            return f"corrupt ({bad})" if bad else None
-        if path.endswith((".yaml", ".json")):
-            with open(path) as f:
-                yaml.safe_load(f) if path.endswith(".yaml") else json.load(f)
-    except Exception as e:  # noqa: BLE001 - any failure to read is the answer
-        return f"unreadable ({type(e).__name__}: {e})"
-    return None
-
-
-def run_files(output_dir: str) -> list[str]:
-    """What a run left in output_dir (checkpoints, metrics, export, run.json), oldest checkpoint first."""
-    names = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else set()
-    return [os.path.basename(c) for c in list_checkpoints(output_dir)] + sorted(names & set(RUN_ENTRIES))
-
-
-def clear_run_files(output_dir: str) -> list[str]:
-    """Delete what a run writes (never other files in the directory); returns the names deleted."""
-    names = run_files(output_dir) + [os.path.basename(t) for t in list_checkpoints(output_dir, complete=False)]
-    for name in names:
-        path = os.path.join(output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return names
-
-
-def lock_output_dir(output_dir: str) -> None:
-    """An exclusive lock on output_dir/train.lock, which names its owner. The kernel drops it when the owner exits,
-    however it ends (kill -9 included), so the next run takes it over; a run still going keeps everyone out."""
-    path = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
-    if path in _LOCKS:  # this process already holds it (an earlier in-process run)
-        return
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        owner = f.read().strip() or "another process"
-        f.close()
-        raise SettingsError(f"output_dir {output_dir} is in use by another run ({owner}, {path}); wait for it "
-                            "to end or choose another output_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _LOCKS[path] = f
-
-
-def release_output_dir(output_dir: str) -> None:
-    f = _LOCKS.pop(os.path.realpath(os.path.join(output_dir, LOCK_FILE)), None)
-    if f is not None:
-        f.close()
-
-
-def read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def follow_schedule(scheduler) -> None:
-    """After load_state: the next step's lr from this run's schedule. The optimizer stored the lr its old schedule
-    chose (0 at the end of a finished run); an extended run continues on the schedule of its new length."""
-    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper around the LambdaLR
-    lrs = [base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
-    for group, lr in zip(inner.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    inner._last_lr = lrs
-
-
-# ---- Checkpoints and export ----------------------------------------------------------------------------------------
-
-CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, limit: int, run: dict) -> None:
-    """accelerator.save_state into checkpoint-XXXXXX.tmp, then one rename: a crash mid-save leaves the previous
-    checkpoint whole and this one absent. Rotation keeps this run's newest `limit` checkpoints up to this step."""
-    final = os.path.join(output_dir, f"checkpoint-{step:06d}")
-    tmp = final + ".tmp"
-    try:
-        accelerator.save_state(tmp, **deepspeed_state_kwargs(accelerator))
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail ... unexpected pos"
-        raise RuntimeError(f"writing checkpoint {tmp} failed ({shutil.disk_usage(output_dir).free / 2**30:.2f} GB "
-                           f"free there; a full disk?): {e}") from e
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "train_config.yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        write_json(os.path.join(tmp, RUN_FILE), {**run, "step": step})
-        if os.path.exists(final):  # re-saving a step after resuming from an older checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in rotated_checkpoints(output_dir, run["id"], step, limit):
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def rotated_checkpoints(output_dir: str, run_id: str, step: int, limit: int) -> list[str]:
-    """This run's checkpoints up to `step` beyond the newest `limit`: others' (older versions, copies) and later
-    ones (left by a resume from an earlier checkpoint, overwritten when reached) are never deleted."""
-    ours = [c for c in list_checkpoints(output_dir) if int(CHECKPOINT.search(c)[1]) <= step
-            and (read_json(os.path.join(c, RUN_FILE)) or {}).get("id") == run_id]
-    return ours[:-limit]
-
-
-def deepspeed_state_kwargs(accelerator, load=False) -> dict:
-    """DeepSpeed saves every module weight by default: keep the frozen LLM / towers (rebuilt from the base
-    checkpoints) out of each checkpoint."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return {}
-    return {"load_module_strict": False} if load else {"exclude_frozen_parameters": True}
-
-
-def list_checkpoints(output_dir: str, complete: bool = True) -> list[str]:
-    """Complete checkpoints oldest first, or (complete=False) the temp dirs of unfinished saves."""
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    if not complete:
-        return [os.path.join(output_dir, n) for n in names if n.startswith("checkpoint-") and n.endswith(".tmp")]
-    steps = sorted((int(CHECKPOINT.match(n)[1]), n) for n in names if CHECKPOINT.match(n))
-    return [os.path.join(output_dir, n) for _, n in steps]
-
-
-def checkpoint_trainables_only(accelerator) -> None:
-    """save_state/load_state hooks: a checkpoint holds only the trainable weights (frozen towers and a frozen LLM
-    come from the base checkpoints when the run is rebuilt), under the unwrapped model's names, so a checkpoint
-    also loads into a run with another process count. FSDP and DeepSpeed save their own shards and pass no plain
-    weights to these hooks."""
-    def save(models, weights, output_dir):
-        for i, m in enumerate(models[: len(weights)] if accelerator.is_main_process else []):
-            save_file(trainable_state(accelerator.unwrap_model(m)), f"{output_dir}/trainable_{i}.safetensors")
-        weights.clear()
-
-    def load(models, input_dir):
-        for i, m in enumerate(models):
-            m = accelerator.unwrap_model(m)
-            saved = load_file(f"{input_dir}/trainable_{i}.safetensors")
-            missing = set(trainable_state(m)) - set(saved)
-            if missing:
-                raise ValueError(f"{input_dir} lacks trainable weights {sorted(missing)[:5]}...: another recipe?")
-            m.load_state_dict(saved, strict=False)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
-
-
-def trainable_state(model) -> dict:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def export(accelerator, model, tokenizer, export_dir: str, config: dict, dtype: str) -> None:
-    """The final, self-contained export (model.py decides what a stage holds) plus the resolved config.
-    FSDP / ZeRO-3 hold shards: their full state dict is gathered on rank 0. Trainables go back to the model dtype."""
-    accelerator.wait_for_everyone()
-    ds_config = getattr(accelerator.state.deepspeed_plugin, "deepspeed_config", None) or {}
-    sharded = accelerator.distributed_type == DistributedType.FSDP or \
-        ds_config.get("zero_optimization", {}).get("stage") == 3
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model) if sharded else unwrapped.state_dict()  # a collective if sharded
-    if accelerator.is_main_process:
-        trainable = {n for n, p in unwrapped.named_parameters(remove_duplicate=False) if p.requires_grad}
-        state_dict = {k: v.to(getattr(torch, dtype)) if k in trainable and v.dtype == torch.float32 else v
-                      for k, v in state_dict.items()}
-        tmp = export_dir.rstrip("/") + ".tmp"  # written whole, then swapped in: no file of an older export stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, tokenizer=tokenizer, state_dict=state_dict)
-        with open(os.path.join(tmp, "train_config.yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        if os.path.exists(export_dir):
-            shutil.rmtree(export_dir)  # an earlier export of this run (check_paths refused any other directory)
-        os.replace(tmp, export_dir)
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SettingsError as e:  # a setting or output_dir problem: one line, no traceback
-        sys.exit(f"train.py: {e}")
+    run(main, "train.py")

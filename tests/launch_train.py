@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
@@ -66,17 +67,17 @@ def record_shards_after_first_step(path: str):
 
 
 def hang_before_the_rename(step: int):
-    """The run file is the last thing train.save_checkpoint writes into checkpoint-N.tmp before the rename."""
-    write_json = train.write_json
+    """The run file is the last thing checkpoint.save_checkpoint writes into checkpoint-N.tmp before the rename."""
+    write_json = checkpoint.write_json
 
     def write_json_then_hang(path: str, value: dict) -> None:
         write_json(path, value)
-        if Path(path).name == train.RUN_FILE and Path(path).parent.name == f"checkpoint-{step:06d}.tmp":
+        if Path(path).name == checkpoint.RUN_FILE and Path(path).parent.name == f"checkpoint-{step:06d}.tmp":
             print(f"hanging pid={os.getpid()} at save:{step}", flush=True)
             while True:
                 time.sleep(60)
 
-    train.write_json = write_json_then_hang
+    checkpoint.write_json = write_json_then_hang
 
 
 def held_and_full(p) -> tuple[int, int]:

@@ -242,20 +242,20 @@ def test_settings_out_of_range_are_refused_naming_the_setting_and_its_range(tiny
              "warmup_ratio": ("5", r"\[0, 1\]"), "max_skip_fraction": ("1.0", r"\[0, 1\)"),
              "lr_multi": ("projector", "not name:factor")}
     for setting, (value, allowed) in cases.items():
-        with pytest.raises(train.SettingsError, match=rf"^{setting}: .*{value}.*{allowed}"):
+        with pytest.raises(train.UserError, match=rf"^{setting}: .*{value}.*{allowed}"):
             run_in_process([recipe, "--output_dir", str(tmp_path / "run"), f"--{setting}", value])
-    with pytest.raises(train.SettingsError, match=r"^data_path: .*nowhere.json does not exist"):
+    with pytest.raises(train.UserError, match=r"^data_path: .*nowhere.json does not exist"):
         run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--data_path", str(tmp_path / "nowhere.json")])
-    with pytest.raises(train.SettingsError, match=r"^image_folder: .*nowhere is not a directory"):
+    with pytest.raises(train.UserError, match=r"^image_folder: .*nowhere is not a directory"):
         run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--image_folder", str(tmp_path / "nowhere")])
-    with pytest.raises(train.SettingsError, match=r"^unknown setting\(s\) --max_step 2"):
+    with pytest.raises(train.UserError, match=r"^unknown setting\(s\) --max_step 2"):
         train.parse_args([recipe, "--max_step", "2"])
     assert not (tmp_path / "run").exists()
 
 
 def test_a_failed_checkpoint_write_names_the_checkpoint_and_the_free_space(tmp_path):
     """torch reports a full disk as "enforce fail ... unexpected pos"; the error says what was being written."""
-    import train
+    import checkpoint
     from accelerate.utils import DistributedType
 
     def full_disk(path, **kw):
@@ -263,13 +263,14 @@ def test_a_failed_checkpoint_write_names_the_checkpoint_and_the_free_space(tmp_p
     accelerator = SimpleNamespace(save_state=full_disk, distributed_type=DistributedType.NO)
     with pytest.raises(RuntimeError, match=r"writing checkpoint .*checkpoint-000007.tmp failed \(.* GB free there; "
                                            r"a full disk\?\): \[enforce fail"):
-        train.save_checkpoint(accelerator, str(tmp_path), 7, {}, 1, {"id": "r", "settings": {}})
+        checkpoint.save_checkpoint(accelerator, str(tmp_path), 7, {}, 1, {"id": "r", "settings": {}})
 
 
 def test_a_run_owns_its_output_dir_and_resumes_only_itself(tiny, tmp_path, capsys):
     """Another run refuses an output_dir holding a run; --resume refuses changed defining settings, falls back past
     a torn checkpoint to the newest complete one, drops a torn metrics line, and an extended run follows the
     schedule of its new length; rotation spares other runs' checkpoints; --overwrite_output_dir starts over."""
+    import checkpoint
     import train
     recipe = str(write_recipe(tmp_path / "r.yaml", tiny["recipe"], max_steps=3, save_steps=1, save_total_limit=2))
     out = tmp_path / "run"
@@ -279,10 +280,10 @@ def test_a_run_owns_its_output_dir_and_resumes_only_itself(tiny, tmp_path, capsy
     def checkpoints():
         return sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint"))
     assert checkpoints() == ["checkpoint-000002", "checkpoint-000003"]
-    with pytest.raises(train.SettingsError, match=rf"output_dir {out} holds another run \(checkpoint-000002, "
+    with pytest.raises(train.UserError, match=rf"output_dir {out} holds another run \(checkpoint-000002, "
                                                   r"checkpoint-000003, export, \.\.\.\): pass --resume auto"):
         run_in_process([recipe, "--output_dir", str(out), "--learning_rate", "0.02"])
-    with pytest.raises(train.SettingsError, match=r"defining settings differ: learning_rate \(0.01 -> 0.02\), "
+    with pytest.raises(train.UserError, match=r"defining settings differ: learning_rate \(0.01 -> 0.02\), "
                                                   r"seed \(0 -> 1\)"):
         run_in_process([recipe, "--output_dir", str(out), "--resume", "auto", "--learning_rate", "0.02",
                         "--seed", "1"])
@@ -295,11 +296,11 @@ def test_a_run_owns_its_output_dir_and_resumes_only_itself(tiny, tmp_path, capsy
                          ("weights_torn", lambda d: os.truncate(d / "trainable_0.safetensors", 200))]:
         shutil.copytree(good, copies / name)
         damage(copies / name)
-    assert train.checkpoint_problem(str(good)) is None
-    assert train.checkpoint_problem(str(copies / "empty")) == "empty directory"
-    assert train.checkpoint_problem(str(copies / "rng_missing")) == "random_states_0.pkl missing"
-    assert train.checkpoint_problem(str(copies / "rng_torn")).startswith("random_states_0.pkl: truncated")
-    assert train.checkpoint_problem(str(copies / "weights_torn")).startswith("trainable_0.safetensors: truncated")
+    assert checkpoint.checkpoint_problem(str(good)) is None
+    assert checkpoint.checkpoint_problem(str(copies / "empty")) == "empty directory"
+    assert checkpoint.checkpoint_problem(str(copies / "rng_missing")) == "random_states_0.pkl missing"
+    assert checkpoint.checkpoint_problem(str(copies / "rng_torn")).startswith("random_states_0.pkl: truncated")
+    assert checkpoint.checkpoint_problem(str(copies / "weights_torn")).startswith("trainable_0.safetensors: truncated")
 
     # A crash left the newest checkpoint torn and half a metrics line; another run's checkpoint sits alongside.
     os.truncate(out / "checkpoint-000003" / "optimizer.bin", 100)
@@ -487,7 +488,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny, tmp_path, stage,
         hang = re.search(r"hanging pid=(\d+) at save:6", line)
         if hang:   # while it runs, its lock keeps a second run out of the directory
             import train
-            with pytest.raises(train.SettingsError, match=rf"in use by another run \(pid {hang.group(1)} on"):
+            with pytest.raises(train.UserError, match=rf"in use by another run \(pid {hang.group(1)} on"):
                 run_in_process([str(recipe), "--output_dir", str(run)])
             os.kill(int(hang.group(1)), signal.SIGKILL)   # the training process itself
             break
