@@ -775,9 +775,10 @@ def _save_timm_convnext(path, dims, depths) -> str:
 # stop: what the ranks' agreement on stopping costs per optimizer step
 # =============================================================================================================
 def bench_stop(args):
-    """Per-step cost of the stop agreement: the step's last all-reduce as before (2 counts) vs with train.py's 4 stop votes."""
+    """Per-step cost of the stop agreement: the step's all-reduces before it (loss; token and sample counts) vs train.py's one all-reduce of totals and stop votes."""
+    import train   # noqa: F401 - imported once here, inherited by the forked ranks
     blocks, calls = (4, 50) if args.quick else (40, 250)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = _free_port()
     ranks = [ctx.Process(target=_stop_rank, args=(rank, port, blocks, calls, queue)) for rank in range(2)]
@@ -786,9 +787,10 @@ def bench_stop(args):
     ref, ours = queue.get()
     for p in ranks:
         p.join()
-    print(f"2 processes over gloo (TCP on 127.0.0.1), {blocks} alternating blocks of {calls} all-reduces each; "
-          "median wall time per call. ours = StopRequests.votes() + the all-reduce of [tokens, samples, 4 votes]")
-    report([("the step's last all-reduce", ref, ours)], unit="microseconds per optimizer step",
+    print(f"2 processes over gloo (TCP on 127.0.0.1), {blocks} alternating blocks of {calls} steps' collectives; "
+          "median wall time per step. reference: all-reduce of the loss (float32), then of [tokens, samples] "
+          "(int64); ours: StopRequests.votes(), then one all-reduce of [loss, tokens, samples, 4 votes] (float64)")
+    report([("the step's collectives after backward", ref, ours)], unit="microseconds per optimizer step",
            higher_is_better=False)
 
 
@@ -799,8 +801,16 @@ def _stop_rank(rank, port, blocks, calls, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     stop = StopRequests()
     stop.training_begins(checkpoint_bytes=0)
-    variants = {"before": lambda: dist.all_reduce(torch.tensor([512, 8])),
-                "ours": lambda: dist.all_reduce(torch.tensor([512, 8, *stop.votes()]))}
+    loss = torch.tensor(3.5)
+
+    def before():
+        dist.all_reduce(loss.clone())
+        dist.all_reduce(torch.tensor([512, 8]))
+
+    def ours():
+        dist.all_reduce(torch.cat([loss.double()[None], torch.tensor([512, 8, *stop.votes()], dtype=torch.float64)]))
+
+    variants = {"before": before, "ours": ours}
     per_call = {name: [] for name in variants}
     for block in range(2 * blocks + 2):            # the first two blocks warm up
         name = list(variants)[block % 2]

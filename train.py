@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -276,7 +277,8 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         checkpoint.export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
         accelerator.print(f"exported to {export_dir}")
     else:
-        accelerator.print(f"stopped by {stop_reason} at step {state.step}: checkpoint-{state.step:06d} written; "
+        why = f"--max_time {args.max_time}" if stop_reason == "max_time" else stop_reason
+        accelerator.print(f"stopped by {why} at step {state.step}: checkpoint-{state.step:06d} written; "
                           "continue with --resume auto")
     # Release the wrapped model (DDP reducer, DeepSpeed engine, FSDP hooks) before the process group goes: left to
     # interpreter exit, gloo's threads can be torn down mid-flight ("terminate called...", exit code -6).
@@ -657,8 +659,8 @@ class StopRequests:
     checkpoint write would cross it. A second Ctrl-C ends the process at once (the last complete checkpoint stays).
 
     During training a signal only records itself: the step and any checkpoint write under way finish, and
-    forward_backward sends this process's votes() with the step's last all-reduce, so every rank learns of a signal
-    that reached one of them and all stop after the same step. Before training a signal raises Stopped at once.
+    forward_backward sends this process's votes() with the step's all-reduce of totals, so every rank learns of a
+    signal that reached one of them and all stop after the same step. Before training a signal raises Stopped at once.
     --max_time counts from the start of main(); a step is estimated as the longest so far, a checkpoint write as the
     longest so far (before the first: 1 s plus its size at 100 MB/s)."""
 
@@ -673,7 +675,8 @@ class StopRequests:
         self.last_vote = 0.0
 
     def __enter__(self) -> StopRequests:
-        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        in_main_thread = threading.current_thread() is threading.main_thread()   # where Python runs handlers
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS if in_main_thread}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -739,8 +742,8 @@ def forward_backward(accelerator, model, window: list[dict], num_items: torch.Te
     Returns (loss of the step over all ranks, LLM tokens, samples, why the run stops after this step or None).
     Each micro-batch loss is its token-loss sum divided by the supervised tokens of the whole step on all ranks;
     `accelerator.backward` divides by G and DDP/FSDP average over ranks, so scaling by G * world size makes the
-    gradient exactly that of one big batch. Every rank's stop requests ride on the step's last all-reduce (four
-    more integers), so a signal that reached one rank stops all of them after this same step.
+    gradient exactly that of one big batch. The step's totals and every rank's stop requests travel in one
+    all-reduce, so a signal that reached one rank stops all of them after this same step, at no extra collective.
     """
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     per_image = accelerator.unwrap_model(model).tokens_per_image
@@ -755,11 +758,12 @@ def forward_backward(accelerator, model, window: list[dict], num_items: torch.Te
         tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
         samples += len(batch["ids"])  # packed rows hold several samples
     assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
-    loss = accelerator.reduce(step_loss, reduction="sum").item()
+    # One all-reduce for the step's totals and every rank's stop votes (float64 holds these counts exactly).
     votes = stop.votes() if stop is not None else [0] * len(StopRequests.REASONS)
-    counts = accelerator.reduce(torch.tensor([tokens, samples, *votes], device=accelerator.device), reduction="sum")
-    reason = next((why for why, n in zip(StopRequests.REASONS, counts[2:].tolist()) if n), None)
-    return loss, int(counts[0]), int(counts[1]), reason
+    local = torch.tensor([tokens, samples, *votes], dtype=torch.float64, device=accelerator.device)
+    loss, tokens, samples, *votes = accelerator.reduce(torch.cat([step_loss.double()[None], local]), "sum").tolist()
+    reason = next((why for why, n in zip(StopRequests.REASONS, votes) if n), None)
+    return loss, int(tokens), int(samples), reason
 
 
 def supervised_tokens(accelerator, window: list[dict]) -> torch.Tensor:
