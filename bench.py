@@ -6,6 +6,7 @@
     python bench.py splice    # one vectorized scatter vs LLaVA's per-sample loop at 7B shapes
     python bench.py mining    # peak memory and time: memory-light vs reference patch info mining at MGM(-HD) shapes
     python bench.py train     # tokens/s and peak memory of training steps (CPU: tiny, ~100M; CUDA: MGM-7B(-HD), QLoRA)
+    python bench.py stop      # per-step cost of the ranks' stop agreement: the step's last all-reduce with / without it
 
 Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
 seconds (see clock()), wall seconds on CUDA. Each variant whose memory is measured runs in a fresh process; on CPU
@@ -771,6 +772,67 @@ def _save_timm_convnext(path, dims, depths) -> str:
 
 
 # =============================================================================================================
+# stop: what the ranks' agreement on stopping costs per optimizer step
+# =============================================================================================================
+def bench_stop(args):
+    """Per-step cost of the stop agreement: the step's all-reduces before it (loss; token and sample counts) vs train.py's one all-reduce of totals and stop votes."""
+    import train   # noqa: F401 - imported once here, inherited by the forked ranks
+    blocks, calls = (4, 50) if args.quick else (40, 250)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = _free_port()
+    ranks = [ctx.Process(target=_stop_rank, args=(rank, port, blocks, calls, queue)) for rank in range(2)]
+    for p in ranks:
+        p.start()
+    ref, ours = queue.get()
+    for p in ranks:
+        p.join()
+    print(f"2 processes over gloo (TCP on 127.0.0.1), {blocks} alternating blocks of {calls} steps' collectives; "
+          "median wall time per step. reference: all-reduce of the loss (float32), then of [tokens, samples] "
+          "(int64); ours: StopRequests.votes(), then one all-reduce of [loss, tokens, samples, 4 votes] (float64)")
+    report([("the step's collectives after backward", ref, ours)], unit="microseconds per optimizer step",
+           higher_is_better=False)
+
+
+def _stop_rank(rank, port, blocks, calls, queue):
+    import torch.distributed as dist
+
+    from train import StopRequests
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop = StopRequests()
+    stop.training_begins(checkpoint_bytes=0)
+    loss = torch.tensor(3.5)
+
+    def before():
+        dist.all_reduce(loss.clone())
+        dist.all_reduce(torch.tensor([512, 8]))
+
+    def ours():
+        dist.all_reduce(torch.cat([loss.double()[None], torch.tensor([512, 8, *stop.votes()], dtype=torch.float64)]))
+
+    variants = {"before": before, "ours": ours}
+    per_call = {name: [] for name in variants}
+    for block in range(2 * blocks + 2):            # the first two blocks warm up
+        name = list(variants)[block % 2]
+        start = time.perf_counter()
+        for _ in range(calls):
+            variants[name]()
+        if block >= 2:
+            per_call[name].append((time.perf_counter() - start) / calls * 1e6)
+    dist.barrier()
+    if rank == 0:
+        queue.put((statistics.median(per_call["before"]), statistics.median(per_call["ours"])))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# =============================================================================================================
 # Measuring
 # =============================================================================================================
 def clock() -> float:
@@ -829,7 +891,7 @@ def _proc_status(key) -> float:
 
 
 COMMANDS = {"data": bench_data, "index": bench_index, "padding": bench_padding, "splice": bench_splice,
-            "mining": bench_mining, "train": bench_train}
+            "mining": bench_mining, "train": bench_train, "stop": bench_stop}
 
 if __name__ == "__main__":
     main()

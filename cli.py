@@ -25,9 +25,13 @@ class UserError(ValueError):
 
 
 def run(main, command: str, argv: list[str] | None = None):
-    """main(argv); a UserError becomes one line on stderr and its exit status."""
+    """main(argv); a UserError becomes one line on stderr and its exit status, Ctrl-C the line "interrupted" and
+    status 130."""
     try:
         return main(argv)
     except UserError as e:
         print(f"{command}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.status)
+    except KeyboardInterrupt:   # Ctrl-C (train.py: the second one) is the user's choice, not a crash
+        print(f"{command}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -15,7 +15,10 @@ import dataclasses
 import math
 import os
 import resource
+import signal
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -84,6 +87,8 @@ class TrainArguments:
     #   A resumed run may change only the settings in checkpoint.RESUMABLE (length, reporting, saving); the rest must match.
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
     max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
+    max_time: str = ""                   # stop with a checkpoint before this much time since start has passed:
+    #   seconds or [D-]HH:MM:SS as SLURM writes it (23:30:00 in a 24-hour job); "" = no limit. See StopRequests.
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
 
 
@@ -101,12 +106,26 @@ def parse_args(argv: list[str] | None = None):
     return tuple(arg_objects)
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Run one training stage; returns the export directory."""
+def main(argv: list[str] | None = None) -> str | None:
+    """Run one training stage; returns the export directory, or None when the run stopped early with a checkpoint
+    (a signal or --max_time; as a command it then exits with status STOPPED: resume it with --resume auto)."""
     model_args, data_args, args = parse_args(argv)
     config = resolved_config(model_args, data_args, args)
     check_args(model_args, args, data_args)  # every setting, before anything is loaded
     check_paths(model_args, data_args, args)
+    with StopRequests(max_time=duration_seconds(args.max_time)) as stop:
+        try:
+            return run_stage(model_args, data_args, args, config, stop)
+        except Stopped as e:  # a signal before the first step: nothing trained, nothing to save
+            print(f"stopped by {e.reason} before the first step: no checkpoint written; start the same command "
+                  "again (with --resume auto it continues from the newest checkpoint, if any)", flush=True)
+            return None
+        finally:
+            checkpoint.release_output_dir(args.output_dir)  # the kernel would at exit; in-process runs need it now
+
+
+def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: StopRequests) -> str | None:
+    """main, once the settings are checked: setup, the loop, the export."""
     accelerator = make_accelerator(args)
     if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # an accelerate config's value wins
         raise ValueError(f"the accelerate config sets gradient_accumulation_steps="
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> str:
     checkpoint.checkpoint_trainables_only(accelerator)
     eval_loader = None if eval_set is None else accelerator.prepare(torch.utils.data.DataLoader(
         eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
-        worker_init_fn=data.reuse_freed_memory))
+        worker_init_fn=init_data_worker))
     # Resume: weights of the trainables, optimizer, scheduler, RNG, data position, step and counters.
     if ckpt:
         checkpoint.resume(accelerator, ckpt, scheduler, state)
@@ -179,6 +198,7 @@ def main(argv: list[str] | None = None) -> str:
     meter = Throughput(peak, accelerator.num_processes)
     per_image = accelerator.unwrap_model(model).tokens_per_image
     model.train()
+    stop.training_begins(checkpoint_bytes=12 * sum(p.numel() for p in model.parameters() if p.requires_grad))
     while state.step < total_steps:
         window = [next(batches) for _ in range(G)]
         count_skipped_samples(accelerator, state, window, say)
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> str:
                                    f"{state.skipped_samples}); check data_path / image_folder / template / max_length")
             continue
         empty_steps = 0
-        loss, tokens, samples = forward_backward(accelerator, model, window, num_items)
+        loss, tokens, samples, stop_reason = forward_backward(accelerator, model, window, num_items, stop)
         state.seen_samples += samples
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                 else float("inf"))  # None under DeepSpeed before its first step
@@ -241,21 +261,30 @@ def main(argv: list[str] | None = None) -> str:
                 say(f"step {state.step} | eval loss {eval_loss:.4f}{note}")
                 accelerator.log({"eval_loss": eval_loss}, step=state.step)
                 metrics.write(state.step, {"eval_loss": eval_loss})
-        if state.step % args.save_steps == 0 or state.step == total_steps:
-            checkpoint.save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit, run)
+        if state.step % args.save_steps == 0 or state.step == total_steps or stop_reason:
+            with stop.timing_save():
+                checkpoint.save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit,
+                                           run)
+        if stop_reason and state.step < total_steps:
+            break
     bar.close()
     if state.skipped_samples:
         accelerator.print(f"skipped samples by kind: {state.skipped_samples}")
 
-    export_dir = args.export_dir or os.path.join(args.output_dir, "export")
-    checkpoint.export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
-    accelerator.print(f"exported to {export_dir}")
+    export_dir = None
+    if state.step == total_steps:
+        export_dir = args.export_dir or os.path.join(args.output_dir, "export")
+        checkpoint.export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
+        accelerator.print(f"exported to {export_dir}")
+    else:
+        why = f"--max_time {args.max_time}" if stop_reason == "max_time" else stop_reason
+        accelerator.print(f"stopped by {why} at step {state.step}: checkpoint-{state.step:06d} written; "
+                          "continue with --resume auto")
     # Release the wrapped model (DDP reducer, DeepSpeed engine, FSDP hooks) before the process group goes: left to
     # interpreter exit, gloo's threads can be torn down mid-flight ("terminate called...", exit code -6).
     del model, optimizer, scheduler, eval_loader
     accelerator.free_memory()
     accelerator.end_training()  # trackers, then destroy_process_group
-    checkpoint.release_output_dir(args.output_dir)
     return export_dir
 
 
@@ -325,6 +354,7 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
         ("max_skip_fraction", a.max_skip_fraction, 0 <= a.max_skip_fraction < 1,
          "[0, 1) (1 would train on nothing when every record is bad)"),
         ("num_workers", a.num_workers, a.num_workers >= 0, ">= 0"),
+        ("max_time", a.max_time, _is_duration(a.max_time), 'seconds or [D-]HH:MM:SS (e.g. 23:30:00), or "" for none'),
         ("lora_r", a.lora_r, a.lora_r >= 1, ">= 1"),
         ("lora_alpha", a.lora_alpha, a.lora_alpha > 0, "> 0"),
         ("lora_dropout", a.lora_dropout, 0 <= a.lora_dropout < 1, "[0, 1)"),
@@ -352,6 +382,13 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
             ("num_proc", d.num_proc, d.num_proc is None or d.num_proc >= 1, "unset or >= 1"),
         ]
     return rules
+
+
+def _is_duration(text: str) -> bool:
+    try:
+        return duration_seconds(text) >= 0
+    except ValueError:
+        return False
 
 
 def parse_lr_multi(text: str) -> list[tuple[str, float]]:
@@ -565,7 +602,7 @@ def train_loader(dataset, data_args, args: TrainArguments, tokenizer, accelerato
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args.seed),
-        worker_init_fn=data.reuse_freed_memory)
+        worker_init_fn=init_data_worker)
 
 
 @dataclass
@@ -599,14 +636,114 @@ def batch_stream(loader, state: TrainState):
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
+# ---- Stopping early: signals and --max_time ------------------------------------------------------------------------
+
+# The exit status of a run that stopped early with a checkpoint (a signal, --max_time): "resume me", distinct from
+# 0 (done), 1 (a crash) and 2 (a settings error). 75 is EX_TEMPFAIL of sysexits.h: a temporary failure, retry later.
+STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Stopped(SystemExit):
+    """A stop signal before the first step: there is nothing to finish or save, so it ends the process at once
+    (a SystemExit, so no library's `except Exception` swallows it)."""
+
+    def __init__(self, reason: str):
+        super().__init__(STOPPED)
+        self.reason = reason
+
+
+class StopRequests:
+    """SIGTERM, SIGUSR1 (SLURM's warning before a time limit, spot preemption) and a first Ctrl-C end the run after
+    the optimizer step under way, with a checkpoint at that step; so does --max_time, before the next step and a
+    checkpoint write would cross it. A second Ctrl-C ends the process at once (the last complete checkpoint stays).
+
+    During training a signal only records itself: the step and any checkpoint write under way finish, and
+    forward_backward sends this process's votes() with the step's all-reduce of totals, so every rank learns of a
+    signal that reached one of them and all stop after the same step. Before training a signal raises Stopped at once.
+    --max_time counts from the start of main(); a step is estimated as the longest so far, a checkpoint write as the
+    longest so far (before the first: 1 s plus its size at 100 MB/s)."""
+
+    REASONS = ("SIGTERM", "SIGUSR1", "SIGINT", "max_time")
+    WRITE_RATE = 100e6   # bytes/s assumed for a checkpoint write before one has been timed
+
+    def __init__(self, max_time: float = 0.0):
+        self.deadline = time.monotonic() + max_time if max_time > 0 else None
+        self.received: list[str] = []      # signal names, in order of arrival
+        self.training = False
+        self.longest_step = self.longest_save = 0.0
+        self.last_vote = 0.0
+
+    def __enter__(self) -> StopRequests:
+        in_main_thread = threading.current_thread() is threading.main_thread()   # where Python runs handlers
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS if in_main_thread}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and "SIGINT" in self.received:
+            raise KeyboardInterrupt   # the second Ctrl-C
+        self.received.append(name)
+        if not self.training:
+            raise Stopped(name)
+
+    def training_begins(self, checkpoint_bytes: int) -> None:
+        """From here on a signal waits for the end of the step; checkpoint_bytes sizes the first write's estimate."""
+        self.training, self.last_vote = True, time.monotonic()
+        self.longest_save = 1.0 + checkpoint_bytes / self.WRITE_RATE
+
+    def votes(self) -> list[int]:
+        """This process's stop requests, one count per reason (REASONS), for the step's all-reduce."""
+        now = time.monotonic()
+        self.longest_step, self.last_vote = max(self.longest_step, now - self.last_vote), now
+        out_of_time = self.deadline is not None and now + self.longest_step + self.longest_save > self.deadline
+        return [int(why in self.received) for why in self.REASONS[:-1]] + [int(out_of_time)]
+
+    @contextmanager
+    def timing_save(self):
+        """Measure a checkpoint write (for --max_time); a signal arriving meanwhile lets it finish."""
+        start = time.monotonic()
+        yield
+        self.longest_save = max(self.longest_save, time.monotonic() - start)
+
+
+def duration_seconds(text: str) -> float:
+    """--max_time: "" (no limit, 0), seconds ("5400", "90.5"), or [D-]HH:MM:SS / MM:SS as SLURM writes a time limit.
+    Raises ValueError for anything else."""
+    text = text.strip()
+    if not text:
+        return 0.0
+    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = clock.split(":")
+    if len(parts) > 3 or not days.isdigit() or not all(p.replace(".", "", 1).isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not seconds or [D-]HH:MM:SS")
+    seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(parts)))
+    return int(days) * 86400 + seconds
+
+
+def init_data_worker(worker_id: int) -> None:
+    """DataLoader workers: the stop signals are the main process's business (a worker ended by SIGTERM or Ctrl-C,
+    which reach the whole process group, would make the main process fail before it can save)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    data.reuse_freed_memory(worker_id)
+
+
 # ---- One optimizer step --------------------------------------------------------------------------------------------
 
-def forward_backward(accelerator, model, window: list[dict], num_items: torch.Tensor) -> tuple[float, int, int]:
+def forward_backward(accelerator, model, window: list[dict], num_items: torch.Tensor,
+                     stop: StopRequests | None = None) -> tuple[float, int, int, str | None]:
     """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches).
 
-    Returns (loss of the step over all ranks, LLM tokens, samples). Each micro-batch loss is its token-loss sum
-    divided by the supervised tokens of the whole step on all ranks; `accelerator.backward` divides by G and DDP/FSDP
-    average over ranks, so scaling by G * world size makes the gradient exactly that of one big batch.
+    Returns (loss of the step over all ranks, LLM tokens, samples, why the run stops after this step or None).
+    Each micro-batch loss is its token-loss sum divided by the supervised tokens of the whole step on all ranks;
+    `accelerator.backward` divides by G and DDP/FSDP average over ranks, so scaling by G * world size makes the
+    gradient exactly that of one big batch. The step's totals and every rank's stop requests travel in one
+    all-reduce, so a signal that reached one rank stops all of them after this same step, at no extra collective.
     """
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     per_image = accelerator.unwrap_model(model).tokens_per_image
@@ -621,9 +758,12 @@ def forward_backward(accelerator, model, window: list[dict], num_items: torch.Te
         tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
         samples += len(batch["ids"])  # packed rows hold several samples
     assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
-    loss = accelerator.reduce(step_loss, reduction="sum").item()
-    counts = accelerator.reduce(torch.tensor([tokens, samples], device=accelerator.device), reduction="sum")
-    return loss, int(counts[0]), int(counts[1])
+    # One all-reduce for the step's totals and every rank's stop votes (float64 holds these counts exactly).
+    votes = stop.votes() if stop is not None else [0] * len(StopRequests.REASONS)
+    local = torch.tensor([tokens, samples, *votes], dtype=torch.float64, device=accelerator.device)
+    loss, tokens, samples, *votes = accelerator.reduce(torch.cat([step_loss.double()[None], local]), "sum").tolist()
+    reason = next((why for why, n in zip(StopRequests.REASONS, votes) if n), None)
+    return loss, int(tokens), int(samples), reason
 
 
 def supervised_tokens(accelerator, window: list[dict]) -> torch.Tensor:
@@ -698,5 +838,29 @@ def peak_memory_gb() -> float:
 
 
 
+@contextmanager
+def exit_status_recorded(path: str | None):
+    """Write this process's exit status to `path` (the main process only; MGM_EXIT_STATUS_FILE): accelerate launch
+    reports any failure of its processes as status 1, so a job script reads STOPPED ("resume me") from here."""
+    status = 1                                  # a crash, unless the run ends otherwise
+    try:
+        yield
+        status = 0
+    except SystemExit as e:                     # cli.run's: 2 a settings error, 130 Ctrl-C; STOPPED
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:
+        if path and os.environ.get("RANK", "0") == "0":
+            with open(path, "w") as f:
+                f.write(f"{status}\n")
+
+
+def command(argv: list[str] | None = None) -> None:
+    """`python train.py ...`: exits with 0 (done), STOPPED (stopped early with a checkpoint: resume me), 2 (a settings
+    error, one line), 130 (a second Ctrl-C) or 1 (a crash, with its traceback)."""
+    with exit_status_recorded(os.environ.get("MGM_EXIT_STATUS_FILE")):
+        sys.exit(0 if run(main, "train.py", argv) else STOPPED)
+
+
 if __name__ == "__main__":
-    run(main, "train.py")
+    command()

@@ -10,7 +10,7 @@
   holds and the full size (ZeRO-3 and FSDP2 shard parameters; DDP and ZeRO-2 hold them whole) to path.<rank>.
 - MGM_TEST_HANG_AT_SAVE=N (tests/test_train.py's kill -9 test): once checkpoint N is written but not yet renamed
   into place, print "hanging pid=<pid> at save:N" and sleep, so the test can kill the process there.
-train.main shuts the process group down itself.
+train.command: train.py's exit statuses; train.main shuts the process group down itself.
 """
 import json
 import os
@@ -33,7 +33,7 @@ def main():
         record_shards_after_first_step(os.environ["MGM_SHARDS_FILE"])
     if os.environ.get("MGM_TEST_HANG_AT_SAVE"):
         hang_before_the_rename(int(os.environ["MGM_TEST_HANG_AT_SAVE"]))
-    train.main(sys.argv[1:])
+    train.command(sys.argv[1:])
 
 
 def run_fsdp_on_cpu():
@@ -53,8 +53,8 @@ def run_fsdp_on_cpu():
 def record_shards_after_first_step(path: str):
     forward_backward = train.forward_backward
 
-    def recording(accelerator, model, window, num_items):
-        out = forward_backward(accelerator, model, window, num_items)
+    def recording(accelerator, model, *rest):
+        out = forward_backward(accelerator, model, *rest)
         if not recording.done:
             sizes = {name: held_and_full(p) for name, p in model.named_parameters()}
             with open(f"{path}.{accelerator.process_index}", "w") as f:

@@ -70,14 +70,15 @@ def write_recipe(path: Path, recipe: dict, **overrides) -> Path:
     return path
 
 
-def run_in_process(argv: list[str]) -> str:
-    """train.main in this process; accelerate's singletons are reset so runs do not leak settings."""
+def run_in_process(argv: list[str], entry: str = "main"):
+    """train.main (or train.command, which ends in SystemExit with the exit status) in this process; accelerate's
+    singletons are reset so runs do not leak settings."""
     import train
     from accelerate.state import AcceleratorState, GradientState
     torch.set_num_threads(1)
     environ = dict(os.environ)
     try:
-        return train.main(argv)
+        return getattr(train, entry)(argv)
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
