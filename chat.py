@@ -108,9 +108,9 @@ class Conversation:
         turn = Turn(question, list(images))
         alone = self.length([turn])
         if alone >= self.max_length:
-            raise TooLong(f"this question takes {alone} positions (an image takes {self.answerer.model.tokens_per_image})"
-                          f", the model's length is {self.max_length}: no room for an answer; ask a shorter question "
-                          "or attach fewer images")
+            raise TooLong(f"this question takes {alone} positions (an image takes "
+                          f"{self.answerer.model.tokens_per_image}), the model's length is {self.max_length}: no room "
+                          "for an answer; ask a shorter question or attach fewer images")
         dropped = 0
         while dropped < len(previous) and self.length(previous[dropped:] + [turn]) + max_new_tokens > self.max_length:
             dropped += 1

@@ -92,7 +92,8 @@ def test_the_oldest_turns_make_room_and_a_question_too_long_alone_is_refused(ans
 
 def test_the_dropped_turns_are_announced(tiny_export, answerer, image, monkeypatch, capsys):
     conversation = chat.Conversation(answerer)
-    limit = 4 + max(conversation.length([chat.Turn(COLOR, [Image.open(image)])]), conversation.length([chat.Turn(SHAPE)]))
+    limit = 4 + max(conversation.length([chat.Turn(COLOR, [Image.open(image)])]),
+                    conversation.length([chat.Turn(SHAPE)]))
     answers, notices = talk(monkeypatch, capsys, tiny_export, [f"/image {image}", COLOR, SHAPE],
                             "--max_length", str(limit))    # each question fits alone, not both
     assert len(answers) == 2

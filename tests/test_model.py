@@ -615,7 +615,7 @@ def test_sampled_stream_repeats_with_a_seed_and_stopping_early_leaves_the_model_
 
 
 def test_streamed_text_never_shows_half_a_character(llama_tokenizer):
-    text = "Über 日本語 ж€ 🙂 red"                       # ж € are not in the vocabulary: byte-fallback tokens
+    text = "Über 日本語 ж€ 🙂 red"                  # ж € are not in the vocabulary: byte-fallback tokens
     ids = llama_tokenizer.encode(text, add_special_tokens=False)
     assert any(llama_tokenizer.decode(ids[:k]).endswith("\ufffd") for k in range(1, len(ids)))
     pieces = list(stream_text(llama_tokenizer, iter(ids)))

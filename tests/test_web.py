@@ -2,6 +2,7 @@
 Clear, Stop, Regenerate, bad input, one answer at a time) and by a real browser (Debian's chromium through
 playwright): upload, ask, follow up, clear; nothing requested outside 127.0.0.1, no console error, a screenshot."""
 import io
+import json
 import os
 import socket
 import threading
@@ -13,9 +14,12 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requirements-web.txt (make test does)")
 pytest.importorskip("gradio", reason="pip install -r requirements-web.txt (make test does)")
+pytestmark = pytest.mark.filterwarnings(            # gradio's queue on pandas 3: not ours to fix
+    "ignore:.*no_silent_downcasting", "ignore:The copy keyword is deprecated")
 
 import chat  # noqa: E402
 import web  # noqa: E402
+from cli import run  # noqa: E402
 from data import tokenize_prompt  # noqa: E402
 from eval import Answerer, load_for_inference  # noqa: E402
 
@@ -49,15 +53,36 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def server(tiny_export):
-    """(url, answerer, probe): web.serve on a free port of 127.0.0.1, stopped after the module."""
+    """(url, answerer, probe): web.serve on a free port of 127.0.0.1, stopped after the module. Every host name
+    this process looks up or connects to meanwhile is in OUTSIDE_CALLS when it is not this machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     answerer = Answerer(*load_for_inference(str(tiny_export), device="cpu"))
     probe = Probe(answerer.model)
-    app = web.serve(answerer, str(tiny_export), port=port, block=False)
-    yield f"http://127.0.0.1:{port}/", answerer, probe
-    app.close()
+    lookup, connect = socket.getaddrinfo, socket.socket.connect
+
+    def recorded_lookup(host, *args, **kw):
+        record(host)
+        return lookup(host, *args, **kw)
+
+    def recorded_connect(sock, address):
+        record(address[0] if isinstance(address, tuple) else address)
+        return connect(sock, address)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", recorded_lookup)
+        patch.setattr(socket.socket, "connect", recorded_connect)
+        app = web.serve(answerer, str(tiny_export), port=port, block=False)
+        yield f"http://127.0.0.1:{port}/", answerer, probe
+        app.close()
+
+
+OUTSIDE_CALLS = []
+
+
+def record(host):
+    if host not in ("127.0.0.1", "localhost", "::1", None) and not str(host).startswith("/"):
+        OUTSIDE_CALLS.append(host)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +215,7 @@ def test_the_page_in_a_real_browser(server, image, tmp_path_factory, capsys):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url)
+            assert "template vicuna_v1" in page.locator("#header").inner_text()     # the export and its template
             page.locator("#question input[type=file]").set_input_files(str(image))
             page.locator("#question textarea").fill(SHAPE)
             page.locator("#question img").wait_for()                    # the upload is attached
@@ -214,6 +240,28 @@ def test_the_page_in_a_real_browser(server, image, tmp_path_factory, capsys):
     assert errors == []
 
 
+def test_demo_examples_only_for_an_export_of_the_demo(tmp_path):
+    from demo import QUESTIONS, record
+    (tmp_path / "images").mkdir()
+    records = [record(f"test-0-{kind}", "test_00000.png", question, "red") for kind, question in QUESTIONS.items()]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "finetune.jsonl").write_text("")
+    (tmp_path / "export").mkdir()
+    config = f"template: chatml\ndata_path: {tmp_path / 'finetune.jsonl'}\nimage_folder: {tmp_path / 'images'}\n"
+    (tmp_path / "export" / "train_config.yaml").write_text(config)
+    assert web.demo_examples(str(tmp_path / "export")) == [
+        {"text": q, "files": [str(tmp_path / "images" / "test_00000.png")]} for q in QUESTIONS.values()]
+    (tmp_path / "export" / "train_config.yaml").write_text(config.replace("finetune.jsonl", "test.jsonl"))
+    assert web.demo_examples(str(tmp_path / "export")) == []
+
+
+def test_a_wrong_model_directory_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run(web.main, "web.py", ["--model", str(tmp_path / "nowhere")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith(f"web.py: --model: {tmp_path / 'nowhere'} is not a directory")
+
+
 def answer_of(answerer, turns):
     """The greedy answer to the last of these turns (earlier answers generated the same way): chat.Conversation."""
     conversation = chat.Conversation(answerer)
@@ -221,3 +269,7 @@ def answer_of(answerer, turns):
         conversation.ask(question, [Image.open(i) for i in images])
         "".join(conversation.reply())
     return conversation.turns[-1].answer
+
+
+def test_the_server_reached_nothing_outside_this_machine(server):
+    assert OUTSIDE_CALLS == []       # no analytics, no version check, no share link, no hub
