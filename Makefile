@@ -1,15 +1,19 @@
 # make test: create .venv if missing, install runtime + test dependencies, run the test suite.
 # make demo: train the tiny embedded Mini-Gemini end to end on CPU (see README.md);
 #   make demo DEMO_ARGS="--seed 1" for another draw of its data and weights.
+# make web: install the web chat's requirements and serve the demo's model on http://127.0.0.1:7860
+#   (make web WEB_MODEL=path/to/export for another export).
 VENV ?= .venv
 PYTHON ?= python3
 DEMO_ARGS ?=
+WEB_MODEL ?= runs/demo/finetune
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EVAL_STAMP := $(VENV)/.installed-eval
+WEB_STAMP := $(VENV)/.installed-web
 
-.PHONY: test demo install clean
+.PHONY: test demo web install clean
 
 install: $(STAMP)
 
@@ -26,11 +30,19 @@ $(EVAL_STAMP): $(STAMP) requirements-eval.txt pyproject.toml
 	$(PIP) install -q --no-deps -e .     # declares lmms_adapter.py to lmms-eval (entry point in pyproject.toml)
 	touch $(EVAL_STAMP)
 
-test: $(STAMP) $(EVAL_STAMP)
+# gradio (optional: the web chat, web.py), installed for the tests too
+$(WEB_STAMP): $(STAMP) requirements-web.txt
+	$(PIP) install -q -r requirements-web.txt
+	touch $(WEB_STAMP)
+
+test: $(STAMP) $(EVAL_STAMP) $(WEB_STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
 	$(PY) demo.py $(DEMO_ARGS)
+
+web: $(WEB_STAMP)
+	$(PY) web.py --model $(WEB_MODEL)
 
 clean:
 	rm -rf runs demo_data .pytest_cache

@@ -14,7 +14,8 @@
    of its own, then saved as the base ConvNeXt checkpoint. Real Mini-Gemini's towers come pretrained; this one is
    pretrained here, since nothing is downloaded. The recipes keep it frozen, as real MGM does.
 4. `accelerate launch train.py recipes/demo_pretrain.yaml`, then recipes/demo_finetune.yaml, then eval.py on the
-   held-out split, then one chat.py answer. The finetuned export is left in runs/demo/finetune/.
+   held-out split, then one chat.py answer. The finetuned export is left in runs/demo/finetune/; the last lines
+   give the commands to talk to it (chat.py in the terminal, `make web` for the web page).
 Everything generated goes under demo_data/ and runs/ (both ignored by git). Everything random follows --seed.
 """
 from __future__ import annotations
@@ -80,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     step(7, "chat.py: one answer")
     image = data_dir / "images" / "test_00000.png"
     run([sys.executable, "chat.py", "--model", str(out / "finetune"), "--image", str(image), QUESTIONS["shape"]])
+    web = "make web" + ("" if out / "finetune" == Path("runs/demo/finetune") else f" WEB_MODEL={out / 'finetune'}")
     print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
-          f"  python chat.py --model {out / 'finetune'} --image {image}")
+          f"  python chat.py --model {out / 'finetune'} --image {image}     # a conversation in the terminal\n"
+          f"  {web}     # the web chat: open http://127.0.0.1:7860 (installs requirements-web.txt)")
 
 
 # ---- 1. Data ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ import os
 import re
 import string
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 
 import torch
@@ -175,8 +177,9 @@ def load_for_inference(model_dir: str, template: str | None = None, device: str 
 
 
 class Answerer:
-    """Greedy answers for a batch of (question, images): the prompt is data.tokenize_prompt, the same ids that
-    training saw in front of an answer."""
+    """Answers from an export: greedy answers for a batch of single questions (__call__), or one conversation's
+    answer streamed as it is generated (stream). The prompt is data.tokenize_prompt, the ids training saw in front of
+    an answer."""
 
     def __init__(self, model, tokenizer, processor, template: str):
         self.model, self.tokenizer, self.processor, self.template = model, tokenizer, processor, template
@@ -187,8 +190,7 @@ class Answerer:
     @torch.no_grad()
     def __call__(self, questions: list[str], images: list[list], max_new_tokens: int = 16) -> list[str]:
         device = next(self.model.parameters()).device
-        prompts = [tokenize_prompt([{"role": "user", "content": q}], self.tokenizer, self.template,
-                                   num_images=len(imgs)) for q, imgs in zip(questions, images)]
+        prompts = [self.prompt([{"role": "user", "content": q}], len(imgs)) for q, imgs in zip(questions, images)]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -198,6 +200,24 @@ class Answerer:
                                   do_sample=False, eos_token_id=self.stop, pad_token_id=self.pad,
                                   **self.image_inputs(images))
         return [self.decode(row) for row in out.tolist()]
+
+    def stream(self, messages: list[dict], images: list, *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, generator=None) -> Iterator[str]:
+        """The answer to a conversation (chat-form messages ending with the user's question, <image> tags placed
+        for `images`, the PIL images in tag order), as text pieces while it is generated: greedy at temperature 0,
+        where the pieces join to __call__'s answer for a single question. Stop early by no longer iterating."""
+        from model import stream_text
+        device = next(self.model.parameters()).device
+        tokens = self.model.stream(self.prompt(messages, len(images)).to(device), max_new_tokens=max_new_tokens,
+                                   do_sample=temperature > 0, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   eos_token_id=self.stop, pad_token_id=self.pad, generator=generator,
+                                   **self.image_inputs([images]))
+        yield from stream_text(self.tokenizer, takewhile(lambda token: token not in self.stop, tokens))
+
+    def prompt(self, messages: list[dict], num_images: int) -> torch.Tensor:
+        """Prompt ids of a conversation ending with a user question: data.tokenize_prompt in the export's template
+        (BadSample / ConversationError naming what is wrong with it)."""
+        return tokenize_prompt(messages, self.tokenizer, self.template, num_images=num_images)
 
     def image_inputs(self, images: list[list]) -> dict:
         """Each row's PIL images -> the model's images / images_aux / image_counts arguments."""
@@ -218,8 +238,7 @@ class Answerer:
     def check(self, question: Question, image_folder: str = ".") -> list:
         """The images of one question, once its prompt is known to build (BadSample naming the problem if not)."""
         images = [load_image({"path": p}, image_folder) for p in question.images]
-        tokenize_prompt([{"role": "user", "content": question.question}], self.tokenizer, self.template,
-                        num_images=len(images))
+        self.prompt([{"role": "user", "content": question.question}], len(images))
         return images
 
     def decode(self, ids: list[int]) -> str:

@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -220,12 +221,32 @@ class MiniGemini(nn.Module):
         return images, aux
 
     # ---- generation -----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, images=None, images_aux=None, image_counts=None,
                  max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
                  pad_token_id=None, generator=None) -> torch.LongTensor:
         """Batched generation with a KV cache; any padding is moved to the left first.
         Returns only the new tokens [B, <= max_new_tokens]; rows that finished early are filled with pad."""
+        return torch.stack(list(self.generate_steps(
+            input_ids, attention_mask, images, images_aux, image_counts, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, generator=generator)), 1)
+
+    def stream(self, input_ids, images=None, images_aux=None, image_counts=None, **generation) -> Iterator[int]:
+        """One conversation's new tokens, each handed out as soon as it is produced: the tokens of generate()'s
+        row for the same inputs, up to and including the stop token. `generation`: generate()'s settings.
+        A caller stops early by no longer iterating; the cache goes with the generator, the model keeps no state."""
+        input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        if len(input_ids) != 1:
+            raise ValueError(f"stream generates for one conversation; got a batch of {len(input_ids)} (use generate)")
+        for token in self.generate_steps(input_ids, None, images, images_aux, image_counts, **generation):
+            yield int(token[0])
+
+    @torch.no_grad()
+    def generate_steps(self, input_ids, attention_mask=None, images=None, images_aux=None, image_counts=None, *,
+                       max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+                       pad_token_id=None, generator=None) -> Iterator[torch.LongTensor]:
+        """The decoding loop generate() and stream() share: yields each step's new tokens [B] until every row has
+        produced a stop token or max_new_tokens are out; a finished row gets pad."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         order = torch.sort(attention_mask, dim=1, stable=True).indices          # zeros first = left padding
@@ -242,12 +263,11 @@ class MiniGemini(nn.Module):
         image_mask = inputs.get("mm_image_mask")
         cache = {cache_keyword(self.llm): DynamicCache(config=self.llm.config)}
         done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
-        new = []
         for _ in range(max_new_tokens):
             logits = self.llm(**inputs, **cache, use_cache=True).logits[:, -1].float()
             token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad), token)
-            new.append(token)
+            yield token
             done |= torch.isin(token, eos)
             if done.all():
                 break
@@ -258,7 +278,6 @@ class MiniGemini(nn.Module):
             if image_mask is not None:
                 image_mask = torch.cat([image_mask, image_mask.new_zeros(len(mask), 1)], 1)
                 inputs["mm_image_mask"] = image_mask
-        return torch.stack(new, 1)
 
     # ---- freezing: frozen towers stay in eval mode (no dropout / drop path) ------------------------------------
     def train(self, mode: bool = True):
@@ -655,6 +674,21 @@ def sample_next(logits, do_sample, temperature=1.0, top_k=0, top_p=1.0, generato
         drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > top_p   # keep the first over p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def stream_text(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """Token ids as they come -> the text they add, never half a character: the ids so far are decoded whole and
+    only the new text is handed out; text ending in U+FFFD (a character whose bytes have not all come yet, as with
+    byte-fallback tokens) is held back until it completes, or until the tokens end."""
+    ids, text, shown = [], "", ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    if len(text) > len(shown):
+        yield text[len(shown):]
 
 
 def trainable_table(model: MiniGemini) -> str:

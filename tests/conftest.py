@@ -109,3 +109,16 @@ def tok(root):
 
     from tests.tiny_models import save_tiny_tokenizer
     return AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """A tiny full export as train.py writes one (its template recorded in train_config.yaml), for chat and web."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import build, save_tiny_tokenizer
+    root = tmp_path_factory.mktemp("tiny_export")
+    tok = AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tokenizer"))
+    build(root, tok).save_pretrained(root / "export", tok)
+    (root / "export" / "train_config.yaml").write_text("template: vicuna_v1\n")
+    return root / "export"

@@ -31,6 +31,7 @@ from model import (
     portable_refs,
     set_stage,
     splice,
+    stream_text,
     train_flops,
 )
 from tests.tiny_models import FAMILIES, build, save_tiny_checkpoints, tiny_batch
@@ -577,6 +578,49 @@ def test_sampling_is_reproducible_with_a_generator(root, tok):
                            max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9, temperature=0.8, eos_token_id=-1,
                            generator=torch.Generator().manual_seed(1)) for _ in range(2)]
     assert runs[0].shape == (3, 4) and torch.equal(runs[0], runs[1])
+
+
+def test_stream_hands_out_the_tokens_of_batched_greedy_generation(root, tok):
+    model = build(root, tok).eval()
+    batch = tiny_batch(model)
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"], batch["images_aux"], batch["image_counts"])
+    stop = int(model.generate(*args, max_new_tokens=6, eos_token_id=-1)[0, 2])   # row 0 stops at its third token
+    batched = model.generate(*args, max_new_tokens=6, eos_token_id=stop, pad_token_id=3).tolist()
+    for row, images in enumerate([slice(0, 2), None, slice(2, 3)]):
+        ids = batch["input_ids"][row, batch["attention_mask"][row] == 1]
+        pixels = (batch["images"][images], batch["images_aux"][images]) if images else (None, None)
+        streamed = list(model.stream(ids, *pixels, max_new_tokens=6, eos_token_id=stop, pad_token_id=3))
+        n = len(streamed)
+        assert streamed == batched[row][:n] and batched[row][n:] == [3] * (len(batched[row]) - n), row
+        assert streamed[-1] == stop or n == 6
+        assert n <= 3 or row > 0                    # the stream ends with the stop token
+
+
+def test_sampled_stream_repeats_with_a_seed_and_stopping_early_leaves_the_model_usable(root, tok):
+    model = build(root, tok).eval()
+    batch = tiny_batch(model)
+    ids, images, aux = batch["input_ids"][2, :5], batch["images"][2:], batch["images_aux"][2:]
+    sampling = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95, top_k=40, eos_token_id=-1)
+
+    def sampled(seed):
+        return list(model.stream(ids, images, aux, generator=torch.Generator().manual_seed(seed), **sampling))
+    assert sampled(1) == sampled(1) != sampled(2)
+    assert sampled(1) == model.generate(ids[None], None, images, aux, generator=torch.Generator().manual_seed(1),
+                                        **sampling)[0].tolist()
+    greedy = list(model.stream(ids, images, aux, max_new_tokens=8, eos_token_id=-1))
+    for _ in zip(range(2), model.stream(ids, images, aux, max_new_tokens=8, eos_token_id=-1)):
+        pass                                              # a caller that stops after two tokens
+    assert torch.is_grad_enabled()
+    assert list(model.stream(ids, images, aux, max_new_tokens=8, eos_token_id=-1)) == greedy
+
+
+def test_streamed_text_never_shows_half_a_character(llama_tokenizer):
+    text = "Über 日本語 ж€ 🙂 red"                  # ж € are not in the vocabulary: byte-fallback tokens
+    ids = llama_tokenizer.encode(text, add_special_tokens=False)
+    assert any(llama_tokenizer.decode(ids[:k]).endswith("\ufffd") for k in range(1, len(ids)))
+    pieces = list(stream_text(llama_tokenizer, iter(ids)))
+    assert "".join(pieces) == llama_tokenizer.decode(ids) == text
+    assert all(piece and "\ufffd" not in piece for piece in pieces) and len(pieces) > 3
 
 
 # ---- QLoRA ----------------------------------------------------------------------------------------------------
