@@ -6,7 +6,8 @@
 1. A synthetic visual question answering set drawn with Pillow: one shape (circle, square, triangle, star) in one
    colour (red, green, blue, yellow, purple, orange) on a light background, images of varied size and aspect ratio.
    Pretrain records are captions ("a red circle"); finetune records ask "What color is the shape?" or
-   "What shape is this?", answered with one lowercase word. A held-out split is kept for eval.py.
+   "What shape is this?", answered with one lowercase word, and half of them ask the other question as a follow-up
+   (so the model also answers a second question in a conversation). A held-out split is kept for eval.py.
 2. A word-level tokenizer trained on that corpus with `tokenizers` (a normal Hugging Face tokenizer directory with
    special tokens and a chat template) and tiny random Llama and CLIP ViT checkpoints saved as normal checkpoint
    directories, so the real loading code (model.build_model) runs.
@@ -47,7 +48,7 @@ class DemoArguments:
     data_dir: str = "demo_data"        # images, records and the tiny base checkpoints
     output_dir: str = "runs/demo"      # pretrain/ and finetune/ exports (+ their training runs)
     pretrain_images: int = 3000        # one caption each
-    finetune_images: int = 6000        # one question each
+    finetune_images: int = 6000        # one question each, or both (a follow-up) in half of them
     test_images: int = 200             # held out: both questions each
     stage0_images: int = 6000          # stage 0: the ConvNeXt's own classifier images (drawn apart from the splits)
     stage0_steps: int = 2000           # batches of 64
@@ -90,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
 # ---- 1. Data ---------------------------------------------------------------------------------------------------------
 
 def make_dataset(root: Path, args: DemoArguments) -> None:
-    """demo_data/images/*.png and pretrain.jsonl (captions), finetune.jsonl (one question per image) and test.jsonl
-    (both questions per held-out image), in LLaVA format. Deterministic in args.seed; reused when already there."""
+    """demo_data/images/*.png and pretrain.jsonl (captions), finetune.jsonl (one question per image, or both as a
+    question and its follow-up) and test.jsonl (both questions per held-out image, each on its own), in LLaVA format. Deterministic in args.seed; reused when already there."""
     from tqdm import tqdm
     splits = {"pretrain": args.pretrain_images, "finetune": args.finetune_images, "test": args.test_images}
     stamp = root / "records.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == {**splits, "seed": args.seed}:
+    if stamp.exists() and json.loads(stamp.read_text()) == {**splits, "seed": args.seed, "follow_ups": True}:
         print(f"reusing {root}/")
         return
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -106,22 +107,29 @@ def make_dataset(root: Path, args: DemoArguments) -> None:
             image, color, shape = draw_shape(rng)
             name = f"{split}_{i:05d}.png"
             image.save(root / "images" / name)
+            answers = {"color": color, "shape": shape}
             if split == "pretrain":
                 article = "an" if color[0] in "aeiou" else "a"
-                records.append(record(f"{split}-{i}", name, "Describe the image.", f"{article} {color} {shape}"))
-            else:
-                kinds = ["color", "shape"] if split == "test" else [rng.choice(["color", "shape"])]
-                for kind in kinds:
-                    answer = color if kind == "color" else shape
-                    records.append(record(f"{split}-{i}-{kind}", name, QUESTIONS[kind], answer))
+                records.append(record(f"{split}-{i}", name, [("Describe the image.", f"{article} {color} {shape}")]))
+            elif split == "test":   # each question on its own, as eval.py asks them
+                for kind in ("color", "shape"):
+                    records.append(record(f"{split}-{i}-{kind}", name, [(QUESTIONS[kind], answers[kind])]))
+            else:   # one question, or both in either order: the second turn teaches follow-ups (chat.py, web.py)
+                kinds = rng.choice([["color"], ["shape"], ["color", "shape"], ["shape", "color"]])
+                records.append(record(f"{split}-{i}-{'-'.join(kinds)}", name,
+                                      [(QUESTIONS[kind], answers[kind]) for kind in kinds]))
         with open(root / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    stamp.write_text(json.dumps({**splits, "seed": args.seed}))
+    stamp.write_text(json.dumps({**splits, "seed": args.seed, "follow_ups": True}))
 
 
-def record(record_id: str, image: str, question: str, answer: str) -> dict:
-    return {"id": record_id, "image": image,
-            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
+def record(record_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
+    """A LLaVA record about one image: (question, answer) turns, the image tag before the first question."""
+    conversations = []
+    for k, (question, answer) in enumerate(turns):
+        conversations += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                          {"from": "gpt", "value": answer}]
+    return {"id": record_id, "image": image, "conversations": conversations}
 
 
 def draw_shape(rng: random.Random):
