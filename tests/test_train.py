@@ -233,6 +233,20 @@ def test_recipes_parse_and_the_command_line_wins(name):
     assert (model_args.llm, data_args.data_path, args.stage) == (recipe["llm"], recipe["data_path"], recipe["stage"])
 
 
+def test_a_resolved_config_is_a_recipe_that_gives_the_same_settings(tmp_path):
+    """null is none (vision_tower_aux: null is plain LLaVA, not the default ConvNeXt), a list joins with ",", so
+    the train_config.yaml an export holds runs again as it was."""
+    import train
+    recipe = write_recipe(tmp_path / "r.yaml", {"vision_tower_aux": None, "data_path": ["a.json", "b.json"],
+                                                "projector_lr": 1e-4, "packing": True})
+    settings = train.parse_args([str(recipe), "--projector_lr", "none"])
+    model_args, data_args, args = settings
+    assert (model_args.vision_tower_aux, data_args.data_path, args.projector_lr, data_args.packing) == \
+        (None, "a.json,b.json", None, True)
+    saved = write_recipe(tmp_path / "train_config.yaml", train.resolved_config(*settings))
+    assert train.parse_args([str(saved)]) == settings
+
+
 def test_settings_out_of_range_are_refused_naming_the_setting_and_its_range(tiny, tmp_path):
     """Checked before anything is loaded; a prefix of a flag is not accepted as the flag."""
     import train
@@ -244,9 +258,9 @@ def test_settings_out_of_range_are_refused_naming_the_setting_and_its_range(tiny
     for setting, (value, allowed) in cases.items():
         with pytest.raises(train.UserError, match=rf"^{setting}: .*{value}.*{allowed}"):
             run_in_process([recipe, "--output_dir", str(tmp_path / "run"), f"--{setting}", value])
-    with pytest.raises(train.UserError, match=r"^data_path: .*nowhere.json does not exist"):
+    with pytest.raises(train.UserError, match=r"^data_path: .*nowhere.json: no such file or directory"):
         run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--data_path", str(tmp_path / "nowhere.json")])
-    with pytest.raises(train.UserError, match=r"^image_folder: .*nowhere is not a directory"):
+    with pytest.raises(train.UserError, match=r"^image_folder: .*nowhere: no such directory"):
         run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--image_folder", str(tmp_path / "nowhere")])
     with pytest.raises(train.UserError, match=r"^unknown setting\(s\) --max_step 2"):
         train.parse_args([recipe, "--max_step", "2"])
