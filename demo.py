@@ -19,7 +19,6 @@ Everything generated goes under demo_data/ and runs/ (both ignored by git). Ever
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,6 +29,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import cli
 
 REPO = Path(__file__).resolve().parent
 COLORS = {"red": (220, 30, 30), "green": (40, 160, 50), "blue": (30, 70, 220), "yellow": (235, 205, 30),
@@ -45,21 +46,21 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 class DemoArguments:
     data_dir: str = "demo_data"        # images, records and the tiny base checkpoints
     output_dir: str = "runs/demo"      # pretrain/ and finetune/ exports (+ their training runs)
-    pretrain_images: int = 3000        # one caption each
-    finetune_images: int = 6000        # one question each
-    test_images: int = 200             # held out: both questions each
+    pretrain_images: int = 3000        # stage-1 images, one caption each
+    finetune_images: int = 6000        # stage-2 images, one question each
+    test_images: int = 200             # held-out images for eval.py, both questions each
     stage0_images: int = 6000          # stage 0: the ConvNeXt's own classifier images (drawn apart from the splits)
-    stage0_steps: int = 2000           # batches of 64
+    stage0_steps: int = 2000           # stage 0: steps of 64 images
     seed: int = 0                      # data, initial weights, stage 0 and both train.py stages
-    pretrain_overrides: str = ""       # extra "--field value" options for train.py (the test shortens the runs)
-    finetune_overrides: str = ""
+    pretrain_overrides: str = ""       # extra "--field value" options for train.py's stage 1 (the test shortens it)
+    finetune_overrides: str = ""       # the same for stage 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in vars(DemoArguments()).items():
-        parser.add_argument(f"--{name}", type=type(default), default=default)
-    args = DemoArguments(**vars(parser.parse_args(argv)))
+    parser = cli.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    cli.add_settings(parser, DemoArguments, "demo")
+    args = cli.settings_from(parser.parse_args(argv), DemoArguments)
+    check_args(args)
     quiet_deepspeed()
     data_dir, out = Path(args.data_dir), Path(args.output_dir)
     start = time.time()
@@ -82,6 +83,25 @@ def main(argv: list[str] | None = None) -> None:
     run([sys.executable, "chat.py", "--model", str(out / "finetune"), "--image", str(image), QUESTIONS["shape"]])
     print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
           f"  python chat.py --model {out / 'finetune'} --image {image}")
+
+
+def check_args(args: DemoArguments) -> None:
+    """What would otherwise stop the demo minutes in: counts, directories that are files, train.py overrides."""
+    for name in ("pretrain_images", "finetune_images", "test_images", "stage0_images", "stage0_steps"):
+        if getattr(args, name) < 1:
+            raise cli.UserError(f"--{name}: {getattr(args, name)} is out of range, allowed: >= 1")
+    for name in ("data_dir", "output_dir"):
+        if os.path.isfile(getattr(args, name)):
+            raise cli.UserError(f"--{name}: {getattr(args, name)} is a file; name a directory")
+    for stage in ("pretrain", "finetune"):
+        overrides = getattr(args, f"{stage}_overrides").split()
+        if overrides:   # checked the way train.py checks them, before stage 0's minutes
+            import train
+            try:
+                model_args, data_args, train_args = train.parse_args([str(REPO / f"recipes/demo_{stage}.yaml"), *overrides])
+                train.check_args(model_args, train_args, data_args)
+            except cli.UserError as e:
+                raise cli.UserError(f"--{stage}_overrides: {e}") from None
 
 
 # ---- 1. Data ---------------------------------------------------------------------------------------------------------
@@ -391,8 +411,12 @@ def seed(args: DemoArguments) -> list[str]:
 
 
 def run(cmd: list[str]) -> None:
-    print("$ " + shlex.join(["python", *map(str, cmd[1:])]), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    """Run one step; a failed step ends the demo with one line (the step has said why, above)."""
+    shown = shlex.join(["python", *map(str, cmd[1:])])
+    print("$ " + shown, flush=True)
+    status = subprocess.run(cmd, cwd=REPO).returncode
+    if status:
+        raise cli.UserError(f"this step failed (exit status {status}; its output is above): {shown}", status=1)
 
 
 def step(n: int, title: str) -> None:
@@ -400,4 +424,4 @@ def step(n: int, title: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "demo.py")
