@@ -819,10 +819,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--image_folder", default=".", help=notes["image_folder"] + " (default: %(default)s)")
     c.add_argument("--tokenizer", required=True, help="the LLM's tokenizer: a directory or a hub name")
     c.add_argument("--template", required=True, choices=sorted(TEMPLATES), help=notes["template"])
-    c.add_argument("--max_length", type=int_at_least(1), default=2048, help=notes["max_length"] + " (default: %(default)s)")
+    c.add_argument("--max_length", type=int_at_least(1), default=2048,
+                   help=notes["max_length"] + " (default: %(default)s)")
     c.add_argument("--tokens_per_image", type=int_at_least(1), default=576,
                    help="LLM positions per image (default: %(default)s, CLIP-L/336; HD: 5 * 576)")
-    c.add_argument("--num_frames", type=int_at_least(1), default=8, help=notes["num_frames"] + " (default: %(default)s)")
+    c.add_argument("--num_frames", type=int_at_least(1), default=8,
+                   help=notes["num_frames"] + " (default: %(default)s)")
     c.add_argument("--max_image_pixels", type=int_at_least(1), default=89_478_485, help=notes["max_image_pixels"])
     c.add_argument("--num_workers", type=int_at_least(0), default=2,
                    help="processes decoding the images (default: %(default)s; 0: this one)")

@@ -98,7 +98,8 @@ def check_args(args: DemoArguments) -> None:
         if overrides:   # checked the way train.py checks them, before stage 0's minutes
             import train
             try:
-                model_args, data_args, train_args = train.parse_args([str(REPO / f"recipes/demo_{stage}.yaml"), *overrides])
+                recipe = str(REPO / "recipes" / f"demo_{stage}.yaml")
+                model_args, data_args, train_args = train.parse_args([recipe, *overrides])
                 train.check_args(model_args, train_args, data_args)
             except cli.UserError as e:
                 raise cli.UserError(f"--{stage}_overrides: {e}") from None

@@ -459,13 +459,14 @@ def check_model_ref(ref: str | None, setting: str, context: str = "", kind: str 
     hub client's "Repo id must be in the form ..." or a failed connection."""
     if not ref:
         return
-    files, what = CHECKPOINT_KINDS[kind or setting]
+    kind = kind or setting
+    files, what = CHECKPOINT_KINDS[kind]
     path = os.path.expanduser(ref)
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, name)) for name in files):
             raise UserError(f"{context}{setting}: {ref} holds no {' / '.join(files[:3])}, so it is not {what}")
     elif os.path.exists(path):
-        if (kind or setting) != "pretrained_mm_path":
+        if kind != "pretrained_mm_path":   # the one that may name its weights file itself
             raise UserError(f"{context}{setting}: {ref} is a file; name a checkpoint directory or a hub name")
     elif is_local_path(ref):
         raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}")

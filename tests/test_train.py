@@ -228,7 +228,7 @@ def test_recipes_parse_and_the_command_line_wins(name):
     import train
     recipe = yaml.safe_load(open(ROOT / "recipes" / name))
     model_args, data_args, args = train.parse_args([str(ROOT / "recipes" / name), "--per_device_batch_size", "3"])
-    train.check_args(model_args, args)
+    train.check_args(model_args, args, data_args)   # the data settings too (the pretrain recipe crops its images)
     assert recipe["per_device_batch_size"] != 3 and args.per_device_batch_size == 3
     assert (model_args.llm, data_args.data_path, args.stage) == (recipe["llm"], recipe["data_path"], recipe["stage"])
 
