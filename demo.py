@@ -50,7 +50,7 @@ class DemoArguments:
     finetune_images: int = 6000        # stage-2 images, one question each
     test_images: int = 200             # held-out images for eval.py, both questions each
     stage0_images: int = 6000          # stage 0: the ConvNeXt's own classifier images (drawn apart from the splits)
-    stage0_steps: int = 2000           # stage 0: steps of 64 images
+    stage0_steps: int = 2000           # stage 0: steps of 64 images (0: the high-res tower stays random)
     seed: int = 0                      # data, initial weights, stage 0 and both train.py stages
     pretrain_overrides: str = ""       # extra "--field value" options for train.py's stage 1 (the test shortens it)
     finetune_overrides: str = ""       # the same for stage 2
@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def check_args(args: DemoArguments) -> None:
     """What would otherwise stop the demo minutes in: counts, directories that are files, train.py overrides."""
-    for name in ("pretrain_images", "finetune_images", "test_images", "stage0_images", "stage0_steps"):
-        if getattr(args, name) < 1:
-            raise cli.UserError(f"--{name}: {getattr(args, name)} is out of range, allowed: >= 1")
+    for name, low in (("pretrain_images", 1), ("finetune_images", 1), ("test_images", 1), ("stage0_images", 1),
+                      ("stage0_steps", 0)):   # 0 steps: the high-res tower stays random
+        if getattr(args, name) < low:
+            raise cli.UserError(f"--{name}: {getattr(args, name)} is out of range, allowed: >= {low}")
     for name in ("data_dir", "output_dir"):
         if os.path.isfile(getattr(args, name)):
             raise cli.UserError(f"--{name}: {getattr(args, name)} is a file; name a directory")

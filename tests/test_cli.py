@@ -76,7 +76,7 @@ MISTAKES = [
     ("bench-batch-size-0", "bench.py padding --batch_size 0", 2, r"^bench.py: argument --batch_size: '0' is not"),
     ("demo-unknown-override", "demo.py --pretrain_overrides=--max_step=2", 2,
      r"^demo.py: --pretrain_overrides: unknown setting\(s\) --max_step=2"),
-    ("demo-no-stage0-steps", "demo.py --stage0_steps 0", 2, r"--stage0_steps: 0 is out of range, allowed: >= 1"),
+    ("demo-no-test-images", "demo.py --test_images 0", 2, r"--test_images: 0 is out of range, allowed: >= 1"),
 ]
 HELP = ["train.py", "eval.py", "convert.py from-mgm", "convert.py from-llava", "convert.py to-llava-hf",
         "data.py check", "model.py merge", "bench.py data", "bench.py index", "bench.py padding", "bench.py mining",
