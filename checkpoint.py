@@ -57,31 +57,46 @@ def start_run(accelerator, args, config: dict) -> tuple[dict, str | None]:
 
 def claim_output_dir(args, config: dict, say=print) -> tuple[dict, str | None]:
     """Lock output_dir, check it holds no other run, pick the checkpoint to resume from; returns (run, checkpoint).
-    run = {"id", "settings"}: the defining settings, compared on every resume."""
+    run = {"id", "settings"}: the defining settings, compared on every resume. Nothing is written there before the
+    checks pass: a refused start leaves the directory as it found it."""
     out = args.output_dir
+    refuse_other_run(out, args)
     os.makedirs(out, exist_ok=True)
     lock_output_dir(out)
     if args.overwrite_output_dir:
         removed = clear_run_files(out)
         if removed:
             say(f"overwrite_output_dir: deleted {', '.join(removed)} from {out}")
-    for stale in list_checkpoints(out, complete=False):  # left by a crash in the middle of a save
-        shutil.rmtree(stale, ignore_errors=True)
+    refuse_other_run(out, args)  # again under the lock: another run may have started there in between
     settings = run_settings(config)
-    found = run_files(out)
-    if found and not args.resume:
-        raise UserError(f"output_dir {out} holds another run ({', '.join(found[:3])}"
-                            f"{', ...' if len(found) > 3 else ''}): pass --resume auto to continue it, "
-                            "--overwrite_output_dir true to delete it first, or choose another output_dir")
     recorded = read_json(os.path.join(out, RUN_FILE))
     if recorded and args.resume:
         refuse_changed_settings(recorded["settings"], settings, f"the run in {out}")
     ckpt = resume_checkpoint(args.resume, out, settings, say) if args.resume else None
+    for stale in list_checkpoints(out, complete=False):  # left by a crash in the middle of a save
+        shutil.rmtree(stale, ignore_errors=True)
     ckpt_run = read_json(os.path.join(ckpt, RUN_FILE)) if ckpt else None
     run_id = (recorded or ckpt_run or {}).get("id") or uuid.uuid4().hex[:12]
     run = {"id": run_id, "settings": settings}
     write_json(os.path.join(out, RUN_FILE), run)
+    record_owner(out)
     return run, ckpt
+
+
+def refuse_other_run(output_dir: str, args) -> None:
+    """A new run (neither --resume nor --overwrite_output_dir) refuses a directory that holds another run's work,
+    naming the process when that run is still going. A run.json alone is a start that stopped before saving
+    anything (a wrong path, say): nothing there to protect."""
+    if args.resume or args.overwrite_output_dir:
+        return
+    found = [name for name in run_files(output_dir) if name != RUN_FILE]
+    if found:
+        owner = lock_holder(output_dir)
+        if owner:
+            raise in_use(output_dir, owner)
+        raise UserError(f"output_dir {output_dir} holds another run ({', '.join(found[:3])}"
+                        f"{', ...' if len(found) > 3 else ''}): pass --resume auto to continue it, "
+                        "--overwrite_output_dir true to delete it first, or choose another output_dir")
 
 
 def run_settings(config: dict) -> dict:
@@ -200,8 +215,9 @@ def clear_run_files(output_dir: str) -> list[str]:
 
 
 def lock_output_dir(output_dir: str) -> None:
-    """An exclusive lock on output_dir/train.lock, which names its owner. The kernel drops it when the owner exits,
-    however it ends (kill -9 included), so the next run takes it over; a run still going keeps everyone out."""
+    """An exclusive lock on output_dir/train.lock. The kernel drops it when the owner exits, however it ends
+    (kill -9 included), so the next run takes it over; a run still going keeps everyone out. The file names its
+    owner (record_owner) once the run has passed its checks."""
     path = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
     if path in _LOCKS:  # this process already holds it (an earlier in-process run)
         return
@@ -212,13 +228,36 @@ def lock_output_dir(output_dir: str) -> None:
         f.seek(0)
         owner = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"output_dir {output_dir} is in use by another run ({owner}, {path}); wait for it "
-                            "to end or choose another output_dir") from None
+        raise in_use(output_dir, owner) from None
+    _LOCKS[path] = f
+
+
+def record_owner(output_dir: str) -> None:
+    """Write this process into the train.lock it holds: who a refused second run is told is using the directory."""
+    f = _LOCKS[os.path.realpath(os.path.join(output_dir, LOCK_FILE))]
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    _LOCKS[path] = f
+
+
+def lock_holder(output_dir: str) -> str | None:
+    """The owner train.lock names while a live process holds it, else None; reading only (a shared lock, tried
+    and released)."""
+    path = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
+    if path in _LOCKS or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+    return None
+
+
+def in_use(output_dir: str, owner: str) -> UserError:
+    return UserError(f"output_dir {output_dir} is in use by another run ({owner}, "
+                     f"{os.path.join(output_dir, LOCK_FILE)}); wait for it to end or choose another output_dir")
 
 
 def release_output_dir(output_dir: str) -> None:

@@ -16,7 +16,6 @@ AutoModelForImageTextToText / AutoProcessor (and vLLM / SGLang, which read the s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -29,9 +28,10 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from conversation import VICUNA_SYSTEM
+from cli import ArgumentParser, UserError, check_new_dir, relative, run
+from conversation import TEMPLATES, VICUNA_SYSTEM
 from model import (CONFIG_NAME, IM_END, IM_START, MiniGemini, ModelArguments, TimmTrunkTower, VisionTower,
-                   merge_lora)
+                   check_export, check_model_ref, merge_lora)
 
 # MGM's released configs name towers and LLMs by local `model_zoo/...` paths; these are the checkpoints they hold.
 MODEL_ZOO = {
@@ -81,16 +81,18 @@ def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision
     src_dir, config, pretrain = read_source_config(src)
     has_aux = bool(config.get("mm_vision_tower_aux"))
     if source == "mgm" and not has_aux:
-        raise ValueError(f"{src_dir / 'config.json'}: no mm_vision_tower_aux, so not a Mini-Gemini checkpoint "
-                         "(a LLaVA one? use from-llava)")
+        raise UserError(f"{src_dir / 'config.json'}: no mm_vision_tower_aux, so not a Mini-Gemini checkpoint "
+                        "(a LLaVA one? use from-llava)")
     if source == "llava" and has_aux:
-        raise ValueError(f"{src_dir / 'config.json'}: mm_vision_tower_aux is set, a Mini-Gemini checkpoint: "
-                         "use from-mgm")
+        raise UserError(f"{src_dir / 'config.json'}: mm_vision_tower_aux is set, a Mini-Gemini checkpoint: "
+                        "use from-mgm")
     args = model_arguments(config, src_dir, vision_tower=vision_tower, vision_tower_aux=vision_tower_aux)
+    for setting in ("vision_tower", "vision_tower_aux"):   # before any weights load
+        check_model_ref(getattr(args, setting), setting)
     aspect = {"pad": "pad", "square": "crop", None: "crop"}.get(config.get("image_aspect_ratio"))
     if aspect is None:
-        raise ValueError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
-                         "supported (pad, or square/absent for MGM's short-side resize and center crop)")
+        raise UserError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
+                        "supported (pad, or square/absent for MGM's short-side resize and center crop)")
     files = weight_files(src_dir, pretrain)
     keys = source_keys(files)
     summary = {"source": str(src_dir), "export": "pretrain" if pretrain else "full"}
@@ -112,16 +114,21 @@ def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision
 def read_source_config(src) -> tuple[Path, dict, bool]:
     """(directory, config.json, is a stage-1 mm_projector.bin)."""
     src = Path(src)
+    if not src.exists():
+        raise UserError(f"src: {src}: no such file or directory{relative(str(src))}")
     src_dir = src.parent if src.is_file() else src
+    if (src_dir / CONFIG_NAME).exists():
+        raise UserError(f"src: {src_dir} is an export of this repo already ({CONFIG_NAME}): eval.py, chat.py and "
+                        "train.py take it as it is; to-llava-hf makes a transformers Llava model of it")
     if not (src_dir / "config.json").exists():
-        raise FileNotFoundError(f"{src_dir}: no config.json (an MGM / LLaVA checkpoint directory has one)")
+        raise UserError(f"{src_dir}: no config.json (an MGM / LLaVA checkpoint directory has one)")
     config = json.loads((src_dir / "config.json").read_text())
     if not config.get("mm_vision_tower"):
-        raise ValueError(f"{src_dir / 'config.json'}: no mm_vision_tower, not a multimodal checkpoint")
+        raise UserError(f"{src_dir / 'config.json'}: no mm_vision_tower, not a multimodal checkpoint")
     pretrain = src.name == "mm_projector.bin" or not _full_weight_files(src_dir)
     if pretrain and not (src_dir / "mm_projector.bin").exists():
-        raise FileNotFoundError(f"{src_dir}: neither model weights (*.safetensors, pytorch_model*.bin) nor "
-                                "mm_projector.bin")
+        raise UserError(f"{src_dir}: neither model weights (*.safetensors, pytorch_model*.bin) nor "
+                        "mm_projector.bin")
     return src_dir, config, pretrain
 
 
@@ -130,11 +137,11 @@ def model_arguments(config: dict, src_dir: Path, *, vision_tower=None, vision_to
     where = src_dir / "config.json"
     projector = config.get("mm_projector_type", "linear")
     if not (projector == "linear" or re.fullmatch(r"mlp\d+x_gelu", projector)):
-        raise ValueError(f"{where}: mm_projector_type {projector!r} is not supported (linear or mlpNx_gelu)")
+        raise UserError(f"{where}: mm_projector_type {projector!r} is not supported (linear or mlpNx_gelu)")
     aux = config.get("mm_vision_tower_aux")
     aux_ref = vision_tower_aux or (hub_id(aux, "mm_vision_tower_aux", where) if aux else None)
     if aux_ref and not (config.get("image_size_aux") and config.get("mm_hidden_size_aux")):
-        raise ValueError(f"{where}: mm_vision_tower_aux is set but image_size_aux / mm_hidden_size_aux are missing")
+        raise UserError(f"{where}: mm_vision_tower_aux is set but image_size_aux / mm_hidden_size_aux are missing")
     image_grid, image_global = int(config.get("image_grid", 1)), bool(config.get("image_global", False))
     return ModelArguments(
         llm="", vision_tower=vision_tower or hub_id(config["mm_vision_tower"], "mm_vision_tower", where),
@@ -153,8 +160,8 @@ def hub_id(path: str, field: str, where) -> str:
         return path
     name = path.split("model_zoo/", 1)[1].strip("/")
     if name not in MODEL_ZOO:
-        raise ValueError(f"{where}: {field} is the local path {path!r}, which maps to no known checkpoint; "
-                         f"pass --{field.removeprefix('mm_')} with its hub id or directory")
+        raise UserError(f"{where}: {field} is the local path {path!r}, which maps to no known checkpoint; "
+                        f"pass --{field.removeprefix('mm_')} with its hub id or directory")
     return MODEL_ZOO[name]
 
 
@@ -179,15 +186,17 @@ def build_pretrain(src_dir, config, files, keys, args, llm_ref, summary):
     from accelerate import init_empty_weights
     base = llm_ref or hub_id(config.get("_name_or_path", ""), "llm", src_dir / "config.json")
     if not base or (base.startswith((".", "/")) and not os.path.isdir(base)):
-        raise ValueError(f"{src_dir / 'config.json'}: the base LLM is {base or 'not named'!r}, not found here; "
-                         "pass --llm (the hub id or directory of the LLM mm_projector.bin was trained on)")
+        raise UserError(f"{src_dir / 'config.json'}: the base LLM is {base or 'not named'!r}, not found here; "
+                        "pass --llm (the hub id or directory of the LLM mm_projector.bin was trained on)")
+    for kind in ("llm", "tokenizer"):
+        check_model_ref(base, "llm", f"the base LLM of {src_dir} (--llm): ", kind=kind)
     args.llm = base
     mm, llm_keys, derived = classify(keys, src_dir)
     embed = [k for k in llm_keys if k.endswith("embed_tokens.weight")]
     others = sorted(set(llm_keys) - set(embed))
     if others:
-        raise ValueError(f"{files[0]}: holds LLM weights besides the embeddings ({others[0]}, ...): not a stage-1 "
-                         "projector file")
+        raise UserError(f"{files[0]}: holds LLM weights besides the embeddings ({others[0]}, ...): not a stage-1 "
+                        "projector file")
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(base)
     with init_empty_weights():           # the LLM is only referenced by a pretrain export: no need for its weights
@@ -198,17 +207,17 @@ def build_pretrain(src_dir, config, files, keys, args, llm_ref, summary):
     state = model.state_dict()
     if im_ids:
         if not embed:
-            raise ValueError(f"{files[0]}: mm_use_im_start_end is set but model.embed_tokens.weight (the rows of "
-                             "<im_start>/<im_end>) is missing")
+            raise UserError(f"{files[0]}: mm_use_im_start_end is set but model.embed_tokens.weight (the rows of "
+                            "<im_start>/<im_end>) is missing")
         rows = load_tensors(files, embed)[embed[0]]
         if rows.shape[0] <= max(im_ids):
-            raise ValueError(f"{files[0]}: {embed[0]} has {rows.shape[0]} rows, fewer than the tokenizer with "
-                             f"<im_start>/<im_end> needs ({max(im_ids) + 1})")
+            raise UserError(f"{files[0]}: {embed[0]} has {rows.shape[0]} rows, fewer than the tokenizer with "
+                            f"<im_start>/<im_end> needs ({max(im_ids) + 1})")
         embed_name = next(n for n, p in model.named_parameters() if p is llm.get_input_embeddings().weight)
         state[embed_name] = rows.to(dtype)
         summary["embed_tokens"] = "rows of <im_start>/<im_end> kept; the other (frozen) rows are the base LLM's"
     elif embed:
-        raise ValueError(f"{files[0]}: holds {embed[0]} but mm_use_im_start_end is off: unexpected for stage 1")
+        raise UserError(f"{files[0]}: holds {embed[0]} but mm_use_im_start_end is off: unexpected for stage 1")
     summary.update(derived_buffers_skipped=len(derived))
     return model, tokenizer, state
 
@@ -226,24 +235,24 @@ def assemble(args, llm, mm: dict, files, dtype, im_ids, src_dir, summary, towers
     for ours, key in mm.items():
         ours = _in_model(ours, own)
         if ours not in own:
-            raise ValueError(f"{src_dir}: {key} has no place in this model (no {ours}; check mm_projector_type, "
-                             "the towers and the config)")
+            raise UserError(f"{src_dir}: {key} has no place in this model (no {ours}; check mm_projector_type, "
+                            "the towers and the config)")
         tensor = tensors[key]
         if tensor.shape != own[ours].shape:
-            raise ValueError(f"{src_dir}: {key} has shape {tuple(tensor.shape)}, the model built from config.json "
-                             f"and the towers expects {tuple(own[ours].shape)}")
+            raise UserError(f"{src_dir}: {key} has shape {tuple(tensor.shape)}, the model built from config.json "
+                            f"and the towers expects {tuple(own[ours].shape)}")
         if ours.startswith("vision_tower"):
             if towers_must_match:
                 if not torch.equal(tensor, own[ours].to(tensor.dtype)):
-                    raise ValueError(f"{src_dir}: {key} differs from the tower checkpoint; pass the tower these "
-                                     "weights were trained with (--vision_tower / --vision_tower_aux)")
+                    raise UserError(f"{src_dir}: {key} differs from the tower checkpoint; pass the tower these "
+                                    "weights were trained with (--vision_tower / --vision_tower_aux)")
                 towers_equal += 1
                 continue
             towers_from_source += 1
         new[ours] = tensor.to(dtype)
     missing = [k for k in own if k.startswith(("projector.", "mining.")) and k not in new]
     if missing:
-        raise ValueError(f"{src_dir}: {source_name(missing[0])} is missing (needed for {missing[0]})")
+        raise UserError(f"{src_dir}: {source_name(missing[0])} is missing (needed for {missing[0]})")
     model.load_state_dict(new, strict=False)
     summary.update(projector=sum(k.startswith("projector.") for k in new),
                    mining=sum(k.startswith("mining.") for k in new), tower_tensors_from_source=towers_from_source,
@@ -266,8 +275,8 @@ def classify(keys: list[str], src_dir) -> tuple[dict, list, list]:
                 break
         else:
             if key.startswith(MM_PREFIXES):
-                raise ValueError(f"{src_dir}: unknown multimodal weight {key} (not a projector, mining or tower "
-                                 "weight this script knows)")
+                raise UserError(f"{src_dir}: unknown multimodal weight {key} (not a projector, mining or tower "
+                                "weight this script knows)")
             llm_keys.append(key)
     return mm, llm_keys, derived
 
@@ -299,8 +308,8 @@ def load_source_llm(src_dir: Path, config: dict, files, not_llm: set, dtype, tmp
     try:
         AutoConfig.for_model(family)
     except ValueError:
-        raise ValueError(f"{src_dir / 'config.json'}: model_type {model_type!r} is no LLM family transformers "
-                         f"knows (MGM / LLaVA classes: {sorted(LLM_TYPES)})") from None
+        raise UserError(f"{src_dir / 'config.json'}: model_type {model_type!r} is no LLM family transformers "
+                        f"knows (MGM / LLaVA classes: {sorted(LLM_TYPES)})") from None
     for f in files + [p for p in src_dir.iterdir() if p.name.endswith(".index.json")]:
         os.symlink(f.resolve(), tmp / f.name)
     (tmp / "config.json").write_text(json.dumps(llm_config))
@@ -311,13 +320,13 @@ def load_source_llm(src_dir: Path, config: dict, files, not_llm: set, dtype, tmp
     finally:
         logging.set_verbosity(verbosity)
     if info.get("mismatched_keys"):
-        raise ValueError(f"{src_dir}: {info['mismatched_keys'][0]} does not fit the LLM's config (shape mismatch)")
+        raise UserError(f"{src_dir}: {info['mismatched_keys'][0]} does not fit the LLM's config (shape mismatch)")
     if info["missing_keys"]:
-        raise ValueError(f"{src_dir}: the LLM weight {sorted(info['missing_keys'])[0]} is missing "
-                         f"({len(info['missing_keys'])} missing)")
+        raise UserError(f"{src_dir}: the LLM weight {sorted(info['missing_keys'])[0]} is missing "
+                        f"({len(info['missing_keys'])} missing)")
     extra = sorted(set(info["unexpected_keys"]) - not_llm)
     if extra:
-        raise ValueError(f"{src_dir}: {extra[0]} is neither a weight of the {family} LLM nor a multimodal weight")
+        raise UserError(f"{src_dir}: {extra[0]} is neither a weight of the {family} LLM nor a multimodal weight")
     generation = src_dir / "generation_config.json"
     if generation.exists():
         from transformers import GenerationConfig
@@ -332,8 +341,8 @@ def add_im_tokens(tokenizer, llm, args, src_dir) -> list[int] | None:
     if args.mm_use_im_start_end:
         tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
     if len(tokenizer) > rows:
-        raise ValueError(f"{src_dir}: the tokenizer has {len(tokenizer)} tokens but the embeddings only {rows} rows "
-                         "(tokens without a trained row)")
+        raise UserError(f"{src_dir}: the tokenizer has {len(tokenizer)} tokens but the embeddings only {rows} rows "
+                        "(tokens without a trained row)")
     return tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if args.mm_use_im_start_end else None
 
 
@@ -394,7 +403,7 @@ def _load_pickle(path) -> dict:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise UserError(f"{path}: not a state dict of tensors")
     return state
 
 
@@ -414,10 +423,7 @@ def to_llava_hf(src, dst) -> dict:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
-    if not (src / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"{src}: no {CONFIG_NAME}, not an export of this repo (an MGM / LLaVA checkpoint "
-                                "converts with from-mgm / from-llava first)")
-    meta = json.loads((src / CONFIG_NAME).read_text())
+    meta = check_export(src, "src")
     refuse_for_llava(meta, src)
     model = merge_lora(MiniGemini.from_pretrained(src, bits=16))
     settings = yaml.safe_load((src / "train_config.yaml").read_text()) if (src / "train_config.yaml").exists() else {}
@@ -471,7 +477,7 @@ def refuse_for_llava(meta: dict, src: Path) -> None:
     if args.get("attention") == "mmca":
         reasons.append("attention 'mmca': transformers' LLMs use ordinary causal attention")
     if reasons:
-        raise ValueError(f"{src} cannot become a transformers Llava model: " + "; ".join(reasons))
+        raise UserError(f"{src} cannot become a transformers Llava model: " + "; ".join(reasons))
 
 
 def add_image_token(tokenizer, llm) -> int:
@@ -522,7 +528,7 @@ def llava_processor(model, tokenizer, aspect: str, strategy: str, cls: int, chat
     elif aspect == "resize":
         images = LlavaImageProcessor(size={"height": side, "width": side}, do_center_crop=False, do_pad=False, **kw)
     else:
-        raise ValueError(f"image_aspect_ratio {aspect!r}: pad, crop or resize")
+        raise UserError(f"image_aspect_ratio {aspect!r}: pad, crop or resize")
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer,
                           patch_size=model.vision_tower.model.config.patch_size,
                           vision_feature_select_strategy=strategy, num_additional_image_tokens=cls,
@@ -535,7 +541,7 @@ def llava_chat_template(template: str, tokenizer, src) -> str:
     if template == "auto":
         return tokenizer.chat_template
     if template not in CHAT_TEMPLATES:
-        raise ValueError(f"{src}: no Jinja chat template for {template!r} yet ({sorted(CHAT_TEMPLATES)} or auto)")
+        raise UserError(f"{src}: no Jinja chat template for {template!r} yet ({sorted(CHAT_TEMPLATES)} or auto)")
     return CONTENT_MACRO + CHAT_TEMPLATES[template]
 
 
@@ -592,22 +598,24 @@ CHAT_TEMPLATES = {
 
 # =============================================================================================================
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("from-mgm", "an MGM checkpoint or mm_projector.bin -> our export"),
                             ("from-llava", "a LLaVA-1.5 checkpoint or mm_projector.bin -> our export")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("src")
-        p.add_argument("dst")
+        p.add_argument("src", help="the checkpoint directory (config.json + weights), or its mm_projector.bin")
+        p.add_argument("dst", help="a new (or empty) directory for the export")
         p.add_argument("--vision_tower", help="LR tower (hub id or dir); default: from config.json")
         if name == "from-mgm":
             p.add_argument("--vision_tower_aux", help="HR tower (hf-hub:... or dir); default: from config.json")
         p.add_argument("--llm", help="the base LLM of an mm_projector.bin (hub id or dir)")
-        p.add_argument("--template", help="chat template recorded for eval/chat (default: the family's)")
+        p.add_argument("--template", choices=sorted(TEMPLATES),
+                       help="chat template recorded for eval/chat (default: the family's)")
     p = sub.add_parser("to-llava-hf", help="our export without an HR tower -> transformers' Llava directory")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="an export of this repo without an HR tower (vision_tower_aux: null)")
+    p.add_argument("dst", help="a new (or empty) directory for the Llava model")
     a = parser.parse_args(argv)
+    check_new_dir(a.dst, "dst")
     if a.command == "to-llava-hf":
         summary = to_llava_hf(a.src, a.dst)
     else:
@@ -619,4 +627,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "convert.py")

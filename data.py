@@ -6,7 +6,6 @@ tokenization and label masking last.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import bisect
 import ctypes
@@ -29,7 +28,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 
-from conversation import ConversationError, Segment, Template, get_template, normalize_messages
+from cli import ArgumentParser, UserError, check_path, field_comments, int_at_least, relative, run
+from conversation import TEMPLATES, ConversationError, Segment, Template, get_template, normalize_messages
 
 IGNORE_INDEX = -100        # label value the loss ignores
 IMAGE_TOKEN_INDEX = -200   # one placeholder id per image; the model splices the image features there
@@ -63,6 +63,8 @@ class BadSample(ValueError):
 # Reasons are str(BadSample): "<kind>: <detail>", the kind named where the problem is found; reason_kind reads it back.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+RECORD_EXTENSIONS = (".json", ".jsonl", ".parquet")                # besides saved `datasets` directories
+ASPECT_RATIOS = ("pad", "resize", "crop")                          # DataArguments.image_aspect_ratio
 
 RECORD_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -80,15 +82,15 @@ class DataArguments:
     data_path: str                      # LLaVA JSON/JSONL, parquet, or a datasets directory; several joined by ","
     image_folder: str = "."             # image, frame and video-folder paths are relative to this
     template: str = "vicuna_v1"         # a name from conversation.py, or "auto" for the tokenizer's chat template
-    image_aspect_ratio: str = "pad"     # "pad": pad to square with the mean colour; "resize": stretch to square;
-    #                                     "crop": short side resized, center crop (MGM's stage-1 default, 'square')
-    max_length: int = 2048              # LLM positions, each image counted as tokens_per_image
+    image_aspect_ratio: str = "pad"     # pad: to square with the mean colour; resize: stretch to square;
+    #                                     crop: short side resized, center crop (MGM's stage-1 default, 'square')
+    max_length: int = 2048              # LLM positions per sample, each image counted as tokens_per_image
     num_frames: int = 8                 # frames sampled uniformly from each video
-    bad_sample: str = "skip"            # "skip": drop, count and log; "error": stop at once naming the record
-    group_by_modality_length: bool = True
+    bad_sample: str = "skip"            # skip: drop, count and log an unusable record; error: stop naming it
+    group_by_modality_length: bool = True  # batches of one modality (image or text-only) and similar lengths
     max_image_pixels: int = 89_478_485  # bigger images are rejected as decompression bombs (Pillow's own limit)
-    cache_dir: str | None = None        # datasets cache for the normalized records (default: HF_DATASETS_CACHE)
-    num_proc: int | None = None         # processes for normalizing sources and measuring lengths (packing)
+    cache_dir: str | None = None        # datasets cache for the normalized records (none: HF_DATASETS_CACHE)
+    num_proc: int | None = None         # processes normalizing sources and measuring lengths (packing); none: one
     packing: bool = False               # whole samples packed into rows of max_length; a batch is then B rows
     # Image sizes, grid and mean/std are not here: they come from the model (model.image_settings()).
 
@@ -102,10 +104,10 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     With data_args.packing the exact length of every record is measured here (once; cached), so that under
     accelerator.main_process_first() one process does the work and the others read the cache."""
     if data_args.bad_sample not in ("skip", "error"):
-        raise ValueError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
+        raise UserError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
     if image_settings is not None and data_args.max_length <= tokens_per_image:
-        raise ValueError(f"max_length={data_args.max_length} cannot hold one image ({tokens_per_image} positions): "
-                         "every image record would be skipped as too long")
+        raise UserError(f"max_length {data_args.max_length} cannot hold one image ({tokens_per_image} positions): "
+                        "every image record would be skipped as too long")
     check_template(data_args.template, tokenizer)
     records = load_records(data_args.data_path, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc)
     processor = None
@@ -117,13 +119,31 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     return dataset
 
 
+def check_data_path(data_path: str, setting: str = "data_path") -> None:
+    """Every source of data_path (several joined by ",") exists and is a form load_records reads: a UserError
+    naming the setting and the source otherwise."""
+    for path in (p.strip() for p in data_path.split(",")):
+        if not path:
+            continue
+        if not os.path.exists(path):
+            raise UserError(f"{setting}: {path}: no such file or directory{relative(path)}")
+        if os.path.isdir(path):
+            saved = [os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")]
+            if not any(saved):
+                raise UserError(f"{setting}: {path} is a directory but not a saved datasets one (no state.json / "
+                                "dataset_dict.json from save_to_disk); name the record files in it")
+        elif not path.endswith(RECORD_EXTENSIONS):
+            raise UserError(f"{setting}: {path} is not a {' / '.join(RECORD_EXTENSIONS)} file (nor a saved datasets "
+                            "directory)")
+
+
 def check_template(template: str, tokenizer) -> None:
     """Fail at start, not as a skip of every record, when the template cannot render with this tokenizer."""
     probe = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A test."}]
     try:
         tokenize_conversation(probe, tokenizer, template)
     except (BadSample, KeyError) as e:
-        raise ValueError(f"template {template!r} does not work with this tokenizer: {e}") from None
+        raise UserError(f"template {template!r} does not work with this tokenizer: {e}") from None
 
 
 def build_sampler(dataset: SupervisedDataset, data_args: DataArguments, batch_size: int, *, num_replicas: int = 1,
@@ -166,8 +186,10 @@ def _load_source(path: str, cache_dir: str | None, num_proc: int | None) -> data
                             "converter": converter_fingerprint()})
         except datasets.exceptions.DatasetGenerationError as e:   # its own message names neither file nor cause
             cause = e.__cause__
-            raise ValueError(f"{path}: not a valid JSON array of records ({cause})" if isinstance(
-                cause, json.JSONDecodeError) else f"{path}: {cause or e}") from e
+            if isinstance(cause, (json.JSONDecodeError, UserError)):   # the file's fault, not ours
+                raise UserError(f"{path}: not a valid JSON array of records ({cause})" if isinstance(
+                    cause, json.JSONDecodeError) else f"{path}: {cause}") from e
+            raise ValueError(f"{path}: {cause or e}") from e
         return ds
     elif path.endswith(".parquet"):
         ds = datasets.Dataset.from_parquet(path, cache_dir=cache_dir)
@@ -193,7 +215,7 @@ def _json_records(path: str, stamp: str, converter: str):
         if head.startswith("["):   # a JSON array is parsed whole, once, in this process; then it lives in Arrow
             records = json.load(f)
             if not records:
-                raise ValueError("holds no records")   # load_records names the file
+                raise UserError("holds no records")   # load_records names the file
             for i, record in enumerate(records):
                 yield _normalize_record(record, f"{source}:{i}")
             return
@@ -208,7 +230,7 @@ def _json_records(path: str, stamp: str, converter: str):
                 record = {"id": f"{source}:{line_no}", "_problem": f"malformed record: invalid JSON ({e})"}
             yield _normalize_record(record, f"{source}:{line_no}")
         if not found:
-            raise ValueError("holds no records")
+            raise UserError("holds no records")
 
 
 def _normalize_batch(batch: dict, indices: list[int], source: str, converter: str) -> dict:
@@ -315,8 +337,8 @@ class ImageProcessor:
         for name, mine, aux in (("mean", image_mean, image_mean_aux), ("std", image_std, image_std_aux)):
             if aux is not None and not np.allclose(mine, aux, atol=1e-4):
                 raise ValueError(f"vision towers disagree on image {name}: {list(mine)} vs {list(aux)}")
-        if aspect_ratio not in ("pad", "resize", "crop"):
-            raise ValueError(f"image_aspect_ratio must be 'pad', 'resize' or 'crop', not {aspect_ratio!r}")
+        if aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, not {aspect_ratio!r}")
         self.image_size, self.image_size_aux = image_size, image_size_aux
         self.grid, self.use_global, self.aspect_ratio = image_grid, image_global, aspect_ratio
         self.mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
@@ -789,20 +811,29 @@ def check(data_path: str, tokenizer, template: str, *, image_folder: str = ".", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="data.py", description="Mini-Gemini data tools")
+    notes = field_comments(DataArguments)   # the options that are DataArguments fields are explained as there
+    parser = ArgumentParser(prog="data.py", description="Mini-Gemini data tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    c = commands.add_parser("check", help="validate every record and summarise")
-    c.add_argument("data", help="JSON/JSONL/parquet/datasets dir; several joined by ','")
-    c.add_argument("--image_folder", default=".")
-    c.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    c.add_argument("--template", required=True, help="conversation template name")
-    c.add_argument("--max_length", type=int, default=2048)
-    c.add_argument("--tokens_per_image", type=int, default=576, help="LLM positions per image (HD: 5 * 576)")
-    c.add_argument("--num_frames", type=int, default=8)
-    c.add_argument("--max_image_pixels", type=int, default=89_478_485)
-    c.add_argument("--num_workers", type=int, default=2)
-    c.add_argument("--cache_dir", default=None)
+    c = commands.add_parser("check", help="validate every record and summarise (exit status 1 if any is unusable)")
+    c.add_argument("data", help=notes["data_path"])
+    c.add_argument("--image_folder", default=".", help=notes["image_folder"] + " (default: %(default)s)")
+    c.add_argument("--tokenizer", required=True, help="the LLM's tokenizer: a directory or a hub name")
+    c.add_argument("--template", required=True, choices=sorted(TEMPLATES), help=notes["template"])
+    c.add_argument("--max_length", type=int_at_least(1), default=2048,
+                   help=notes["max_length"] + " (default: %(default)s)")
+    c.add_argument("--tokens_per_image", type=int_at_least(1), default=576,
+                   help="LLM positions per image (default: %(default)s, CLIP-L/336; HD: 5 * 576)")
+    c.add_argument("--num_frames", type=int_at_least(1), default=8,
+                   help=notes["num_frames"] + " (default: %(default)s)")
+    c.add_argument("--max_image_pixels", type=int_at_least(1), default=89_478_485, help=notes["max_image_pixels"])
+    c.add_argument("--num_workers", type=int_at_least(0), default=2,
+                   help="processes decoding the images (default: %(default)s; 0: this one)")
+    c.add_argument("--cache_dir", default=None, help=notes["cache_dir"])
     a = parser.parse_args(argv)
+    check_data_path(a.data, "data")
+    check_path(a.image_folder, "--image_folder", "dir")
+    from model import check_model_ref
+    check_model_ref(a.tokenizer, "--tokenizer", kind="tokenizer")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     return check(a.data, tokenizer, a.template, image_folder=a.image_folder, max_length=a.max_length,
@@ -983,4 +1014,4 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_le
 
 if __name__ == "__main__":
     import data   # run as the module `data`: its functions then hash alike, so `check` and training share the cache
-    sys.exit(data.main())
+    sys.exit(run(data.main, "data.py"))

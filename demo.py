@@ -21,7 +21,6 @@ Everything generated goes under demo_data/ and runs/ (both ignored by git). Ever
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import cli
 
 REPO = Path(__file__).resolve().parent
 COLORS = {"red": (220, 30, 30), "green": (40, 160, 50), "blue": (30, 70, 220), "yellow": (235, 205, 30),
@@ -47,21 +48,21 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 class DemoArguments:
     data_dir: str = "demo_data"        # images, records and the tiny base checkpoints
     output_dir: str = "runs/demo"      # pretrain/ and finetune/ exports (+ their training runs)
-    pretrain_images: int = 3000        # one caption each
-    finetune_images: int = 6000        # one question each, or both (a follow-up) in half of them
-    test_images: int = 200             # held out: both questions each
+    pretrain_images: int = 3000        # stage-1 images, one caption each
+    finetune_images: int = 6000        # stage-2 images, one question each, or both (a follow-up) in half of them
+    test_images: int = 200             # held-out images for eval.py, both questions each
     stage0_images: int = 6000          # stage 0: the ConvNeXt's own classifier images (drawn apart from the splits)
-    stage0_steps: int = 2000           # batches of 64
+    stage0_steps: int = 2000           # stage 0: steps of 64 images (0: the high-res tower stays random)
     seed: int = 0                      # data, initial weights, stage 0 and both train.py stages
-    pretrain_overrides: str = ""       # extra "--field value" options for train.py (the test shortens the runs)
-    finetune_overrides: str = ""
+    pretrain_overrides: str = ""       # extra "--field value" options for train.py's stage 1 (the test shortens it)
+    finetune_overrides: str = ""       # the same for stage 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in vars(DemoArguments()).items():
-        parser.add_argument(f"--{name}", type=type(default), default=default)
-    args = DemoArguments(**vars(parser.parse_args(argv)))
+    parser = cli.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    cli.add_settings(parser, DemoArguments, "demo")
+    args = cli.settings_from(parser.parse_args(argv), DemoArguments)
+    check_args(args)
     quiet_deepspeed()
     data_dir, out = Path(args.data_dir), Path(args.output_dir)
     start = time.time()
@@ -86,6 +87,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
           f"  python chat.py --model {out / 'finetune'} --image {image}     # a conversation in the terminal\n"
           f"  {web}     # the web chat: open http://127.0.0.1:7860 (installs requirements-web.txt)")
+
+
+def check_args(args: DemoArguments) -> None:
+    """What would otherwise stop the demo minutes in: counts, directories that are files, train.py overrides."""
+    for name, low in (("pretrain_images", 1), ("finetune_images", 1), ("test_images", 1), ("stage0_images", 1),
+                      ("stage0_steps", 0)):   # 0 steps: the high-res tower stays random
+        if getattr(args, name) < low:
+            raise cli.UserError(f"--{name}: {getattr(args, name)} is out of range, allowed: >= {low}")
+    for name in ("data_dir", "output_dir"):
+        if os.path.isfile(getattr(args, name)):
+            raise cli.UserError(f"--{name}: {getattr(args, name)} is a file; name a directory")
+    for stage in ("pretrain", "finetune"):
+        overrides = getattr(args, f"{stage}_overrides").split()
+        if overrides:   # checked the way train.py checks them, before stage 0's minutes
+            import train
+            try:
+                recipe = str(REPO / "recipes" / f"demo_{stage}.yaml")
+                model_args, data_args, train_args = train.parse_args([recipe, *overrides])
+                train.check_args(model_args, train_args, data_args)
+            except cli.UserError as e:
+                raise cli.UserError(f"--{stage}_overrides: {e}") from None
 
 
 # ---- 1. Data ---------------------------------------------------------------------------------------------------------
@@ -402,8 +424,12 @@ def seed(args: DemoArguments) -> list[str]:
 
 
 def run(cmd: list[str]) -> None:
-    print("$ " + shlex.join(["python", *map(str, cmd[1:])]), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    """Run one step; a failed step ends the demo with one line (the step has said why, above)."""
+    shown = shlex.join(["python", *map(str, cmd[1:])])
+    print("$ " + shown, flush=True)
+    status = subprocess.run(cmd, cwd=REPO).returncode
+    if status:
+        raise cli.UserError(f"this step failed (exit status {status}; its output is above): {shown}", status=1)
 
 
 def step(n: int, title: str) -> None:
@@ -411,4 +437,4 @@ def step(n: int, title: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "demo.py")

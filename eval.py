@@ -15,7 +15,6 @@ are written even when the run stops early. The exit status is 1 when more than -
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -29,7 +28,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from conversation import ConversationError
+from cli import ArgumentParser, UserError, check_path, fraction, int_at_least, run
+from conversation import TEMPLATES, ConversationError
 from data import BadSample, ImageProcessor, load_image, tokenize_prompt
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -37,18 +37,26 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")   # stop 
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export directory (full, pretrain or LoRA)")
     parser.add_argument("--data", required=True, help="LLaVA JSON/JSONL with single-turn questions and answers")
-    parser.add_argument("--image_folder", default=".")
+    parser.add_argument("--image_folder", default=".", help="image paths are relative to this (default: %(default)s)")
     parser.add_argument("--output", default=None, help="predictions JSONL (default: MODEL/predictions_<data>.jsonl)")
     parser.add_argument("--template", default=None, help="default: the template the model was trained with")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
-    parser.add_argument("--max_skip_fraction", type=float, default=0.0,
-                        help="exit with status 1 when more of the records than this were skipped as unusable")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=32,
+                        help="questions answered together (default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=int_at_least(1), default=16,
+                        help="answer length limit in tokens (default: %(default)s)")
+    parser.add_argument("--limit", type=int_at_least(0), default=0,
+                        help="evaluate only the first N questions (default: 0, all)")
+    parser.add_argument("--max_skip_fraction", type=fraction, default=0.0,
+                        help="exit with status 1 when more of the records than this were skipped as unusable "
+                             "(default: %(default)s)")
     a = parser.parse_args(argv)
+    check_path(a.data, "--data")
+    check_path(a.image_folder, "--image_folder", "dir")
+    if a.output and os.path.isdir(a.output):
+        raise UserError(f"--output: {a.output} is a directory; name the predictions file")
     from tqdm import tqdm
 
     skipped = []                                     # (record id, why)
@@ -105,11 +113,11 @@ def load_questions(path: str, skipped: list | None = None) -> list[Question]:
         try:
             records = [(f"{name}:{i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise UserError(f"{path}: not valid JSON ({e})") from None
     else:
         records = [(f"{name}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not records:
-        raise ValueError(f"{path}: holds no records")
+        raise UserError(f"{path}: holds no records")
     questions = []
     for fallback_id, r in records:
         try:
@@ -117,7 +125,7 @@ def load_questions(path: str, skipped: list | None = None) -> list[Question]:
         except (ValueError, TypeError, AttributeError) as e:
             why = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
             if skipped is None:
-                raise ValueError(f"{path}: record {fallback_id}: {why}") from None
+                raise UserError(f"{path}: record {fallback_id}: {why}") from None
             skipped.append((fallback_id, why))
     return questions
 
@@ -159,17 +167,21 @@ def load_for_inference(model_dir: str, template: str | None = None, device: str 
     model itself (model.image_settings()), so the input is prepared exactly as in training."""
     from transformers import AutoTokenizer
 
-    from model import MiniGemini, check_tokenizer_dir
+    from model import MiniGemini, check_export, check_model_ref
+    check_export(model_dir, "--model")
+    check_model_ref(model_dir, "--model", kind="tokenizer")
+    if template is not None and template not in TEMPLATES:
+        raise UserError(f"--template: {template!r} is none of {' | '.join(sorted(TEMPLATES))}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config_path = Path(model_dir, "train_config.yaml")
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
     dtype = None if device != "cpu" else "float32"     # half precision is slow (or unsupported) on CPU
-    check_tokenizer_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = template or config.get("template") or ("auto" if tokenizer.chat_template else None)
     if template is None:  # a wrong template answers badly without any error: never guess one
-        raise ValueError(f"{model_dir} names no template (no train_config.yaml with a template, no chat template in "
-                         "its tokenizer): pass --template with the one it was trained with (e.g. plain, vicuna_v1)")
+        raise UserError(f"--model: {model_dir} names no template (no train_config.yaml with a template, no chat "
+                        "template in its tokenizer): pass --template with the one it was trained with (e.g. plain, "
+                        "vicuna_v1)")
     model = MiniGemini.from_pretrained(model_dir, dtype=dtype, device=device if device != "cpu" else None)
     model.to(device).eval()
     processor = ImageProcessor(**model.image_settings(), aspect_ratio=config.get("image_aspect_ratio", "pad"))
@@ -250,4 +262,4 @@ class Answerer:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "eval.py")

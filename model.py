@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -28,12 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import is_offline_mode
 from safetensors.torch import load_file, save_file
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           DynamicCache)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from cli import ArgumentParser, UserError, check_new_dir, check_path, relative, run
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
@@ -50,26 +51,27 @@ FULL_WEIGHTS = "model.safetensors"         # full exports: towers, mining, proje
 
 @dataclass
 class ModelArguments:
-    llm: str = "lmsys/vicuna-7b-v1.5"                    # any causal LM: local dir or hub name
-    vision_tower: str = "openai/clip-vit-large-patch14-336"  # transformers CLIP or SigLIP checkpoint
+    llm: str = "lmsys/vicuna-7b-v1.5"    # the language model: any causal LM, a local directory or a hub name
+    vision_tower: str = "openai/clip-vit-large-patch14-336"  # low-res tower: a transformers CLIP or SigLIP checkpoint
     vision_tower_aux: str | None = "hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
-    # ^ OpenCLIP ConvNeXt (dir with open_clip_config.json, or hf-hub:) or any timm trunk with stem + stages or
-    #   ResNet's layers (dir with config.json, or hf-hub:timm/...); None = plain LLaVA (no HR tower, no mining)
-    random_init: bool = False            # build every part from its config only (tests, benchmarks)
-    projector: str = "mlp2x_gelu"        # linear | mlp{N}x_gelu | perceiver | vit, or pool2x_ before one
-    perceiver_queries: int = 64          # perceiver: image tokens per view
-    projector_heads: int = 8             # perceiver / vit attention heads
-    mm_vision_select_layer: int = -2
-    mm_vision_select_feature: str = "patch"   # patch | cls_patch
-    mm_use_im_start_end: bool = False    # wrap each image's features in <im_start> ... <im_end>
-    image_size_aux: int = 768            # HR input side (1536 for HD)
-    image_grid: int = 1                  # 2 for HD: 2x2 LR crops
+    #   high-res tower: an OpenCLIP ConvNeXt (a directory with open_clip_config.json, or hf-hub:) or any timm trunk
+    #   with stem + stages or ResNet's layers (a directory with config.json, or hf-hub:timm/...); none: plain LLaVA
+    #   (no high-res tower, no patch info mining)
+    random_init: bool = False            # build every part from its config alone, no weights (tests, benchmarks)
+    projector: str = "mlp2x_gelu"        # maps image features to the LLM's width (vision.py)
+    perceiver_queries: int = 64          # perceiver projector: image tokens per view
+    projector_heads: int = 8             # perceiver / vit projector: attention heads
+    mm_vision_select_layer: int = -2     # the low-res tower's hidden layer that feeds the projector
+    mm_vision_select_feature: str = "patch"   # patch: drop the CLS token; cls_patch: keep it
+    mm_use_im_start_end: bool = False    # wrap each image's features in <im_start> ... <im_end> tokens
+    image_size_aux: int = 768            # high-res input side in pixels (1536 for HD)
+    image_grid: int = 1                  # low-res crops per side: 2 for HD (2x2 crops)
     image_global: bool = False           # HD: add the whole image as a global view, first
-    attention: str = "sdpa"              # sdpa | eager | mmca
-    bits: int = 16                       # 16 | 8 | 4: the LLM alone is quantized (QLoRA)
-    dtype: str = "bfloat16"
-    gradient_checkpointing: bool = False
-    pretrained_mm_path: str | None = None    # a pretrain export to take projector + mining from
+    attention: str = "sdpa"              # the LLM's attention: transformers' sdpa or eager, or mmca (DS-VisualChat)
+    bits: int = 16                       # 8 or 4: the LLM alone is loaded quantized (QLoRA, needs tune: qlora)
+    dtype: str = "bfloat16"              # the dtype the weights are loaded in (trainable ones train in float32)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    pretrained_mm_path: str | None = None    # a pretrain export to take projector + mining weights from
 
 
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
@@ -323,9 +325,7 @@ class MiniGemini(nn.Module):
         """Load an export. Full exports need nothing else; pretrain / LoRA exports also load their base
         checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings."""
         path = Path(path)
-        if not (path / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{path} is not a Mini-Gemini export (no {CONFIG_NAME})")
-        meta = json.loads((path / CONFIG_NAME).read_text())
+        meta = check_export(path)
         if meta["export"] != "full":  # the base checkpoints a pretrain / LoRA export builds on must be reachable
             for setting in ("llm", "vision_tower", "vision_tower_aux"):
                 check_model_ref(meta["args"].get(setting), setting, f"{path / CONFIG_NAME} refers to it: ")
@@ -457,6 +457,14 @@ def merge_lora_export(src, dst, dtype=None):
 # =============================================================================================================
 REF_SETTINGS = ("llm", "vision_tower", "vision_tower_aux")   # the base checkpoints an export refers to
 TOKENIZER_VOCABULARY = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# What a local checkpoint must hold for each use (one of these files) and what it then is; the loaders read them.
+CHECKPOINT_KINDS = {
+    "llm": (("config.json",), "a transformers causal LM checkpoint"),
+    "vision_tower": (("config.json",), "a transformers CLIP / SigLIP checkpoint"),
+    "vision_tower_aux": (("open_clip_config.json", "config.json"), "an OpenCLIP or timm checkpoint"),
+    "pretrained_mm_path": ((MM_WEIGHTS,), "a pretrain export"),
+    "tokenizer": (TOKENIZER_VOCABULARY, "a tokenizer: copy the tokenizer files of the base LLM there"),
+}
 
 
 def is_local_path(ref: str) -> bool:
@@ -464,11 +472,47 @@ def is_local_path(ref: str) -> bool:
     return not ref.startswith("hf-hub:") and (ref.startswith(("/", ".", "~")) or ref.count("/") > 1)
 
 
-def check_model_ref(ref: str | None, setting: str, context: str = "") -> None:
-    """A missing local checkpoint is named as such, not reported by the hub client as a malformed repo id."""
-    if ref and is_local_path(ref) and not os.path.exists(os.path.expanduser(ref)):
-        raise FileNotFoundError(f"{context}{setting}: {ref} does not exist (a local path, relative to {os.getcwd()}; "
-                                "a hub name has the form org/name)")
+def check_model_ref(ref: str | None, setting: str, context: str = "", kind: str | None = None) -> None:
+    """A checkpoint reference is an existing local path holding what `kind` (default: the setting) needs, or a hub
+    name; offline (HF_HUB_OFFLINE=1), one in the cache. Anything else is a UserError naming the setting, never the
+    hub client's "Repo id must be in the form ..." or a failed connection."""
+    if not ref:
+        return
+    kind = kind or setting
+    files, what = CHECKPOINT_KINDS[kind]
+    path = os.path.expanduser(ref)
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, name)) for name in files):
+            raise UserError(f"{context}{setting}: {ref} holds no {' / '.join(files[:3])}, so it is not {what}")
+    elif os.path.exists(path):
+        if kind != "pretrained_mm_path":   # the one that may name its weights file itself
+            raise UserError(f"{context}{setting}: {ref} is a file; name a checkpoint directory or a hub name")
+    elif is_local_path(ref):
+        raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}")
+    elif setting == "vision_tower_aux" and "/" not in ref:
+        return      # a timm / OpenCLIP architecture name: timm resolves it
+    elif is_offline_mode() and not in_hub_cache(ref.removeprefix("hf-hub:")):
+        raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}, and not a hub name in the "
+                        "cache (HF_HUB_OFFLINE=1)")
+
+
+def in_hub_cache(name: str) -> bool:
+    """Whether the hub model `name` has a snapshot in the local Hugging Face cache (what offline loading reads)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+    snapshots = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type="model"), "snapshots")
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def check_export(path, option: str = "") -> dict:
+    """An export of this repo: its mgm_config.json; anything else is a UserError naming `option`."""
+    check_path(str(path), option, "dir")
+    config = Path(path, CONFIG_NAME)
+    if not config.exists():
+        raise UserError(f"{option + ': ' if option else ''}{path} is not a Mini-Gemini export (no {CONFIG_NAME}): "
+                        "train.py writes one to <output_dir>/export, convert.py makes one from an MGM / LLaVA "
+                        "checkpoint")
+    return json.loads(config.read_text())
 
 
 def portable_refs(args: dict) -> dict:
@@ -480,9 +524,7 @@ def portable_refs(args: dict) -> dict:
 
 def check_tokenizer_dir(path) -> None:
     """A local directory without tokenizer vocabulary fails naming it (transformers would ask for sentencepiece)."""
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_VOCABULARY):
-        raise FileNotFoundError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_VOCABULARY[:3])}): copy the "
-                                "tokenizer files of the base LLM there")
+    check_model_ref(str(path), "tokenizer")
 
 
 # =============================================================================================================
@@ -739,11 +781,19 @@ def _jsonable(obj):
     return str(obj)
 
 
-def _main(argv):
-    if len(argv) != 3 or argv[0] != "merge":
-        sys.exit("usage: python model.py merge LORA_EXPORT_DIR OUT_DIR")
-    print(merge_lora_export(argv[1], argv[2]))
+def _main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="model.py", description="Mini-Gemini model tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="fold a LoRA export's adapters into its LLM: a plain full export")
+    merge.add_argument("src", help="a LoRA export (train.py with tune: lora or qlora)")
+    merge.add_argument("dst", help="a new (or empty) directory for the full export")
+    a = parser.parse_args(argv)
+    kind = check_export(a.src, "src")["export"]
+    if kind != "lora":
+        raise UserError(f"src: {a.src} is a {kind} export, not a LoRA one: it has no adapters to merge")
+    check_new_dir(a.dst, "dst")
+    print(merge_lora_export(a.src, a.dst))
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    run(_main, "model.py")

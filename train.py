@@ -31,9 +31,10 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, In
                               gather_object, is_tensorboard_available, is_wandb_available,
                               parse_flag_from_env, set_seed)
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AttentionInterface, AutoTokenizer
 
 import checkpoint
+import cli
 import conversation
 import data
 import model as mgm
@@ -47,44 +48,45 @@ from flops import Throughput, peak_flops
 class TrainArguments:
     output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs: one run's (checkpoint.py)
     overwrite_output_dir: bool = False   # delete another run's files in output_dir first (else: refuse to start)
-    export_dir: str = ""                 # the final export; default: <output_dir>/export
-    stage: str = "finetune"              # pretrain (projector + mining) | finetune (LLM too), see model.set_stage
-    tune: str = "full"                   # full | lora | qlora (qlora needs bits 4 or 8 in the model arguments)
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    export_dir: str = ""                 # the final export; "": <output_dir>/export
+    stage: str = "finetune"              # pretrain: projector + mining train; finetune: the LLM too (model.set_stage)
+    tune: str = "full"                   # finetune trains the LLM (full) or LoRA adapters on it (lora; qlora: 4/8 bits)
+    lora_r: int = 64                     # LoRA rank
+    lora_alpha: int = 16                 # LoRA scale numerator: adapters are scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.05           # dropout on the LoRA adapters' input
     # Switches on top of the stage (MGM / DeepSpeed-VisualChat): what else trains, what does not.
     freeze_projector: bool = False       # keep the projector as loaded (pretrained_mm_path); mining still trains
     train_embeddings: bool = False       # freeze the LLM but train its token embeddings and lm_head (DS-VisualChat)
-    tune_vision_tower: bool = False      # last half of the CLIP layers that feed the selected layer
-    tune_vision_tower_aux: bool = False  # the HR tower's last stage
+    tune_vision_tower: bool = False      # train the last half of the CLIP layers that feed the selected layer
+    tune_vision_tower_aux: bool = False  # train the HR tower's last stage
     # Optimizer and schedule: AdamW, linear warmup then cosine to zero, stepped once per optimizer step.
-    learning_rate: float = 2e-5
-    projector_lr: float | None = None    # default: learning_rate
-    mining_lr: float | None = None       # default: projector_lr
-    vision_tower_lr: float | None = None  # default: learning_rate
+    learning_rate: float = 2e-5          # peak learning rate
+    projector_lr: float | None = None    # the projector's peak learning rate; none: learning_rate
+    mining_lr: float | None = None       # patch info mining's peak learning rate; none: projector_lr
+    vision_tower_lr: float | None = None  # the towers' peak learning rate when tuned; none: learning_rate
     lr_multi: str = ""                   # "name:factor,...": lr *= factor for parameters whose name contains name
-    weight_decay: float = 0.0            # never applied to norms and biases
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0           # <= 0: no clipping (the norm is still logged)
-    per_device_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    num_epochs: float = 1.0
-    max_steps: int = -1                  # > 0: overrides num_epochs
-    seed: int = 42
-    num_workers: int = 4
+    weight_decay: float = 0.0            # AdamW weight decay, never applied to norms and biases
+    adam_beta1: float = 0.9              # AdamW beta1
+    adam_beta2: float = 0.999            # AdamW beta2
+    warmup_ratio: float = 0.03           # fraction of the optimizer steps spent warming the learning rate up
+    max_grad_norm: float = 1.0           # gradient clipping; <= 0: no clipping (the norm is still logged)
+    per_device_batch_size: int = 4       # samples (packed rows with packing) per micro-batch per process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    num_epochs: float = 1.0              # passes over the data (fractions allowed)
+    max_steps: int = -1                  # optimizer steps; -1: as many as num_epochs takes
+    seed: int = 42                       # initial weights of new modules, data order, dropout
+    num_workers: int = 4                 # dataloader processes per training process (0: load in the main one)
     # Logging, evaluation, checkpoints.
-    logging_steps: int = 1
-    peak_tflops: float = 0.0             # one device's peak (dense bf16) for MFU; 0: by GPU name (flops.PEAK_BF16_TFLOPS)
+    logging_steps: int = 1               # a log line (and metrics.jsonl / tracker entry) every this many steps
+    peak_tflops: float = 0.0             # one device's dense bf16 peak for MFU; 0: by GPU name (flops.PEAK_BF16_TFLOPS)
     report_to: str = "tensorboard"       # comma list of accelerate trackers (tensorboard, wandb), or "none"
     eval_data_path: str = ""             # held-out records (same format as data_path): eval loss every eval_steps
-    eval_steps: int = 0                  # 0: only at the end
-    save_steps: int = 500
-    save_total_limit: int = 2
+    eval_steps: int = 0                  # evaluate every this many steps; 0: only at the end
+    save_steps: int = 500                # a resume checkpoint every this many steps (and at the end)
+    save_total_limit: int = 2            # resume checkpoints kept; older ones of this run are deleted
     resume: str = ""                     # "auto": newest complete checkpoint in output_dir; or a checkpoint dir.
-    #   A resumed run may change only the settings in checkpoint.RESUMABLE (length, reporting, saving); the rest must match.
+    #   A resumed run may change only the settings in checkpoint.RESUMABLE (length, reporting, saving); the rest
+    #   must match.
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
     max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
     max_time: str = ""                   # stop with a checkpoint before this much time since start has passed:
@@ -92,18 +94,39 @@ class TrainArguments:
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
 
 
+# The settings, grouped as --help shows them: model (model.py), data (data.py), training (above).
+SETTINGS = (("model (model.py ModelArguments)", mgm.ModelArguments),
+            ("data (data.py DataArguments)", data.DataArguments),
+            ("training (train.py TrainArguments)", TrainArguments))
+
+
 def parse_args(argv: list[str] | None = None):
     """(model_args, data_args, train_args) from `recipe.yaml [--field value ...]`; the command line wins."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
-        with open(argv.pop(0)) as f:
-            argv = recipe_to_argv(yaml.safe_load(f) or {}) + argv
-    # "resolve": a field two of the dataclasses share would be one option that sets both.
-    parser = HfArgumentParser((mgm.ModelArguments, data.DataArguments, TrainArguments), allow_abbrev=False)
-    *arg_objects, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        argv = recipe_to_argv(read_recipe(argv.pop(0))) + argv
+    elif argv and not argv[0].startswith("-"):
+        raise UserError(f"{argv[0]}: a recipe is a .yaml / .yml file; settings follow it as --setting value")
+    namespace, unknown = settings_parser().parse_known_args(argv)
     if unknown:  # no prefix abbreviations either: --max_step is not --max_steps
-        raise UserError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help")
-    return tuple(arg_objects)
+        raise UserError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help "
+                        "(a recipe, a .yaml file, comes first)")
+    return tuple(cli.settings_from(namespace, cls) for _, cls in SETTINGS)
+
+
+def settings_parser() -> cli.ArgumentParser:
+    """One option per field of the settings dataclasses, grouped by them; the comment beside each field is its
+    help, followed by its default and the range check_args allows."""
+    parser = cli.ArgumentParser(
+        prog="train.py", allow_abbrev=False, usage="accelerate launch [--config_file CONFIG] train.py "
+        "[RECIPE.yaml] [--setting VALUE ...]", description="Train one Mini-Gemini stage. The recipe (YAML: "
+        "setting: value lines) comes first; every setting below can follow it and wins. Booleans take true / "
+        "false, optional settings none.")
+    allowed = {name: rule for name, _, _, rule in setting_ranges(mgm.ModelArguments(), TrainArguments(),
+                                                                 data.DataArguments(data_path=""))}
+    for title, cls in SETTINGS:
+        cli.add_settings(parser, cls, title, allowed)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -128,8 +151,8 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
     """main, once the settings are checked: setup, the loop, the export."""
     accelerator = make_accelerator(args)
     if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # an accelerate config's value wins
-        raise ValueError(f"the accelerate config sets gradient_accumulation_steps="
-                         f"{accelerator.gradient_accumulation_steps}; set it in the recipe only")
+        raise UserError(f"the accelerate config sets gradient_accumulation_steps="
+                        f"{accelerator.gradient_accumulation_steps}; set it in the recipe only")
     accelerator.print(f"distributed: {accelerator.distributed_type}{engine_detail(accelerator)}, "
                       f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}")
     set_seed(args.seed)  # identical initialisation of new modules on every rank
@@ -153,7 +176,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
     per_epoch = loader.batch_sampler.batches_per_epoch
     total_steps = args.max_steps if args.max_steps > 0 else int(args.num_epochs * per_epoch) // G
     if total_steps < 1:
-        raise ValueError(f"no optimizer step to take: {per_epoch} batches per rank per epoch, accumulation {G}")
+        raise UserError(f"no optimizer step to take: {per_epoch} batches per rank per epoch, accumulation {G}")
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     optimizer = torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
@@ -208,8 +231,8 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
             say(f"step {state.step + 1}: no supervised token in this step's batches, skipped")
             empty_steps += 1
             if empty_steps * G >= per_epoch:  # a whole epoch of batches: the data cannot train anything
-                raise RuntimeError(f"{empty_steps * G} batches in a row held no supervised token (skipped samples: "
-                                   f"{state.skipped_samples}); check data_path / image_folder / template / max_length")
+                raise UserError(f"{empty_steps * G} batches in a row held no supervised token (skipped samples: "
+                                f"{state.skipped_samples}); check data_path / image_folder / template / max_length")
             continue
         empty_steps = 0
         loss, tokens, samples, stop_reason = forward_backward(accelerator, model, window, num_items, stop)
@@ -290,15 +313,27 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
 
 # ---- Arguments -----------------------------------------------------------------------------------------------------
 
+def read_recipe(path: str) -> dict:
+    """A recipe: a YAML file of `setting: value` lines."""
+    cli.check_path(path, "recipe")
+    with open(path) as f:
+        try:
+            recipe = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"recipe {path} is not a mapping of settings (setting: value lines)")
+    return recipe
+
+
 def recipe_to_argv(recipe: dict) -> list[str]:
-    """A flat YAML mapping as command-line options (an unknown key is an argparse error, as on the command line)."""
+    """A flat YAML mapping as command-line options (an unknown key is refused, as on the command line): null is
+    none, a list is joined by "," (data_path's form for several sources)."""
     argv = []
     for key, value in recipe.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
+        if value is None or isinstance(value, bool):
             value = str(value).lower()
-        argv += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+        argv += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return argv
 
 
@@ -319,18 +354,25 @@ def check_args(model_args, args: TrainArguments, data_args=None) -> None:
     parse_lr_multi(args.lr_multi)
     bits = model_args.bits
     if (args.tune == "qlora") != (bits in (4, 8)):
-        raise ValueError(f"tune={args.tune} with bits={bits}: qlora needs bits 4 or 8, and a quantized LLM "
-                         "can only be trained through LoRA adapters")
+        raise UserError(f"tune {args.tune} with bits {bits}: qlora needs bits 4 or 8, and a quantized LLM "
+                        "can only be trained through LoRA adapters (tune: qlora)")
+    if model_args.random_init and bits != 16:
+        raise UserError(f"random_init with bits {bits}: random_init builds an unquantized LLM from its config; "
+                        "use bits 16, or quantize a saved checkpoint (random_init: false)")
     if args.train_embeddings and (args.stage, args.tune) != ("finetune", "full"):
-        raise ValueError("train_embeddings needs stage=finetune, tune=full (only a full export holds embeddings)")
+        raise UserError(f"train_embeddings with stage {args.stage}, tune {args.tune}: it needs stage finetune and "
+                        "tune full (only a full export holds embeddings)")
     if args.tune != "full" and args.stage != "finetune":
-        raise ValueError("LoRA / QLoRA adapters are a finetune-stage option")
+        raise UserError(f"tune {args.tune} with stage {args.stage}: LoRA / QLoRA adapters are a finetune-stage "
+                        "option (stage: finetune, or tune: full)")
 
 
 def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tuple[str, object, bool, str]]:
     """(setting, value, in range?, the allowed range) for every setting with a range."""
     a, m = args, model_args
-    optional_lr = "unset or > 0"
+    # transformers' own (its paged "a|b" variants are for serving) and mmca, which model.py registers
+    attentions = sorted({"eager", *(k for k in AttentionInterface().valid_keys() if "|" not in k)})
+    optional_lr = "none or > 0"
     rules = [
         ("stage", a.stage, a.stage in ("pretrain", "finetune"), "pretrain | finetune"),
         ("tune", a.tune, a.tune in ("full", "lora", "qlora"), "full | lora | qlora"),
@@ -368,18 +410,20 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
         ("image_size_aux", m.image_size_aux, m.image_size_aux >= 1, ">= 1"),
         ("perceiver_queries", m.perceiver_queries, m.perceiver_queries >= 1, ">= 1"),
         ("projector_heads", m.projector_heads, m.projector_heads >= 1, ">= 1"),
+        ("attention", m.attention, m.attention in attentions, " | ".join(attentions)),
     ]
     if data_args is not None:
         d = data_args
-        templates = sorted(conversation.TEMPLATES) + ["auto"]
+        templates = sorted(conversation.TEMPLATES)   # "auto" included
         rules += [
             ("template", d.template, d.template in templates, " | ".join(templates)),
-            ("image_aspect_ratio", d.image_aspect_ratio, d.image_aspect_ratio in ("pad", "resize"), "pad | resize"),
+            ("image_aspect_ratio", d.image_aspect_ratio, d.image_aspect_ratio in data.ASPECT_RATIOS,
+             " | ".join(data.ASPECT_RATIOS)),
             ("bad_sample", d.bad_sample, d.bad_sample in ("skip", "error"), "skip | error"),
             ("max_length", d.max_length, d.max_length >= 1, ">= 1"),
             ("num_frames", d.num_frames, d.num_frames >= 1, ">= 1"),
             ("max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 1, ">= 1"),
-            ("num_proc", d.num_proc, d.num_proc is None or d.num_proc >= 1, "unset or >= 1"),
+            ("num_proc", d.num_proc, d.num_proc is None or d.num_proc >= 1, "none or >= 1"),
         ]
     return rules
 
@@ -409,25 +453,24 @@ def parse_lr_multi(text: str) -> list[tuple[str, float]]:
 
 
 def check_paths(model_args, data_args, args: TrainArguments) -> None:
-    """The files a run reads exist, checked before anything is loaded (a hub name is left to the hub)."""
+    """The files a run reads exist and are what they are meant to be, checked before anything is loaded; a hub
+    name must be in the cache when offline (model.check_model_ref)."""
     for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
-        try:
-            mgm.check_model_ref(getattr(model_args, setting), setting)
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
-    for setting, value in (("data_path", data_args.data_path), ("eval_data_path", args.eval_data_path)):
-        for path in (p.strip() for p in value.split(",")):
-            if path and not os.path.exists(path):
-                raise UserError(f"{setting}: {path} does not exist (relative to {os.getcwd()})")
-    if not os.path.isdir(data_args.image_folder):
-        raise UserError(f"image_folder: {data_args.image_folder} is not a directory")
+        mgm.check_model_ref(getattr(model_args, setting), setting)
+    mgm.check_model_ref(model_args.llm, "llm", kind="tokenizer")   # the tokenizer comes with the LLM
+    data.check_data_path(data_args.data_path, "data_path")
+    if args.eval_data_path:
+        data.check_data_path(args.eval_data_path, "eval_data_path")
+    cli.check_path(data_args.image_folder, "image_folder", "dir")
     if args.resume not in ("", "auto") and not os.path.isdir(args.resume):
         raise UserError(f"resume: {args.resume} is not a checkpoint directory (or pass --resume auto)")
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"output_dir: {args.output_dir} is a file; name a directory")
     export_dir = args.export_dir or os.path.join(args.output_dir, "export")
     if os.path.isdir(export_dir) and os.listdir(export_dir) and \
             not os.path.exists(os.path.join(export_dir, mgm.CONFIG_NAME)):
         raise UserError(f"export_dir: {export_dir} holds other files (no {mgm.CONFIG_NAME}); the export "
-                            "replaces the directory, so choose an empty or new one")
+                        "replaces the directory, so choose an empty or new one")
 
 
 def make_accelerator(args: TrainArguments) -> Accelerator:
@@ -451,13 +494,13 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
     if wanted is not None and running != wanted:
         why = (f"accelerate {accelerate.__version__} selects FSDP only on GPU-like devices, and this machine has "
                "none" if wanted == DistributedType.FSDP and on_cpu else "see accelerate's log above")
-        raise RuntimeError(f"the accelerate config asks for {wanted.name}, but accelerate set up {running.name} "
-                           f"on {accelerator.device}: {why}. Use a config for the engine this machine can run "
-                           "(multi_gpu.yaml runs DDP, also on CPU).")
+        raise UserError(f"the accelerate config asks for {wanted.name}, but accelerate set up {running.name} "
+                        f"on {accelerator.device}: {why}. Use a config for the engine this machine can run "
+                        "(multi_gpu.yaml runs DDP, also on CPU).")
     ds_plugin = accelerator.state.deepspeed_plugin
     if ds_plugin is not None and ds_plugin.zero3_init_flag:
-        raise ValueError("zero3_init_flag: true is not supported: model.py builds the model with full weights (new "
-                         "image-token rows, stage freezing) and prepare() partitions them; set it to false")
+        raise UserError("zero3_init_flag: true is not supported: model.py builds the model with full weights (new "
+                        "image-token rows, stage freezing) and prepare() partitions them; set it to false")
     return accelerator
 
 
@@ -501,7 +544,7 @@ def has_accelerator() -> bool:
 
 
 def load_tokenizer(path: str):
-    mgm.check_tokenizer_dir(path)
+    mgm.check_model_ref(path, "llm", kind="tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # Llama/Vicuna ship none; padding is masked out of attention and loss anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -513,8 +556,8 @@ def trackers(report_to: str) -> list[str]:
     available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     missing = [t for t in wanted if not available.get(t, True)]  # unknown names: let accelerate complain
     if missing:
-        raise ValueError(f"report_to asks for {missing}, not installed: pip install {' '.join(missing)} "
-                         "or set report_to: none")
+        raise UserError(f"report_to asks for {missing}, not installed: pip install {' '.join(missing)} "
+                        "or set report_to: none")
     return wanted or None
 
 
@@ -777,8 +820,8 @@ def check_skip_fraction(state: TrainState, limit: float) -> None:
     skipped = sum(state.skipped_samples.values())
     seen = skipped + state.seen_samples
     if seen >= 50 and skipped > limit * seen:
-        raise RuntimeError(f"{skipped} of the {seen} records seen so far were unusable ({state.skipped_samples}); "
-                           "check data_path / image_folder / template, or raise max_skip_fraction")
+        raise UserError(f"{skipped} of the {seen} records seen so far were unusable ({state.skipped_samples}); "
+                        "check data_path / image_folder / template, or raise max_skip_fraction")
 
 
 def is_bad(loss: float, grad_norm: float | None, accelerator) -> bool:

@@ -18,7 +18,6 @@ no login: --host 0.0.0.0 opens it to your network). The same functions answer gr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import yaml            # noqa: E402
 
 from chat import (Conversation, TooLong, add_model_arguments, check_sampling, dropped_notice,  # noqa: E402
                   load_answerer, model_length)
+import cli    # noqa: E402
 from cli import UserError, run    # noqa: E402
 from conversation import ConversationError    # noqa: E402
 from data import BadSample, load_image    # noqa: E402
@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None, *, block: bool = True) -> gr.Blocks:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="web.py", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=cli.int_at_least(1), default=7860, help="the port to listen on (default: 7860)")
     a = parser.parse_args(argv)
     answerer = load_answerer(a.model, a.template)
     return serve(answerer, a.model, host=a.host, port=a.port, max_length=a.max_length, block=block)

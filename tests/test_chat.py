@@ -114,8 +114,8 @@ def test_one_question_gets_evals_greedy_answer_and_sampling_repeats_with_a_seed(
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}/nowhere"], "chat.py: --model: {tmp}/nowhere is not a directory"),
-    (["--model", "{tmp}"], "chat.py: --model: {tmp} is not an export (it has no mgm_config.json)"),
+    (["--model", "{tmp}/nowhere"], "chat.py: --model: {tmp}/nowhere: no such directory"),
+    (["--model", "{tmp}"], "chat.py: --model: {tmp} is not a Mini-Gemini export (no mgm_config.json)"),
     (["--model", "{tmp}", "--top_p", "0"], "chat.py: --top_p must be in (0, 1], not 0.0"),
     (["--model", "{tmp}", "--image", "{tmp}/nope.png", "hi"], "chat.py: --image: image not found: {tmp}/nope.png"),
 ])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli import UserError
 from convert import MODEL_ZOO, from_source, hub_id
 from model import MiniGemini
 from tests.tiny_models import build, tiny_batch
@@ -338,7 +339,7 @@ def test_llava_hf_refuses_what_llava_cannot_express(tmp_path, root, tok):
     build(root, tok, hr=None, projector="perceiver").save_pretrained(tmp_path / "perceiver", tok)
     with pytest.raises(ValueError, match="projector 'perceiver'"):
         convert_main(["to-llava-hf", str(tmp_path / "perceiver"), str(tmp_path / "hf")])
-    with pytest.raises(FileNotFoundError, match="no mgm_config.json"):
+    with pytest.raises(UserError, match="no mgm_config.json"):
         convert_main(["to-llava-hf", str(tmp_path), str(tmp_path / "hf")])
 
 

@@ -111,12 +111,13 @@ def test_deepspeed_over_two_machines(reference, tmp_path):
 
 def test_a_config_asking_for_an_engine_this_machine_cannot_run_stops(tiny, tmp_path, monkeypatch):
     """fsdp.yaml without a GPU: accelerate would run plain DDP (or unconnected processes); train.py stops instead."""
+    import train
     if torch.cuda.is_available():
         pytest.skip("FSDP runs on GPUs")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")   # what `accelerate launch --config_file fsdp.yaml` exports
     recipe = write_recipe(tmp_path / "r.yaml", tiny["recipe"], max_steps=1)
-    with pytest.raises(RuntimeError, match=r"asks for FSDP, but accelerate set up NO on cpu: accelerate .* selects "
-                                           r"FSDP only on GPU-like devices"):
+    with pytest.raises(train.UserError, match=r"asks for FSDP, but accelerate set up NO on cpu: accelerate .* selects "
+                                              r"FSDP only on GPU-like devices"):
         run_in_process([str(recipe), "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import REPO
 from safetensors.torch import load_file
 
+from cli import UserError
 from data import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from model import (
     CONFIG_NAME,
@@ -507,13 +508,14 @@ def test_exports_refer_to_local_bases_by_absolute_path_and_load_from_any_directo
     recorded["llm"] = str(tmp_path / "gone" / "llm")
     (tmp_path / "pretrain" / CONFIG_NAME).write_text(json.dumps({**json.loads(
         (tmp_path / "pretrain" / CONFIG_NAME).read_text()), "args": recorded}))
-    with pytest.raises(FileNotFoundError, match=r"mgm_config.json refers to it: llm: .*gone/llm does not exist"):
+    with pytest.raises(UserError, match=r"mgm_config.json refers to it: llm: .*gone/llm: no such directory$"):
         MiniGemini.from_pretrained("pretrain")
-    with pytest.raises(FileNotFoundError, match=r"llm: demo_data/base/llm does not exist \(a local path"):
+    with pytest.raises(UserError, match=r"llm: demo_data/base/llm: no such directory \(relative to "):
         build_model(dataclasses.replace(args, llm="demo_data/base/llm"), tok)
     (tmp_path / "no_tokenizer").mkdir()
     (tmp_path / "no_tokenizer" / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"no_tokenizer has no tokenizer \(tokenizer.json"):
+    with pytest.raises(UserError, match=r"no_tokenizer holds no tokenizer.json / tokenizer.model / vocab.json, so "
+                                        r"it is not a tokenizer"):
         check_tokenizer_dir(tmp_path / "no_tokenizer")
 
 

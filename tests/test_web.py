@@ -243,7 +243,7 @@ def test_the_page_in_a_real_browser(server, image, tmp_path_factory, capsys):
 def test_demo_examples_only_for_an_export_of_the_demo(tmp_path):
     from demo import QUESTIONS, record
     (tmp_path / "images").mkdir()
-    records = [record(f"test-0-{kind}", "test_00000.png", question, "red") for kind, question in QUESTIONS.items()]
+    records = [record(f"test-0-{kind}", "test_00000.png", [(question, "red")]) for kind, question in QUESTIONS.items()]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "finetune.jsonl").write_text("")
     (tmp_path / "export").mkdir()
@@ -259,7 +259,7 @@ def test_a_wrong_model_directory_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         run(web.main, "web.py", ["--model", str(tmp_path / "nowhere")])
     assert exit.value.code == 2
-    assert capsys.readouterr().err.startswith(f"web.py: --model: {tmp_path / 'nowhere'} is not a directory")
+    assert capsys.readouterr().err.startswith(f"web.py: --model: {tmp_path / 'nowhere'}: no such directory")
 
 
 def answer_of(answerer, turns):
