@@ -85,6 +85,11 @@ class TrainArguments:
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
     max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
+    # Memory plan (plan.py): one worst-case step traced on fake tensors, per device, then exit; nothing is written.
+    plan: bool = False
+    device_memory_gb: float = 0.0        # --plan: one device's memory in GiB; 0: the CUDA device's
+    plan_config: str = ""                # --plan without accelerate launch: the accelerate config to plan for
+    plan_processes: int = 0              # --plan: processes (GPUs) to plan for; 0: the launch's / plan_config's
 
 
 def parse_args(argv: list[str] | None = None):
@@ -106,6 +111,10 @@ def main(argv: list[str] | None = None) -> str:
     model_args, data_args, args = parse_args(argv)
     config = resolved_config(model_args, data_args, args)
     check_args(model_args, args, data_args)  # every setting, before anything is loaded
+    if args.plan:  # rank 0 plans for the launched processes, the others leave at once: no process group, no files
+        import plan
+        plan.main(model_args, data_args, args)
+        return ""
     check_paths(model_args, data_args, args)
     accelerator = make_accelerator(args)
     if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # an accelerate config's value wins
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> str:
         raise ValueError(f"no optimizer step to take: {per_epoch} batches per rank per epoch, accumulation {G}")
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
-    optimizer = torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
+    optimizer = make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_at, peak=1.0, warmup=warmup, total=total_steps))
     ds_plugin = accelerator.state.deepspeed_plugin
     if ds_plugin is not None:  # DeepSpeed reads the batch from a prepared loader (ours is not one) and clips itself
@@ -501,7 +510,11 @@ def build(model_args, args: TrainArguments, tokenizer, device=None, upcast_train
     (upcast_trainables): the optimizer updates fp32 weights, and compute precision is accelerate's business.
     FSDP2 upcasts trainables itself and DeepSpeed keeps its own fp32 master copy: there, upcasting here would only
     cost host memory (28 GB for a 7B LLM, per process)."""
-    model = mgm.build_model(model_args, tokenizer, device=device)
+    return set_trainables(mgm.build_model(model_args, tokenizer, device=device), args, upcast_trainables)
+
+
+def set_trainables(model, args: TrainArguments, upcast_trainables=True):
+    """LoRA / QLoRA adapters, the stage table, the switches, trainables in fp32 (see build)."""
     if args.tune in ("lora", "qlora"):
         model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     mgm.set_stage(model, args.stage, tune_vision_tower=args.tune_vision_tower,
@@ -525,6 +538,10 @@ def apply_switches(model, args: TrainArguments) -> None:
         model.vision_tower.tune_last_layers()
     if args.tune_vision_tower_aux:  # the HR tower's last stage
         model.vision_tower_aux.tune_last_stage()
+
+
+def make_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
 
 
 def param_groups(model, args: TrainArguments) -> list[dict]:

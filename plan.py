@@ -1,0 +1,595 @@
+"""Will it fit? The memory plan of one training step of a recipe, per device, without a GPU and without weights.
+
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train.py recipes/mgm_7b_finetune.yaml --plan
+    python train.py recipes/mgm_7b_qlora_finetune.yaml --plan --device_memory_gb 24
+    python train.py recipes/mgm_7b_finetune.yaml --plan --plan_config accelerate_configs/deepspeed_zero3.yaml \\
+        --plan_processes 8 --device_memory_gb 40
+
+How the figures are obtained:
+- The model is built from its configs on the meta device (no weight is read), then given fake tensors
+  (torch's FakeTensorMode: shapes, dtypes, no storage), and set up by train.py's own code (LoRA / QLoRA, the stage,
+  the switches, fp32 trainables). The batch is the recipe's worst case: per_device_batch_size samples of max_length
+  positions, each with one image (packed rows: as many one-image samples as fit), every text token supervised.
+- Two optimizer steps of that batch (the second one runs with the optimizer state of the first, as every later step
+  does) go through train.forward_backward and AdamW, under accelerate's autocast, on the fake tensors. StepMemory
+  counts the bytes of every tensor storage by what holds it (parameters, gradients, optimizer state, the rest:
+  activations and temporaries) and the peak: "traced". The model's decisions on token ids and masks (where the images
+  go, how long a row is) are taken on the real, small integer tensors of the batch: an operation whose inputs are all
+  real and whose outputs are small runs for real; everything else runs on fake tensors.
+- What fake tensors cannot reach is computed from the layout and marked "computed, not traced": bitsandbytes' 4/8-bit
+  weights (packed bytes + quantization state; the step is traced with the same weights in bf16), DDP's gradient
+  buckets, DeepSpeed ZeRO-2/3 partitions (fp32 master weights, Adam state, gradient partitions, reduce bucket) and
+  FSDP2 shards (per-parameter dim-0 shards, fp32 trainables, a layer gathered at a time).
+- Fits: the planned peak is at most USABLE of the device's memory (the rest: CUDA context, cuBLAS workspaces,
+  allocator fragmentation). When it does not fit, smaller batches with more accumulation (the same global batch),
+  gradient checkpointing, ZeRO-3 and QLoRA are planned in turn, and the first that fits is suggested.
+
+The launch: `accelerate launch` starts train.py in every process it launches. Rank 0 plans for the launched engine
+and process count (ACCELERATE_USE_DEEPSPEED / ACCELERATE_DEEPSPEED_ZERO_STAGE / ACCELERATE_USE_FSDP, WORLD_SIZE,
+ACCELERATE_MIXED_PRECISION); every other rank returns at once, before any process group exists. Without accelerate
+launch, --plan_config names the accelerate config to plan for and --plan_processes the process count (default: the
+config's num_processes). Nothing is written: no output_dir, no lock, no checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
+                                          FakeTensorMode)
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from cli import UserError
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+GiB = 2 ** 30
+USABLE = 0.9                 # of a device's memory a plan may use
+REAL_LIMIT = 1 << 22         # elements: outputs of all-real inputs up to this size are computed for real
+KINDS = ("parameters", "gradients", "optimizer", "activations")
+ENGINES = {"single": "one process", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
+           "fsdp2": "FSDP2"}
+DEEPSPEED_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size when the config leaves it out (ours do)
+DEEPSPEED_ALIGNMENT = 2      # ZeRO-1/2 pad each flat group to a multiple of 2 x processes elements
+
+
+@dataclass
+class Launch:
+    """What the plan is for: the engine, the process count, mixed precision and one device's memory."""
+    engine: str = "single"             # single | ddp | zero2 | zero3 | fsdp2
+    processes: int = 1
+    mixed_precision: str = "bf16"      # bf16 | fp16 | no
+    device_memory: int = 0             # bytes of one device; 0: unknown
+    device: str = ""                   # where device_memory comes from
+
+    def describe(self) -> str:
+        return f"{ENGINES[self.engine]} on {self.processes} process(es), mixed precision {self.mixed_precision}"
+
+
+@dataclass
+class Term:
+    bytes: int
+    how: str                           # "traced", or "computed, not traced: <what>"
+
+
+@dataclass
+class Plan:
+    launch: Launch
+    batch: str                         # the batch traced, in words
+    terms: dict[str, Term]             # parameters, gradients, optimizer, activations: per device
+    peak: Term
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.bytes <= USABLE * self.launch.device_memory
+
+
+# ---- Entry points ---------------------------------------------------------------------------------------------------
+
+def main(model_args, data_args, args) -> None:
+    """train.py --plan: print the plan of this launch on rank 0, and a suggestion that fits when it does not."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return                         # rank 0 plans for all of them
+    launch = launch_for(args)
+    result = plan(model_args, data_args, args, launch)
+    print(report(result), flush=True)
+    if not result.fits:
+        found = suggest(model_args, data_args, args, launch)
+        if found is None:
+            print("suggestion: none of smaller batches, gradient checkpointing, ZeRO-3 or QLoRA fits this device")
+        else:
+            options, planned = found
+            print(f"suggestion: {options} (planned peak {gib(planned.peak.bytes)} per device: fits)")
+
+
+def launch_for(args) -> Launch:
+    """The launch to plan for: --plan_config's accelerate config, else the one `accelerate launch` exported; the
+    process count from --plan_processes, else the launch's; the device's memory from --device_memory_gb, else CUDA."""
+    env = os.environ
+    if args.plan_config:
+        if not os.path.isfile(args.plan_config):
+            raise UserError(f"plan_config: {args.plan_config} is not a file (an accelerate config, e.g. "
+                            "accelerate_configs/deepspeed_zero2.yaml)")
+        with open(args.plan_config) as f:
+            config = yaml.safe_load(f) or {}
+        kind = str(config.get("distributed_type", "NO")).upper()
+        stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 2))
+        processes = int(config.get("num_processes", 1))
+        mixed_precision = str(config.get("mixed_precision", "no"))
+    else:
+        kind = "DEEPSPEED" if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else \
+            "FSDP" if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "MULTI_GPU"
+        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        processes = int(env.get("WORLD_SIZE", "1"))
+        mixed_precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    processes = args.plan_processes or processes
+    if kind == "DEEPSPEED":
+        if stage not in (2, 3):
+            raise UserError(f"the plan knows DeepSpeed ZeRO stages 2 and 3, not {stage}")
+        engine = f"zero{stage}"
+    elif kind == "FSDP":
+        engine = "fsdp2"
+    else:
+        engine = "ddp" if processes > 1 else "single"
+    memory, device = int(args.device_memory_gb * GiB), "--device_memory_gb"
+    if not memory and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        memory, device = props.total_memory, props.name
+    if not memory:
+        raise UserError("--plan needs one device's memory: no CUDA device here, so pass --device_memory_gb "
+                        "(e.g. 24 for an RTX 4090, 80 for an A100/H100 80GB)")
+    return Launch(engine, processes, mixed_precision, memory, device)
+
+
+def plan(model_args, data_args, args, launch: Launch) -> Plan:
+    """One worst-case step of this recipe on this launch, per device (see the module docstring)."""
+    start = time.perf_counter()
+    sharded = launch.engine in ("zero2", "zero3", "fsdp2")
+    fake = PlanFakeMode()
+    model = build_fake(model_args, args, fake, upcast_trainables=not sharded)
+    if sharded and launch.mixed_precision != "no":   # DeepSpeed casts the model, FSDP2 computes in bf16
+        low = torch.float16 if launch.mixed_precision == "fp16" else torch.bfloat16
+        for p in model.parameters():
+            p.data = p.data.to(low)
+    batch = worst_case_batch(model, data_args, args.per_device_batch_size, fake)
+    tracker = step_memory(model, args, batch, mixed_precision="no" if sharded else launch.mixed_precision, fake=fake)
+    terms = {"parameters": Term(tracker.steady["parameters"], "traced"),
+             "gradients": Term(tracker.steady["gradients"], "traced"),
+             "optimizer": Term(tracker.steady["optimizer"], "traced"),
+             "activations": Term(tracker.peak_activations, "traced: the most activations and temporaries held")}
+    peak = Term(tracker.peak, "traced")
+    notes = []
+    quantized = model.quantized_weights
+    if quantized:
+        traced = sum(p.nbytes for p in quantized)
+        packed = sum(quantized_bytes(p.numel(), p.shape[0], model_args.bits) for p in quantized)
+        dequantized = max(p.nbytes for p in quantized)   # bitsandbytes dequantizes one weight per matmul
+        terms["parameters"] = Term(terms["parameters"].bytes - traced + packed,
+                                   f"traced, with {len(quantized)} {model_args.bits}-bit LLM weights computed, not "
+                                   "traced (bitsandbytes' layout)")
+        terms["activations"] = Term(terms["activations"].bytes + dequantized, terms["activations"].how +
+                                    ", + one dequantized weight (computed, not traced)")
+        peak = Term(peak.bytes - traced + packed + dequantized, "traced + computed")
+    if launch.engine == "ddp":
+        buckets = sum(p.nbytes for p in model.parameters() if p.requires_grad)
+        terms["gradients"] = Term(terms["gradients"].bytes + buckets, "traced + DDP's gradient buckets (a copy "
+                                  "of the gradients; computed, not traced)")
+        peak = Term(peak.bytes + buckets, "traced + computed")
+    if sharded:
+        layout = sharded_layout(model, args, launch)
+        terms.update(parameters=layout["parameters"], gradients=layout["gradients"], optimizer=layout["optimizer"])
+        transient = max(terms["activations"].bytes + layout["gathered"].bytes, layout["step"].bytes)
+        peak = Term(sum(terms[k].bytes for k in ("parameters", "gradients", "optimizer")) + transient,
+                    f"computed: parameters + gradients + optimizer state + the larger of activations with "
+                    f"{layout['gathered'].how} and the optimizer step's {layout['step'].how}")
+    images = "one image" if not data_args.packing else f"{int(batch['image_counts'][0])} one-image samples"
+    words = (f"{args.per_device_batch_size} x {data_args.max_length} positions per device ({images} per row, "
+             f"{model.tokens_per_image} positions each), gradient checkpointing "
+             f"{'on' if model_args.gradient_checkpointing else 'off'}")
+    del model, tracker, batch
+    return Plan(launch, words, terms, peak, time.perf_counter() - start, notes)
+
+
+def report(result: Plan) -> str:
+    """The plan as printed: one line per term, the peak against the device, the verdict."""
+    launch = result.launch
+    lines = [f"plan: {launch.describe()}; batch {result.batch} (planned in {result.seconds:.0f} s, fake tensors)",
+             "per device:"]
+    names = {"parameters": "parameters", "gradients": "gradients", "optimizer": "optimizer state",
+             "activations": "activations"}
+    for key, name in names.items():
+        term = result.terms[key]
+        lines.append(f"  {name:16} {gib(term.bytes):>10}  {term.how}")
+    lines.append(f"  {'peak':16} {gib(result.peak.bytes):>10}  {result.peak.how}")
+    lines += [f"  note: {n}" for n in result.notes]
+    share = result.peak.bytes / launch.device_memory
+    usable = gib(USABLE * launch.device_memory)
+    lines.append(f"device: {gib(launch.device_memory)} ({launch.device}), of which {usable} usable "
+                 f"({USABLE:.0%}: CUDA context, workspaces, fragmentation)")
+    verdict = "fits" if result.fits else "does not fit"
+    lines.append(f"verdict: {verdict}: planned peak {gib(result.peak.bytes)} per device = {share:.0%} of "
+                 f"{gib(launch.device_memory)}")
+    return "\n".join(lines)
+
+
+def suggest(model_args, data_args, args, launch: Launch):
+    """(options, plan) of the first candidate that fits, each checked by planning it; None when none does.
+    Candidates in order: gradient checkpointing; smaller batches with more accumulation (the same global batch);
+    ZeRO-3 instead of DDP / ZeRO-2 / FSDP2 on several processes; QLoRA instead of a full or LoRA finetune."""
+    for options, m, a, engine in candidates(model_args, args, launch):
+        planned = plan(m, data_args, a, dataclasses.replace(launch, engine=engine))
+        if planned.fits:
+            return options, planned
+    return None
+
+
+def candidates(model_args, args, launch: Launch):
+    """(options as typed, model_args, args, engine) to try, cheapest change first."""
+    found = []
+    ckpt = model_args.gradient_checkpointing
+    with_ckpt = dataclasses.replace(model_args, gradient_checkpointing=True)
+    engines = [launch.engine]
+    if launch.processes > 1 and launch.engine != "zero3":
+        engines.append("zero3")
+    tunes = [(args.tune, model_args.bits)]
+    if args.stage == "finetune" and args.tune != "qlora":
+        tunes.append(("qlora", 4))
+    for tune, bits in tunes:
+        for engine in engines:
+            batch = args.per_device_batch_size
+            while True:
+                words = [] if ckpt else ["--gradient_checkpointing true"]
+                if engine != launch.engine:
+                    words.append(f"accelerate_configs/deepspeed_zero3.yaml")
+                if tune != args.tune:
+                    words.append(f"--tune {tune} --bits {bits}")
+                accumulation = args.gradient_accumulation_steps * args.per_device_batch_size // batch
+                if batch != args.per_device_batch_size:
+                    words.append(f"--per_device_batch_size {batch} --gradient_accumulation_steps {accumulation}")
+                changed = words and (tune, engine, batch, ckpt) != (args.tune, launch.engine,
+                                                                    args.per_device_batch_size, True)
+                if changed:
+                    found.append((" ".join(words), dataclasses.replace(with_ckpt, bits=bits),
+                                  dataclasses.replace(args, tune=tune, per_device_batch_size=batch,
+                            ), engine))
+                if batch == 1:
+                    break
+                batch = max(1, batch // 2)
+                while args.per_device_batch_size * args.gradient_accumulation_steps % batch:
+                    batch -= 1         # keep the global batch: a batch that divides it
+    return found
+
+
+def largest_batch(model_args, data_args, args, launch: Launch, limit: int = 256) -> int:
+    """The largest per_device_batch_size whose plan fits (0: not even 1), found by planning powers of two and then
+    bisecting between the last that fits and the first that does not."""
+    def fits(batch):
+        return plan(model_args, data_args, dataclasses.replace(args, per_device_batch_size=batch), launch).fits
+    if not fits(1):
+        return 0
+    good = 1
+    while good * 2 <= limit and fits(good * 2):
+        good *= 2
+    bad = min(good * 2, limit + 1)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ---- The traced step ------------------------------------------------------------------------------------------------
+
+class PlanFakeMode(FakeTensorMode):
+    """FakeTensorMode that asks whether CUDA is there once, not at every entry (twice per operation: a third of a
+    plan's time)."""
+
+    def __init__(self):
+        super().__init__(allow_non_fake_inputs=True)
+
+    @functools.cached_property
+    def avoid_device_init(self) -> bool:
+        return FakeTensorMode.avoid_device_init.fget(self)
+
+
+class StepMemory(TorchDispatchMode):
+    """Bytes of every tensor storage alive during a training step, by what holds them: parameters (and buffers),
+    gradients, optimizer state, activations (everything else: saved activations, temporaries, the batch), and the
+    peak of their sum. Counts real tensors, or fake ones (pass fake: the FakeTensorMode they belong to); a storage is
+    counted once however many views share it, at its size in bytes (no allocator rounding).
+
+    With `fake`, an operation whose tensor inputs are all real and whose outputs are small (REAL_LIMIT elements) runs
+    for real: those are the model's decisions on token ids, masks and positions, which Python code reads (bool(),
+    int()). Everything else runs on fake tensors. A float read from a fake tensor (the loss for the log) is 0.0."""
+
+    def __init__(self, fake: FakeTensorMode | None = None):
+        super().__init__()
+        self.fake = fake
+        self.held = WeakIdKeyDictionary()          # storage -> [bytes, kind, weakref]
+        self.now = dict.fromkeys(KINDS, 0)
+        self.steady = dict.fromkeys(KINDS, 0)      # the most each kind held
+        self.peak = 0
+        self.peak_activations = 0
+
+    def hold(self, tensors, kind: str) -> None:
+        """Count these tensors' storages as `kind` (a storage already counted changes kind)."""
+        for t in tensors:
+            for storage in get_untyped_storages(t):
+                entry = self.held.get(storage)
+                if entry is None:
+                    entry = [storage.nbytes(), kind, None]
+                    entry[2] = weakref.ref(storage, lambda _, entry=entry: self._free(entry))
+                    self.held[storage] = entry
+                    self._add(entry[1], entry[0])
+                elif entry[1] != kind:
+                    self._add(entry[1], -entry[0])
+                    entry[1] = kind
+                    self._add(kind, entry[0])
+
+    def hold_model(self, model) -> None:
+        self.hold(list(model.parameters()) + list(model.buffers()), "parameters")
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: self.hold([p.grad], "gradients"))
+
+    def hold_optimizer(self, optimizer) -> None:
+        self.hold([t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)],
+                  "optimizer")
+
+    def _add(self, kind: str, n: int) -> None:
+        self.now[kind] += n
+        self.steady[kind] = max(self.steady[kind], self.now[kind])
+        self.peak = max(self.peak, sum(self.now.values()))
+        self.peak_activations = max(self.peak_activations, self.now["activations"])
+
+    def _free(self, entry) -> None:
+        self._add(entry[1], -entry[0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = self._run(func, args, kwargs or {})
+        self.hold([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)], "activations")
+        return out
+
+    def _run(self, func, args, kwargs):
+        if self.fake is None:
+            return func(*args, **kwargs)
+        leaves = tree_flatten((args, kwargs))[0]
+        if any(isinstance(t, FakeTensor) for t in leaves):
+            if func in INDEXING and any(_real_mask(i) for i in args[1]):   # x[mask]: where the mask holds is known
+                args = (args[0], [j for i in args[1] for j in (i.nonzero().unbind(1) if _real_mask(i) else [i])],
+                        *args[2:])
+            if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
+                return 0.0             # a value for a log line; no decision of the model reads a float
+            written = [a for a, s in zip(args, func._schema.arguments) if s.alias_info and s.alias_info.is_write]
+            if any(isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) for a in written):
+                raise RuntimeError(f"plan: {func} would write fake values into a real tensor {[(type(a).__name__, getattr(a, 'shape', a)) for a in args]}; make that tensor "
+                                   "larger than plan.REAL_LIMIT or derive it from a fake one")
+            with self.fake:
+                return func(*args, **kwargs)
+        if func._schema.is_mutable or func.is_view:
+            return func(*args, **kwargs)
+        try:                           # the output's size first, on fake tensors
+            with self.fake:
+                out = func(*args, **kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            return func(*args, **kwargs)   # item(), nonzero(): sizes that only the values tell, of small tensors
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if all(t.numel() <= REAL_LIMIT and (not t.is_floating_point() or t.dtype == torch.float64) for t in outputs):
+            return func(*args, **kwargs)
+        return out
+
+
+INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+            torch.ops.aten._index_put_impl_.default}
+
+
+def _real_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and not isinstance(index, FakeTensor) and index.dtype == torch.bool
+
+
+def step_memory(model, args, batch: dict, *, mixed_precision: str, fake=None) -> StepMemory:
+    """The memory of a later training step of train.py, real tensors or fake ones: the optimizer state exists (an
+    update has been made) and, with gradient accumulation, so do the gradients of the earlier micro-batches; then the
+    last micro-batch of a step runs through train.forward_backward, gradient clipping and AdamW under StepMemory.
+    AdamW is train.make_optimizer's with foreach updates, as torch runs it on CUDA (all temporaries at once)."""
+    import train
+    optimizer = train.make_optimizer(model, args)
+    for group in optimizer.param_groups:
+        group["foreach"] = True
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:                # an earlier update: Adam's state as after any step
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    if args.gradient_accumulation_steps == 1:
+        optimizer.zero_grad(set_to_none=True)
+    tracker = StepMemory(fake)
+    with planning_accelerator(mixed_precision) as accelerator:
+        prepared = accelerator.prepare_model(model, device_placement=False)   # fake tensors stay where they are
+        tracker.hold_model(model)
+        tracker.hold([p.grad for p in trainable if p.grad is not None], "gradients")
+        tracker.hold_optimizer(optimizer)
+        tracker.hold([t for t in batch.values() if torch.is_tensor(t)], "activations")
+        with tracker:
+            prepared.train()
+            window = [batch]
+            train.forward_backward(accelerator, prepared, window, train.supervised_tokens(accelerator, window))
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else
+                                        float("inf"))
+            optimizer.step()
+            tracker.hold_optimizer(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        del prepared
+    return tracker
+
+
+@contextmanager
+def planning_accelerator(mixed_precision: str):
+    """A one-process CPU Accelerator whatever was launched: train.py's autocast, accumulation and backward without a
+    process group (the launch's other ranks have left). Accelerate's singletons are reset before and after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith(("ACCELERATE_", "FSDP_")) or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                               "MASTER_ADDR", "MASTER_PORT"):
+            del os.environ[key]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        yield Accelerator(cpu=True, mixed_precision="bf16" if mixed_precision == "fp16" else mixed_precision,
+)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# ---- The model and the batch on fake tensors ------------------------------------------------------------------------
+
+def build_fake(model_args, args, fake: FakeTensorMode, upcast_trainables: bool = True):
+    """The model of this recipe on fake tensors, set up by train.set_trainables. Configs only: random_init, no
+    pretrained_mm_path (the same shapes). A 4/8-bit LLM is traced with its quantized weights in the recipe's dtype
+    (listed in model.quantized_weights; the plan replaces their bytes by bitsandbytes' layout)."""
+    import model as mgm
+    import train
+    tokenizer = train.load_tokenizer(model_args.llm) if model_args.mm_use_im_start_end else None
+    unquantized = dataclasses.replace(model_args, random_init=True, pretrained_mm_path=None, bits=16)
+    with torch.device("meta"):
+        model = mgm.build_model(unquantized, tokenizer)
+    with fake:
+        model.to_empty(device="cpu")
+    model.config.bits = model_args.bits
+    quantized = []
+    if model_args.bits < 16:           # bitsandbytes quantizes every Linear of the LLM but its output head
+        head = model.llm.get_output_embeddings()
+        quantized = [m.weight for m in model.llm.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+        for weight in quantized:       # fp32 for a moment: peft's prepare_model_for_kbit_training then leaves them
+            weight.data = weight.data.float()   # alone, as it leaves bitsandbytes' packed weights
+    model = train.set_trainables(model, args, upcast_trainables)
+    for module in model.modules():     # what set_trainables added (LoRA adapters) is real: make it fake too
+        for name, p in module.named_parameters(recurse=False):
+            if not isinstance(p, FakeTensor):
+                module._parameters[name] = torch.nn.Parameter(fake.from_tensor(p), requires_grad=p.requires_grad)
+    for weight in quantized:
+        weight.data = weight.data.to(getattr(torch, model_args.dtype))
+    model.quantized_weights = quantized
+    return model
+
+
+def worst_case_batch(model, data_args, batch_size: int, fake: FakeTensorMode) -> dict:
+    """A collated batch of the longest rows max_length allows: each sample one image and text up to max_length
+    positions (packed: as many one-image samples per row as fit, at least 2 text positions each), every text token
+    supervised. Token ids, masks and counts are real (small); the images are fake."""
+    length, per_image = data_args.max_length, model.tokens_per_image
+    if length < per_image + 1:
+        raise UserError(f"max_length {length} leaves no text next to one image ({per_image} positions)")
+    samples = max(1, length // (per_image + 2)) if data_args.packing else 1
+    text = (length - samples * per_image) // samples           # text tokens per sample, the image's one included
+    row = []
+    for _ in range(samples):
+        row += [1, IMAGE_TOKEN_INDEX] + [5] * (text - 1)
+    ids = torch.tensor(row).repeat(batch_size, 1)
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+    s = model.image_settings()
+    images = batch_size * samples
+    with fake:
+        pixels = torch.empty(images, model.num_views, 3, s["image_size"], s["image_size"])
+        aux = torch.empty(images, 3, s["image_size_aux"], s["image_size_aux"]) if s["image_size_aux"] else None
+    batch = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), images=pixels, images_aux=aux,
+                 image_counts=torch.full((batch_size,), samples), ids=[f"plan{i}" for i in range(images)], skipped=[])
+    if data_args.packing:
+        batch["position_ids"] = torch.arange(1 + text - 1 + 1).repeat(samples)[:ids.shape[1]].repeat(batch_size, 1)
+    return batch
+
+
+# ---- Computed, not traced: bitsandbytes and the sharding engines ----------------------------------------------------
+
+def quantized_bytes(numel: int, rows: int, bits: int) -> int:
+    """Bytes of one bitsandbytes weight as model.load_llm quantizes it. 4-bit NF4 with double quantization
+    (blocks of 64): packed values (2 per byte), one uint8 absmax per block, one float32 absmax per 256 blocks, the NF4
+    code (16 floats), the nested code (256 floats) and offset (1 float). 8-bit (LLM.int8): int8 values and one
+    float32 scale per row."""
+    if bits == 8:
+        return numel + 4 * rows
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
+
+
+def sharded_layout(model, args, launch: Launch) -> dict[str, Term]:
+    """Per-rank parameters, gradients and optimizer state of rank 0 (the largest share) under ZeRO-2/3 or FSDP2,
+    computed from their layouts, plus what a rank holds only for a while: `gathered` (parameters gathered for
+    compute, next to the activations) and `step` (the optimizer step's temporaries)."""
+    import train
+    n, W = launch.processes, launch.processes
+    low = 2 if launch.mixed_precision in ("bf16", "fp16") else 4       # bytes of the compute dtype
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    groups = [[p for p in g["params"]] for g in train.param_groups(model, args)]
+    if launch.engine == "zero2":
+        def partition(group):       # each flat group padded to a multiple of 2 x processes, split evenly
+            total = sum(p.numel() for p in group)
+            return math.ceil(total / (DEEPSPEED_ALIGNMENT * n)) * DEEPSPEED_ALIGNMENT
+        parts = [partition(g) for g in groups]
+        padding = sum(p * n - sum(x.numel() for x in g) for p, g in zip(parts, groups))
+        bucket = min(DEEPSPEED_BUCKET, sum(p.numel() for p in trainable))
+        return dict(
+            parameters=Term(sum(p.numel() * low for p in params) + padding * low,
+                            "computed, not traced: every parameter on every rank (DeepSpeed casts them to "
+                            f"{'bf16' if low == 2 else 'fp32'}), trainables in one padded flat buffer per group"),
+            gradients=Term((sum(parts) + bucket) * low,
+                           f"computed, not traced: this rank's 1/{n} of the gradients + the reduce bucket"),
+            optimizer=Term(sum(parts) * 12 + 4 * len(parts),
+                           f"computed, not traced: this rank's 1/{n} of fp32 master weights and Adam's two moments"),
+            gathered=Term(0, "nothing gathered"),
+            step=Term(sum(parts) * (4 + 4) + (sum(parts) + bucket) * 0,
+                      "fp32 gradient partition and foreach temporaries"))
+    if launch.engine == "zero3":
+        threshold = 10 * model.llm.config.get_text_config().hidden_size   # as train.py sets it
+        held = sum(p.numel() if p.numel() <= threshold else math.ceil(p.numel() / n) for p in params)
+        parts = sum(math.ceil(p.numel() / n) for p in trainable)
+        layer = max((sum(q.numel() for q in block.parameters()) for block in blocks(model)), default=0)
+        bucket = min(DEEPSPEED_BUCKET, sum(p.numel() for p in trainable))
+        return dict(
+            parameters=Term(held * low, f"computed, not traced: this rank's 1/{n} of each parameter (those of "
+                            f"{threshold:,} elements or fewer whole)"),
+            gradients=Term((parts + bucket) * low,
+                           f"computed, not traced: this rank's 1/{n} of the gradients + the reduce bucket"),
+            optimizer=Term(parts * 12 + 4 * len(groups),
+                           f"computed, not traced: this rank's 1/{n} of fp32 master weights and Adam's two moments"),
+            gathered=Term(2 * layer * low, "two layers gathered (computed)"),
+            step=Term(parts * 8, "fp32 gradient partition and foreach temporaries"))
+    # FSDP2: each parameter split along dim 0 (rank 0 holds ceil(rows / n) rows), trainables in fp32
+    def shard(p):
+        rows = p.shape[0] if p.dim() else 1
+        return math.ceil(rows / n) * (p.numel() // max(rows, 1))
+    held = sum(shard(p) * (4 if p.requires_grad else low) for p in params)
+    local = sum(shard(p) for p in trainable)
+    layer = max((sum(q.numel() for q in block.parameters()) for block in blocks(model)), default=0)
+    return dict(
+        parameters=Term(held, f"computed, not traced: this rank's dim-0 shard of each parameter (trainables fp32)"),
+        gradients=Term(local * 4, f"computed, not traced: this rank's shard of the fp32 gradients"),
+        optimizer=Term(local * 8 + 4 * len(trainable), "computed, not traced: this rank's shard of Adam's two moments"),
+        gathered=Term(2 * layer * (low + 4), "two layers gathered, with their unsharded gradients (computed)"),
+        step=Term(local * 4, "foreach temporaries"))
+
+
+def blocks(model) -> list:
+    """The repeated blocks engines gather one at a time: the LLM's decoder layers and the LR tower's layers."""
+    from model import _repeated_blocks
+    return [b for part in (model.llm, model.vision_tower.model) for b in _repeated_blocks(part)]
