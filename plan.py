@@ -73,7 +73,8 @@ class Launch:
     device: str = ""                   # where device_memory comes from
 
     def describe(self) -> str:
-        return f"{ENGINES[self.engine]} on {self.processes} process(es), mixed precision {self.mixed_precision}"
+        where = "" if self.engine == "single" else f" on {self.processes} processes"
+        return f"{ENGINES[self.engine]}{where}, mixed precision {self.mixed_precision}"
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Term:
 class Plan:
     launch: Launch
     batch: str                         # the batch traced, in words
+    batch_size: int
     terms: dict[str, Term]             # parameters, gradients, optimizer, activations: per device
     peak: Term
     seconds: float = 0.0
@@ -106,7 +108,7 @@ def main(model_args, data_args, args) -> None:
     result = plan(model_args, data_args, args, launch)
     print(report(result), flush=True)
     if not result.fits:
-        found = suggest(model_args, data_args, args, launch)
+        found = suggest(model_args, data_args, args, launch, result)
         if found is None:
             print("suggestion: none of smaller batches, gradient checkpointing, ZeRO-3 or QLoRA fits this device")
         else:
@@ -199,7 +201,7 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
              f"{model.tokens_per_image} positions each), gradient checkpointing "
              f"{'on' if model_args.gradient_checkpointing else 'off'}")
     del model, tracker, batch
-    return Plan(launch, words, terms, peak, time.perf_counter() - start, notes)
+    return Plan(launch, words, args.per_device_batch_size, terms, peak, time.perf_counter() - start, notes)
 
 
 def report(result: Plan) -> str:
@@ -224,15 +226,28 @@ def report(result: Plan) -> str:
     return "\n".join(lines)
 
 
-def suggest(model_args, data_args, args, launch: Launch):
-    """(options, plan) of the first candidate that fits, each checked by planning it; None when none does.
+def suggest(model_args, data_args, args, launch: Launch, result: Plan):
+    """(options, plan) of the first candidate that fits, checked by planning it; None when none does.
     Candidates in order: gradient checkpointing; smaller batches with more accumulation (the same global batch);
-    ZeRO-3 instead of DDP / ZeRO-2 / FSDP2 on several processes; QLoRA instead of a full or LoRA finetune."""
+    ZeRO-3 instead of DDP / ZeRO-2 / FSDP2 on several processes; QLoRA instead of a full or LoRA finetune. A smaller
+    batch of a setup already planned is skipped while its predicted peak (activations in proportion to the batch)
+    is still too large."""
+    planned = {(model_args.gradient_checkpointing, launch.engine, args.tune): result}
     for options, m, a, engine in candidates(model_args, args, launch):
-        planned = plan(m, data_args, a, dataclasses.replace(launch, engine=engine))
-        if planned.fits:
-            return options, planned
+        setup = (m.gradient_checkpointing, engine, a.tune)
+        if setup in planned and predicted_peak(planned[setup], a.per_device_batch_size) > USABLE * \
+                launch.device_memory:
+            continue
+        planned[setup] = plan(m, data_args, a, dataclasses.replace(launch, engine=engine))
+        if planned[setup].fits:
+            return options, planned[setup]
     return None
+
+
+def predicted_peak(result: Plan, batch: int) -> float:
+    """The peak of the same setup at another batch size, activations in proportion to it."""
+    per_sample = result.terms["activations"].bytes / result.batch_size
+    return result.peak.bytes + (batch - result.batch_size) * per_sample
 
 
 def candidates(model_args, args, launch: Launch):
@@ -272,25 +287,39 @@ def candidates(model_args, args, launch: Launch):
     return found
 
 
-def largest_batch(model_args, data_args, args, launch: Launch, limit: int = 256) -> int:
-    """The largest per_device_batch_size whose plan fits (0: not even 1), found by planning powers of two and then
-    bisecting between the last that fits and the first that does not."""
-    def fits(batch):
-        return plan(model_args, data_args, dataclasses.replace(args, per_device_batch_size=batch), launch).fits
+def largest_batch(model_args, data_args, args, launch: Launch, known: dict | None = None) -> int:
+    """The largest per_device_batch_size whose plan fits (0: not even 1): predicted from the plans of batch 1 and the
+    recipe's batch (activations in proportion to the batch), then checked by planning it and the next one up.
+    known: plans by batch size already made for this setup (shared between device sizes)."""
+    known = {} if known is None else known
+
+    def planned(batch: int) -> Plan:
+        if batch not in known:
+            known[batch] = plan(model_args, data_args, dataclasses.replace(args, per_device_batch_size=batch),
+                                dataclasses.replace(launch, device_memory=0))
+        return known[batch]
+
+    def fits(batch: int) -> bool:
+        return planned(batch).peak.bytes <= USABLE * launch.device_memory
+
     if not fits(1):
         return 0
-    good = 1
-    while good * 2 <= limit and fits(good * 2):
-        good *= 2
-    bad = min(good * 2, limit + 1)
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        good, bad = (middle, bad) if fits(middle) else (good, middle)
-    return good
+    one, other = planned(1), planned(max(2, args.per_device_batch_size))
+    per_sample = (other.peak.bytes - one.peak.bytes) / (other.batch_size - 1)
+    guess = max(1, int((USABLE * launch.device_memory - one.peak.bytes) / per_sample) + 1 if per_sample > 0 else 1)
+    while guess > 1 and not fits(guess):
+        guess -= 1
+    while guess < 4096 and fits(guess + 1):
+        guess += 1
+    return guess
 
 
 def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
+    """Bytes in GiB (what `nvidia-smi` and --device_memory_gb mean by GB), MiB or KiB below one."""
+    for unit, size in (("GiB", GiB), ("MiB", 2 ** 20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 # ---- The traced step ------------------------------------------------------------------------------------------------
@@ -326,8 +355,9 @@ class StepMemory(TorchDispatchMode):
         self.peak = 0
         self.peak_activations = 0
 
-    def hold(self, tensors, kind: str) -> None:
-        """Count these tensors' storages as `kind` (a storage already counted changes kind)."""
+    def hold(self, tensors, kind: str, relabel: bool = True) -> None:
+        """Count these tensors' storages as `kind`; a storage already counted changes kind if `relabel` (a new
+        gradient, optimizer state), else keeps its own (an operation's output that is a view of a parameter)."""
         for t in tensors:
             for storage in get_untyped_storages(t):
                 entry = self.held.get(storage)
@@ -336,7 +366,7 @@ class StepMemory(TorchDispatchMode):
                     entry[2] = weakref.ref(storage, lambda _, entry=entry: self._free(entry))
                     self.held[storage] = entry
                     self._add(entry[1], entry[0])
-                elif entry[1] != kind:
+                elif relabel and entry[1] != kind:
                     self._add(entry[1], -entry[0])
                     entry[1] = kind
                     self._add(kind, entry[0])
@@ -362,7 +392,7 @@ class StepMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = self._run(func, args, kwargs or {})
-        self.hold([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)], "activations")
+        self.hold([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)], "activations", relabel=False)
         return out
 
     def _run(self, func, args, kwargs):
@@ -536,7 +566,7 @@ def sharded_layout(model, args, launch: Launch) -> dict[str, Term]:
     computed from their layouts, plus what a rank holds only for a while: `gathered` (parameters gathered for
     compute, next to the activations) and `step` (the optimizer step's temporaries)."""
     import train
-    n, W = launch.processes, launch.processes
+    n = launch.processes
     low = 2 if launch.mixed_precision in ("bf16", "fp16") else 4       # bytes of the compute dtype
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -557,11 +587,10 @@ def sharded_layout(model, args, launch: Launch) -> dict[str, Term]:
             optimizer=Term(sum(parts) * 12 + 4 * len(parts),
                            f"computed, not traced: this rank's 1/{n} of fp32 master weights and Adam's two moments"),
             gathered=Term(0, "nothing gathered"),
-            step=Term(sum(parts) * (4 + 4) + (sum(parts) + bucket) * 0,
-                      "fp32 gradient partition and foreach temporaries"))
+            step=Term(sum(parts) * (4 + 4), "fp32 gradient partition and foreach temporaries"))
     if launch.engine == "zero3":
         threshold = 10 * model.llm.config.get_text_config().hidden_size   # as train.py sets it
-        held = sum(p.numel() if p.numel() <= threshold else math.ceil(p.numel() / n) for p in params)
+        held = sum(math.ceil(p.numel() / n) + (p.numel() if p.numel() <= threshold else 0) for p in params)
         parts = sum(math.ceil(p.numel() / n) for p in trainable)
         layer = max((sum(q.numel() for q in block.parameters()) for block in blocks(model)), default=0)
         bucket = min(DEEPSPEED_BUCKET, sum(p.numel() for p in trainable))
