@@ -40,12 +40,14 @@ import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import yaml
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
                                           FakeTensorMode)
 from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -71,6 +73,7 @@ class Launch:
     mixed_precision: str = "bf16"      # bf16 | fp16 | no
     device_memory: int = 0             # bytes of one device; 0: unknown
     device: str = ""                   # where device_memory comes from
+    fsdp: dict = field(default_factory=dict)   # --plan_config's fsdp_config (launched: FSDP_* in the environment)
 
     def describe(self) -> str:
         where = "" if self.engine == "single" else f" on {self.processes} processes"
@@ -127,15 +130,23 @@ def launch_for(args) -> Launch:
         with open(args.plan_config) as f:
             config = yaml.safe_load(f) or {}
         kind = str(config.get("distributed_type", "NO")).upper()
-        stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 2))
+        deepspeed, fsdp = config.get("deepspeed_config") or {}, config.get("fsdp_config") or {}
+        stage = int(deepspeed.get("zero_stage", 2))
         processes = int(config.get("num_processes", 1))
         mixed_precision = str(config.get("mixed_precision", "no"))
+        offload = [k for k in ("offload_optimizer_device", "offload_param_device") if deepspeed.get(k, "none") != "none"]
+        offload += ["fsdp_offload_params"] if str(fsdp.get("fsdp_offload_params", False)).lower() == "true" else []
     else:
         kind = "DEEPSPEED" if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else \
             "FSDP" if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "MULTI_GPU"
         stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
         processes = int(env.get("WORLD_SIZE", "1"))
         mixed_precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+        fsdp = {}                      # accelerate's FSDP plugin reads FSDP_* from the environment
+        offload = [k for k in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+                   if env.get(k, "none") != "none"] + [k for k in ("FSDP_OFFLOAD_PARAMS",) if env.get(k) == "true"]
+    if offload:
+        raise UserError(f"the plan does not model CPU offload ({', '.join(offload)}): plan the config without it")
     processes = args.plan_processes or processes
     if kind == "DEEPSPEED":
         if stage not in (2, 3):
@@ -152,26 +163,29 @@ def launch_for(args) -> Launch:
     if not memory:
         raise UserError("--plan needs one device's memory: no CUDA device here, so pass --device_memory_gb "
                         "(e.g. 24 for an RTX 4090, 80 for an A100/H100 80GB)")
-    return Launch(engine, processes, mixed_precision, memory, device)
+    return Launch(engine, processes, mixed_precision, memory, device, fsdp)
 
 
 def plan(model_args, data_args, args, launch: Launch) -> Plan:
     """One worst-case step of this recipe on this launch, per device (see the module docstring)."""
     start = time.perf_counter()
-    sharded = launch.engine in ("zero2", "zero3", "fsdp2")
+    plain = launch.engine in ("single", "ddp")      # accelerate's autocast over fp32 trainables
     fake = PlanFakeMode()
-    model = build_fake(model_args, args, fake, upcast_trainables=not sharded)
-    if sharded and launch.mixed_precision != "no":   # DeepSpeed casts the model, FSDP2 computes in bf16
+    model = build_fake(model_args, args, fake, upcast_trainables=plain)
+    if launch.engine in ("zero2", "zero3") and launch.mixed_precision != "no":   # DeepSpeed casts the parameters
         low = torch.float16 if launch.mixed_precision == "fp16" else torch.bfloat16
         for p in model.parameters():
             p.data = p.data.to(low)
     batch = worst_case_batch(model, data_args, args.per_device_batch_size, fake)
-    tracker = step_memory(model, args, batch, mixed_precision="no" if sharded else launch.mixed_precision, fake=fake)
-    terms = {"parameters": Term(tracker.steady["parameters"], "traced"),
-             "gradients": Term(tracker.steady["gradients"], "traced"),
-             "optimizer": Term(tracker.steady["optimizer"], "traced"),
-             "activations": Term(tracker.peak_activations, "traced: the most activations and temporaries held")}
-    peak = Term(tracker.peak, "traced")
+    with fsdp2_sharded(model, launch) as model:
+        tracker = step_memory(model, args, batch, mixed_precision=launch.mixed_precision if plain else "no",
+                              fake=fake)
+    how = "traced" if launch.engine != "fsdp2" else f"traced (FSDP2 on a fake process group of {launch.processes})"
+    terms = {"parameters": Term(tracker.steady["parameters"], how),
+             "gradients": Term(tracker.steady["gradients"], how),
+             "optimizer": Term(tracker.steady["optimizer"], how),
+             "activations": Term(tracker.peak_activations, how + ": the most activations and temporaries held")}
+    peak = Term(tracker.peak, how)
     notes = []
     quantized = model.quantized_weights
     if quantized:
@@ -189,8 +203,8 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
         terms["gradients"] = Term(terms["gradients"].bytes + buckets, "traced + DDP's gradient buckets (a copy "
                                   "of the gradients; computed, not traced)")
         peak = Term(peak.bytes + buckets, "traced + computed")
-    if sharded:
-        layout = sharded_layout(model, args, launch)
+    if launch.engine in ("zero2", "zero3"):
+        layout = deepspeed_layout(model, args, launch)
         terms.update(parameters=layout["parameters"], gradients=layout["gradients"], optimizer=layout["optimizer"])
         transient = max(terms["activations"].bytes + layout["gathered"].bytes, layout["step"].bytes)
         peak = Term(sum(terms[k].bytes for k in ("parameters", "gradients", "optimizer")) + transient,
@@ -267,7 +281,7 @@ def candidates(model_args, args, launch: Launch):
             while True:
                 words = [] if ckpt else ["--gradient_checkpointing true"]
                 if engine != launch.engine:
-                    words.append(f"accelerate_configs/deepspeed_zero3.yaml")
+                    words.append("(launched with accelerate_configs/deepspeed_zero3.yaml)")
                 if tune != args.tune:
                     words.append(f"--tune {tune} --bits {bits}")
                 accumulation = args.gradient_accumulation_steps * args.per_device_batch_size // batch
@@ -360,16 +374,22 @@ class StepMemory(TorchDispatchMode):
         gradient, optimizer state), else keeps its own (an operation's output that is a view of a parameter)."""
         for t in tensors:
             for storage in get_untyped_storages(t):
-                entry = self.held.get(storage)
-                if entry is None:
-                    entry = [storage.nbytes(), kind, None]
-                    entry[2] = weakref.ref(storage, lambda _, entry=entry: self._free(entry))
-                    self.held[storage] = entry
-                    self._add(entry[1], entry[0])
-                elif relabel and entry[1] != kind:
-                    self._add(entry[1], -entry[0])
-                    entry[1] = kind
-                    self._add(kind, entry[0])
+                self._hold_storage(storage, kind, relabel)
+
+    def _hold_storage(self, storage, kind: str, relabel: bool = False) -> None:
+        entry = self.held.get(storage)
+        if entry is None:
+            entry = [storage.nbytes(), kind, None]
+            entry[2] = weakref.ref(storage, lambda _, entry=entry: self._free(entry))
+            self.held[storage] = entry
+            self._add(entry[1], entry[0])
+        elif entry[0] != storage.nbytes():          # resized in place (FSDP2's gathered parameters)
+            self._add(entry[1], storage.nbytes() - entry[0])
+            entry[0] = storage.nbytes()
+        elif relabel and entry[1] != kind:
+            self._add(entry[1], -entry[0])
+            entry[1] = kind
+            self._add(kind, entry[0])
 
     def hold_model(self, model) -> None:
         self.hold(list(model.parameters()) + list(model.buffers()), "parameters")
@@ -390,7 +410,24 @@ class StepMemory(TorchDispatchMode):
     def _free(self, entry) -> None:
         self._add(entry[1], -entry[0])
 
+    def __enter__(self):
+        """FSDP2 frees a gathered parameter by resizing its storage to 0 bytes, which no dispatch mode sees."""
+        resize, tracker = torch.UntypedStorage.resize_, self
+
+        def tracked_resize(storage, size):
+            out = resize(storage, size)
+            tracker._hold_storage(storage, "activations")
+            return out
+        self._resize, torch.UntypedStorage.resize_ = resize, tracked_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented      # DTensor (FSDP2) runs first and comes back with its local tensors
         out = self._run(func, args, kwargs or {})
         self.hold([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)], "activations", relabel=False)
         return out
@@ -561,16 +598,17 @@ def quantized_bytes(numel: int, rows: int, bits: int) -> int:
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
 
 
-def sharded_layout(model, args, launch: Launch) -> dict[str, Term]:
-    """Per-rank parameters, gradients and optimizer state of rank 0 (the largest share) under ZeRO-2/3 or FSDP2,
-    computed from their layouts, plus what a rank holds only for a while: `gathered` (parameters gathered for
-    compute, next to the activations) and `step` (the optimizer step's temporaries)."""
+def deepspeed_layout(model, args, launch: Launch) -> dict[str, Term]:
+    """Per-rank parameters, gradients and optimizer state of rank 0 (the largest share) under ZeRO-2/3, computed from
+    DeepSpeed's layout, plus what a rank holds only for a while: `gathered` (parameters gathered for compute, next
+    to the activations) and `step` (the optimizer step's temporaries)."""
     import train
     n = launch.processes
     low = 2 if launch.mixed_precision in ("bf16", "fp16") else 4       # bytes of the compute dtype
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     groups = [[p for p in g["params"]] for g in train.param_groups(model, args)]
+    buffers = sum(b.nbytes for b in model.buffers())         # DeepSpeed leaves them in their own dtype
     if launch.engine == "zero2":
         def partition(group):       # each flat group padded to a multiple of 2 x processes, split evenly
             total = sum(p.numel() for p in group)
@@ -579,7 +617,7 @@ def sharded_layout(model, args, launch: Launch) -> dict[str, Term]:
         padding = sum(p * n - sum(x.numel() for x in g) for p, g in zip(parts, groups))
         bucket = min(DEEPSPEED_BUCKET, sum(p.numel() for p in trainable))
         return dict(
-            parameters=Term(sum(p.numel() * low for p in params) + padding * low,
+            parameters=Term(sum(p.numel() * low for p in params) + padding * low + buffers,
                             "computed, not traced: every parameter on every rank (DeepSpeed casts them to "
                             f"{'bf16' if low == 2 else 'fp32'}), trainables in one padded flat buffer per group"),
             gradients=Term((sum(parts) + bucket) * low,
@@ -595,7 +633,7 @@ def sharded_layout(model, args, launch: Launch) -> dict[str, Term]:
         layer = max((sum(q.numel() for q in block.parameters()) for block in blocks(model)), default=0)
         bucket = min(DEEPSPEED_BUCKET, sum(p.numel() for p in trainable))
         return dict(
-            parameters=Term(held * low, f"computed, not traced: this rank's 1/{n} of each parameter (those of "
+            parameters=Term(held * low + buffers, f"computed, not traced: this rank's 1/{n} of each parameter (those of "
                             f"{threshold:,} elements or fewer whole)"),
             gradients=Term((parts + bucket) * low,
                            f"computed, not traced: this rank's 1/{n} of the gradients + the reduce bucket"),
@@ -603,19 +641,35 @@ def sharded_layout(model, args, launch: Launch) -> dict[str, Term]:
                            f"computed, not traced: this rank's 1/{n} of fp32 master weights and Adam's two moments"),
             gathered=Term(2 * layer * low, "two layers gathered (computed)"),
             step=Term(parts * 8, "fp32 gradient partition and foreach temporaries"))
-    # FSDP2: each parameter split along dim 0 (rank 0 holds ceil(rows / n) rows), trainables in fp32
-    def shard(p):
-        rows = p.shape[0] if p.dim() else 1
-        return math.ceil(rows / n) * (p.numel() // max(rows, 1))
-    held = sum(shard(p) * (4 if p.requires_grad else low) for p in params)
-    local = sum(shard(p) for p in trainable)
-    layer = max((sum(q.numel() for q in block.parameters()) for block in blocks(model)), default=0)
-    return dict(
-        parameters=Term(held, f"computed, not traced: this rank's dim-0 shard of each parameter (trainables fp32)"),
-        gradients=Term(local * 4, f"computed, not traced: this rank's shard of the fp32 gradients"),
-        optimizer=Term(local * 8 + 4 * len(trainable), "computed, not traced: this rank's shard of Adam's two moments"),
-        gathered=Term(2 * layer * (low + 4), "two layers gathered, with their unsharded gradients (computed)"),
-        step=Term(local * 4, "foreach temporaries"))
+
+
+@contextmanager
+def fsdp2_sharded(model, launch: Launch):
+    """The model as accelerate's FSDP2 preparation shards it for rank 0 of launch.processes, on a fake process
+    group (collectives return at once; torchtitan's memory estimator does the same), or the model as it is for the
+    other engines. The FSDP plugin comes from the launched environment (FSDP_*) or from --plan_config."""
+    if launch.engine != "fsdp2":
+        yield model
+        return
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    plugin = FullyShardedDataParallelPlugin(**{FSDP_SETTINGS[k]: v for k, v in launch.fsdp.items() if k in FSDP_SETTINGS})
+    if launch.mixed_precision != "no":
+        plugin.set_mixed_precision(launch.mixed_precision)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=launch.mixed_precision,
+                                  is_main_process=True, torch_device_mesh=None, device=torch.device("cpu"))
+    dist.init_process_group("fake", rank=0, world_size=launch.processes, store=FakeStore())
+    try:
+        yield fsdp2_prepare_model(accelerator, model)
+    finally:
+        dist.destroy_process_group()
+
+
+FSDP_SETTINGS = {"fsdp_version": "fsdp_version", "fsdp_auto_wrap_policy": "auto_wrap_policy",  # config -> plugin
+                 "fsdp_transformer_layer_cls_to_wrap": "transformer_cls_names_to_wrap",
+                 "fsdp_reshard_after_forward": "reshard_after_forward", "fsdp_state_dict_type": "state_dict_type"}
 
 
 def blocks(model) -> list:

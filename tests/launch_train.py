@@ -97,8 +97,8 @@ def held_and_full(p) -> tuple[int, int]:
 
 
 def held_bytes(model, optimizer) -> dict[str, int]:
-    """Bytes this rank holds at the end of a step's backward: parameters (ZeRO-3 partitions and persistent
-    parameters, FSDP2 shards, flat buffers counted once), gradients, and optimizer state (Adam's moments and steps;
+    """Bytes this rank holds at the end of a step's backward: parameters and buffers (ZeRO-3 partitions and
+    persistent parameters, FSDP2 shards, flat buffers counted once), gradients, and optimizer state (Adam's moments and steps;
     DeepSpeed's fp32 master partitions too)."""
     from torch.distributed._tools.common_utils import get_untyped_storages
     seen = set()
@@ -113,7 +113,8 @@ def held_bytes(model, optimizer) -> dict[str, int]:
         return total
 
     params = list(model.parameters())
-    parameters = nbytes([q for p in params for q in (p, getattr(p, "ds_tensor", None)) if q is not None and q.numel()])
+    parameters = nbytes([q for p in params for q in (p, getattr(p, "ds_tensor", None)) if q is not None and q.numel()]
+                        + list(model.buffers()))
     inner = getattr(optimizer, "optimizer", optimizer)        # DeepSpeed's ZeRO optimizer wraps torch's AdamW
     masters = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
         getattr(optimizer, "fp32_partitioned_groups_flat", [])
