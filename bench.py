@@ -809,7 +809,6 @@ def bench_plan(args):
 
 def _plan_run(name, variant):
     """The plan of one PLAN_SHAPES step (variant "plan"), or the step itself on real tensors ("real")."""
-    import dataclasses
     import plan
     import train
     from data import DataArguments
@@ -865,8 +864,11 @@ def _plan_recipe(recipe) -> str:
          configs["vision_tower_aux"], "--plan_config", f"accelerate_configs/{config}", "--device_memory_gb", "80"])
     launch = plan.launch_for(args)
     peak = plan.plan(model_args, data_args, args, launch)
-    fits = [plan.largest_batch(model_args, data_args, args, dataclasses.replace(launch, device_memory=gb * plan.GiB))
-            for gb in (24, 40, 80)]
+    print(plan.report(peak), flush=True)
+    known = {args.per_device_batch_size: peak}      # plans by batch size, shared by the three device sizes
+    fits = [plan.largest_batch(model_args, data_args, args, dataclasses.replace(launch, device_memory=gb * plan.GiB),
+                               known) for gb in (24, 40, 80)]
+    print("planned batch sizes:", {b: f"{p.peak.bytes / 2**30:.2f} GiB" for b, p in sorted(known.items())}, flush=True)
     return (f"| `{recipe}` | `{config}`, {processes} GPU(s) | {args.per_device_batch_size} x {data_args.max_length} | "
             f"{peak.peak.bytes / 2**30:.1f} GiB | {' / '.join(map(str, fits))} |")
 

@@ -1,28 +1,31 @@
 """Will it fit? The memory plan of one training step of a recipe, per device, without a GPU and without weights.
 
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train.py recipes/mgm_7b_finetune.yaml --plan
-    python train.py recipes/mgm_7b_qlora_finetune.yaml --plan --device_memory_gb 24
-    python train.py recipes/mgm_7b_finetune.yaml --plan --plan_config accelerate_configs/deepspeed_zero3.yaml \\
-        --plan_processes 8 --device_memory_gb 40
+    python train.py recipes/mgm_7b_qlora_finetune.yaml --plan --plan_config accelerate_configs/single_gpu.yaml \
+        --device_memory_gb 24
+    python train.py recipes/mgm_7b_finetune.yaml --plan --plan_config accelerate_configs/deepspeed_zero3.yaml \
+        --plan_processes 4 --device_memory_gb 40
 
-How the figures are obtained:
-- The model is built from its configs on the meta device (no weight is read), then given fake tensors
-  (torch's FakeTensorMode: shapes, dtypes, no storage), and set up by train.py's own code (LoRA / QLoRA, the stage,
-  the switches, fp32 trainables). The batch is the recipe's worst case: per_device_batch_size samples of max_length
-  positions, each with one image (packed rows: as many one-image samples as fit), every text token supervised.
-- Two optimizer steps of that batch (the second one runs with the optimizer state of the first, as every later step
-  does) go through train.forward_backward and AdamW, under accelerate's autocast, on the fake tensors. StepMemory
-  counts the bytes of every tensor storage by what holds it (parameters, gradients, optimizer state, the rest:
-  activations and temporaries) and the peak: "traced". The model's decisions on token ids and masks (where the images
-  go, how long a row is) are taken on the real, small integer tensors of the batch: an operation whose inputs are all
-  real and whose outputs are small runs for real; everything else runs on fake tensors.
-- What fake tensors cannot reach is computed from the layout and marked "computed, not traced": bitsandbytes' 4/8-bit
-  weights (packed bytes + quantization state; the step is traced with the same weights in bf16), DDP's gradient
-  buckets, DeepSpeed ZeRO-2/3 partitions (fp32 master weights, Adam state, gradient partitions, reduce bucket) and
-  FSDP2 shards (per-parameter dim-0 shards, fp32 trainables, a layer gathered at a time).
+How the figures are obtained (each printed line says which way):
+- traced: the model is built from its configs on the meta device (no weight is read), given fake tensors (torch's
+  FakeTensorMode: shapes and dtypes, no storage) and set up by train.py's own code (train.set_trainables: LoRA /
+  QLoRA, the stage, the switches, fp32 trainables). The batch is the recipe's worst case: per_device_batch_size rows
+  of max_length positions, one image per sample (packed rows: as many one-image samples as fit), every text token
+  supervised. The step runs in the state of a later step (Adam's state exists; with accumulation, so do the gradients
+  of the earlier micro-batches): train.forward_backward under accelerate's autocast, gradient clipping, AdamW with
+  foreach updates (as torch runs it on CUDA). StepMemory counts the bytes of every tensor storage by what holds it
+  (parameters, gradients, optimizer state, the rest: activations and temporaries) and their peak. The model's
+  decisions on token ids and masks (where the images go, how long a row is) are taken on the batch's real, small
+  integer tensors: an operation whose inputs are all real and whose outputs are small integers runs for real,
+  everything else on fake tensors. FSDP2 is traced too: accelerate's own FSDP2 preparation shards the model for rank
+  0 of a fake process group of the launched size (collectives return at once, as in torchtitan's estimator).
+- computed, not traced: what fake tensors cannot reach, from its layout: bitsandbytes' 4/8-bit weights (packed bytes
+  and quantization state; the step is traced with those weights in bf16, plus one dequantized weight at a time),
+  DDP's gradient buckets, DeepSpeed ZeRO-2/3 partitions (fp32 master weights, Adam's moments, gradient partitions,
+  the reduce bucket, layers gathered under ZeRO-3); the activations stay traced.
 - Fits: the planned peak is at most USABLE of the device's memory (the rest: CUDA context, cuBLAS workspaces,
-  allocator fragmentation). When it does not fit, smaller batches with more accumulation (the same global batch),
-  gradient checkpointing, ZeRO-3 and QLoRA are planned in turn, and the first that fits is suggested.
+  allocator fragmentation). When it does not fit, gradient checkpointing, smaller batches with more accumulation (the
+  same global batch), ZeRO-3 and QLoRA are planned in turn, and the first that fits is suggested.
 
 The launch: `accelerate launch` starts train.py in every process it launches. Rank 0 plans for the launched engine
 and process count (ACCELERATE_USE_DEEPSPEED / ACCELERATE_DEEPSPEED_ZERO_STAGE / ACCELERATE_USE_FSDP, WORLD_SIZE,
@@ -57,7 +60,7 @@ from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 GiB = 2 ** 30
 USABLE = 0.9                 # of a device's memory a plan may use
-REAL_LIMIT = 1 << 22         # elements: outputs of all-real inputs up to this size are computed for real
+REAL_LIMIT = 1 << 22         # elements: integer outputs of all-real inputs up to this size are computed for real
 KINDS = ("parameters", "gradients", "optimizer", "activations")
 ENGINES = {"single": "one process", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
            "fsdp2": "FSDP2"}
@@ -94,7 +97,6 @@ class Plan:
     terms: dict[str, Term]             # parameters, gradients, optimizer, activations: per device
     peak: Term
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -186,7 +188,6 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
              "optimizer": Term(tracker.steady["optimizer"], how),
              "activations": Term(tracker.peak_activations, how + ": the most activations and temporaries held")}
     peak = Term(tracker.peak, how)
-    notes = []
     quantized = model.quantized_weights
     if quantized:
         traced = sum(p.nbytes for p in quantized)
@@ -215,7 +216,7 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
              f"{model.tokens_per_image} positions each), gradient checkpointing "
              f"{'on' if model_args.gradient_checkpointing else 'off'}")
     del model, tracker, batch
-    return Plan(launch, words, args.per_device_batch_size, terms, peak, time.perf_counter() - start, notes)
+    return Plan(launch, words, args.per_device_batch_size, terms, peak, time.perf_counter() - start)
 
 
 def report(result: Plan) -> str:
@@ -229,7 +230,6 @@ def report(result: Plan) -> str:
         term = result.terms[key]
         lines.append(f"  {name:16} {gib(term.bytes):>10}  {term.how}")
     lines.append(f"  {'peak':16} {gib(result.peak.bytes):>10}  {result.peak.how}")
-    lines += [f"  note: {n}" for n in result.notes]
     share = result.peak.bytes / launch.device_memory
     usable = gib(USABLE * launch.device_memory)
     lines.append(f"device: {gib(launch.device_memory)} ({launch.device}), of which {usable} usable "
@@ -242,8 +242,8 @@ def report(result: Plan) -> str:
 
 def suggest(model_args, data_args, args, launch: Launch, result: Plan):
     """(options, plan) of the first candidate that fits, checked by planning it; None when none does.
-    Candidates in order: gradient checkpointing; smaller batches with more accumulation (the same global batch);
-    ZeRO-3 instead of DDP / ZeRO-2 / FSDP2 on several processes; QLoRA instead of a full or LoRA finetune. A smaller
+    Candidates (see candidates): gradient checkpointing; smaller batches with more accumulation (the same global
+    batch); ZeRO-3 instead of DDP / ZeRO-2 / FSDP2 on several processes; QLoRA instead of a full or LoRA finetune. A smaller
     batch of a setup already planned is skipped while its predicted peak (activations in proportion to the batch)
     is still too large."""
     planned = {(model_args.gradient_checkpointing, launch.engine, args.tune): result}
@@ -264,40 +264,33 @@ def predicted_peak(result: Plan, batch: int) -> float:
     return result.peak.bytes + (batch - result.batch_size) * per_sample
 
 
-def candidates(model_args, args, launch: Launch):
-    """(options as typed, model_args, args, engine) to try, cheapest change first."""
+def candidates(model_args, args, launch: Launch) -> list[tuple[str, object, object, str]]:
+    """(the changes as typed, model_args, args, engine) to try, cheapest change first: gradient checkpointing on,
+    then halving the batch (keeping the global batch), then ZeRO-3 on several processes, then QLoRA (one process or
+    DDP, as bitsandbytes' weights are not sharded here)."""
+    engines = [launch.engine] + (["zero3"] if launch.processes > 1 and launch.engine != "zero3" else [])
+    qlora = args.stage == "finetune" and args.tune != "qlora" and launch.engine in ("single", "ddp")
+    tunes = [(args.tune, model_args.bits)] + ([("qlora", 4)] if qlora else [])
+    global_batch = args.per_device_batch_size * args.gradient_accumulation_steps
     found = []
-    ckpt = model_args.gradient_checkpointing
-    with_ckpt = dataclasses.replace(model_args, gradient_checkpointing=True)
-    engines = [launch.engine]
-    if launch.processes > 1 and launch.engine != "zero3":
-        engines.append("zero3")
-    tunes = [(args.tune, model_args.bits)]
-    if args.stage == "finetune" and args.tune != "qlora":
-        tunes.append(("qlora", 4))
     for tune, bits in tunes:
         for engine in engines:
             batch = args.per_device_batch_size
-            while True:
-                words = [] if ckpt else ["--gradient_checkpointing true"]
+            while batch >= 1:
+                words = [] if model_args.gradient_checkpointing else ["--gradient_checkpointing true"]
                 if engine != launch.engine:
-                    words.append("(launched with accelerate_configs/deepspeed_zero3.yaml)")
+                    words.insert(0, "accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml ...")
                 if tune != args.tune:
                     words.append(f"--tune {tune} --bits {bits}")
-                accumulation = args.gradient_accumulation_steps * args.per_device_batch_size // batch
                 if batch != args.per_device_batch_size:
-                    words.append(f"--per_device_batch_size {batch} --gradient_accumulation_steps {accumulation}")
-                changed = words and (tune, engine, batch, ckpt) != (args.tune, launch.engine,
-                                                                    args.per_device_batch_size, True)
-                if changed:
-                    found.append((" ".join(words), dataclasses.replace(with_ckpt, bits=bits),
+                    words.append(f"--per_device_batch_size {batch} --gradient_accumulation_steps "
+                                 f"{global_batch // batch}")
+                if words:
+                    found.append((" ".join(words),
+                                  dataclasses.replace(model_args, gradient_checkpointing=True, bits=bits),
                                   dataclasses.replace(args, tune=tune, per_device_batch_size=batch,
-                            ), engine))
-                if batch == 1:
-                    break
-                batch = max(1, batch // 2)
-                while args.per_device_batch_size * args.gradient_accumulation_steps % batch:
-                    batch -= 1         # keep the global batch: a batch that divides it
+                                                      gradient_accumulation_steps=global_batch // batch), engine))
+                batch = next((b for b in range(batch // 2, 0, -1) if global_batch % b == 0), 0)
     return found
 
 
@@ -581,7 +574,7 @@ def worst_case_batch(model, data_args, batch_size: int, fake: FakeTensorMode) ->
     batch = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), images=pixels, images_aux=aux,
                  image_counts=torch.full((batch_size,), samples), ids=[f"plan{i}" for i in range(images)], skipped=[])
     if data_args.packing:
-        batch["position_ids"] = torch.arange(1 + text - 1 + 1).repeat(samples)[:ids.shape[1]].repeat(batch_size, 1)
+        batch["position_ids"] = torch.arange(text + 1).repeat(samples).repeat(batch_size, 1)   # restart per sample
     return batch
 
 
