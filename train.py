@@ -353,7 +353,8 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
         templates = sorted(conversation.TEMPLATES) + ["auto"]
         rules += [
             ("template", d.template, d.template in templates, " | ".join(templates)),
-            ("image_aspect_ratio", d.image_aspect_ratio, d.image_aspect_ratio in ("pad", "resize"), "pad | resize"),
+            ("image_aspect_ratio", d.image_aspect_ratio, d.image_aspect_ratio in ("pad", "resize", "crop"),
+             "pad | resize | crop"),
             ("bad_sample", d.bad_sample, d.bad_sample in ("skip", "error"), "skip | error"),
             ("max_length", d.max_length, d.max_length >= 1, ">= 1"),
             ("num_frames", d.num_frames, d.num_frames >= 1, ">= 1"),
