@@ -64,7 +64,7 @@ REAL_LIMIT = 1 << 22         # elements: integer outputs of all-real inputs up t
 KINDS = ("parameters", "gradients", "optimizer", "activations")
 ENGINES = {"single": "one process", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
            "fsdp2": "FSDP2"}
-DEEPSPEED_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size when the config leaves it out (ours do)
+DEEPSPEED_BUCKET = int(5e8)  # elements: DeepSpeed's reduce_bucket_size when the config leaves it out (ours do)
 DEEPSPEED_ALIGNMENT = 2      # ZeRO-1/2 pad each flat group to a multiple of 2 x processes elements
 
 
@@ -608,7 +608,7 @@ def deepspeed_layout(model, args, launch: Launch) -> dict[str, Term]:
             return math.ceil(total / (DEEPSPEED_ALIGNMENT * n)) * DEEPSPEED_ALIGNMENT
         parts = [partition(g) for g in groups]
         padding = sum(p * n - sum(x.numel() for x in g) for p, g in zip(parts, groups))
-        bucket = min(DEEPSPEED_BUCKET, sum(p.numel() for p in trainable))
+        bucket = DEEPSPEED_BUCKET    # allocated whole, whatever the model's size
         return dict(
             parameters=Term(sum(p.numel() * low for p in params) + padding * low + buffers,
                             "computed, not traced: every parameter on every rank (DeepSpeed casts them to "
@@ -624,7 +624,7 @@ def deepspeed_layout(model, args, launch: Launch) -> dict[str, Term]:
         held = sum(math.ceil(p.numel() / n) + (p.numel() if p.numel() <= threshold else 0) for p in params)
         parts = sum(math.ceil(p.numel() / n) for p in trainable)
         layer = max((sum(q.numel() for q in block.parameters()) for block in blocks(model)), default=0)
-        bucket = min(DEEPSPEED_BUCKET, sum(p.numel() for p in trainable))
+        bucket = DEEPSPEED_BUCKET    # allocated whole, whatever the model's size
         return dict(
             parameters=Term(held * low + buffers, f"computed, not traced: this rank's 1/{n} of each parameter (those of "
                             f"{threshold:,} elements or fewer whole)"),

@@ -13,6 +13,7 @@ import torch
 
 import plan
 import train
+from cli import UserError
 from data import DataArguments
 from tests.test_train import run_in_process, tiny, write_recipe  # noqa: F401
 from tests.tiny_models import save_tiny_checkpoints
@@ -99,10 +100,13 @@ def test_the_launch_comes_from_accelerate_or_the_named_config(monkeypatch):
     assert plan.launch_for(dataclasses.replace(args, plan_processes=2)).processes == 2
     for name in ("ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
         monkeypatch.delenv(name)
-    named = dataclasses.replace(args, plan_config="accelerate_configs/fsdp.yaml")
-    assert plan.launch_for(named) == plan.Launch("fsdp2", 8, "bf16", 80 * plan.GiB, "--device_memory_gb")
+    named = plan.launch_for(dataclasses.replace(args, plan_config="accelerate_configs/fsdp.yaml"))
+    assert (named.engine, named.processes, named.mixed_precision, named.fsdp["fsdp_version"]) == ("fsdp2", 8, "bf16", 2)
     assert plan.launch_for(dataclasses.replace(args, plan_config="accelerate_configs/single_gpu.yaml")).engine == \
         "single"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(UserError, match="does not model CPU offload"):
+        plan.launch_for(args)
 
 
 def test_only_rank_0_plans(monkeypatch, capsys):
