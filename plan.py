@@ -209,8 +209,8 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
         terms.update(parameters=layout["parameters"], gradients=layout["gradients"], optimizer=layout["optimizer"])
         transient = max(terms["activations"].bytes + layout["gathered"].bytes, layout["step"].bytes)
         peak = Term(sum(terms[k].bytes for k in ("parameters", "gradients", "optimizer")) + transient,
-                    f"computed: parameters + gradients + optimizer state + the larger of activations with "
-                    f"{layout['gathered'].how} and the optimizer step's {layout['step'].how}")
+                    f"computed: parameters + gradients + optimizer state + the larger of the activations "
+                    f"({layout['gathered'].how}) and the optimizer step's {layout['step'].how}")
     images = "one image" if not data_args.packing else f"{int(batch['image_counts'][0])} one-image samples"
     words = (f"{args.per_device_batch_size} x {data_args.max_length} positions per device ({images} per row, "
              f"{model.tokens_per_image} positions each), gradient checkpointing "
@@ -295,30 +295,35 @@ def candidates(model_args, args, launch: Launch) -> list[tuple[str, object, obje
 
 
 def largest_batch(model_args, data_args, args, launch: Launch, known: dict | None = None) -> int:
-    """The largest per_device_batch_size whose plan fits (0: not even 1): predicted from the plans of batch 1 and the
-    recipe's batch (activations in proportion to the batch), then checked by planning it and the next one up.
+    """The largest per_device_batch_size whose plan fits (0: not even 1), found by planning: from the plans of batch
+    1 and the recipe's batch, a fitting and a too large batch are bracketed (doubling), then the bracket is narrowed
+    at the batch where the peak, interpolated between its ends, reaches the usable memory, until the two are adjacent.
     known: plans by batch size already made for this setup (shared between device sizes)."""
     known = {} if known is None else known
+    usable = USABLE * launch.device_memory
 
-    def planned(batch: int) -> Plan:
+    def peak(batch: int) -> int:
         if batch not in known:
             known[batch] = plan(model_args, data_args, dataclasses.replace(args, per_device_batch_size=batch),
                                 dataclasses.replace(launch, device_memory=0))
-        return known[batch]
+        return known[batch].peak.bytes
 
-    def fits(batch: int) -> bool:
-        return planned(batch).peak.bytes <= USABLE * launch.device_memory
-
-    if not fits(1):
+    if peak(1) > usable:
         return 0
-    one, other = planned(1), planned(max(2, args.per_device_batch_size))
-    per_sample = (other.peak.bytes - one.peak.bytes) / (other.batch_size - 1)
-    guess = max(1, int((USABLE * launch.device_memory - one.peak.bytes) / per_sample) + 1 if per_sample > 0 else 1)
-    while guess > 1 and not fits(guess):
-        guess -= 1
-    while guess < 4096 and fits(guess + 1):
-        guess += 1
-    return guess
+    peak(args.per_device_batch_size)
+    low = max(b for b in known if known[b].peak.bytes <= usable)
+    high = min((b for b in known if known[b].peak.bytes > usable), default=None)
+    while high is None:
+        if low >= 4096:
+            return low
+        high = low * 2 if peak(low * 2) > usable else None
+        low = low if high else low * 2
+    while high - low > 1:
+        slope = (peak(high) - peak(low)) / (high - low)
+        guess = low + int((usable - peak(low)) / slope) if slope > 0 else (low + high) // 2
+        guess = min(max(guess, low + 1), high - 1)
+        low, high = (guess, high) if peak(guess) <= usable else (low, guess)
+    return low
 
 
 def gib(n: float) -> str:
@@ -617,7 +622,7 @@ def deepspeed_layout(model, args, launch: Launch) -> dict[str, Term]:
                            f"computed, not traced: this rank's 1/{n} of the gradients + the reduce bucket"),
             optimizer=Term(sum(parts) * 12 + 4 * len(parts),
                            f"computed, not traced: this rank's 1/{n} of fp32 master weights and Adam's two moments"),
-            gathered=Term(0, "nothing gathered"),
+            gathered=Term(0, "parameters all held"),
             step=Term(sum(parts) * (4 + 4), "fp32 gradient partition and foreach temporaries"))
     if launch.engine == "zero3":
         threshold = 10 * model.llm.config.get_text_config().hidden_size   # as train.py sets it
@@ -632,7 +637,7 @@ def deepspeed_layout(model, args, launch: Launch) -> dict[str, Term]:
                            f"computed, not traced: this rank's 1/{n} of the gradients + the reduce bucket"),
             optimizer=Term(parts * 12 + 4 * len(groups),
                            f"computed, not traced: this rank's 1/{n} of fp32 master weights and Adam's two moments"),
-            gathered=Term(2 * layer * low, "two layers gathered (computed)"),
+            gathered=Term(2 * layer * low, "with two layers gathered"),
             step=Term(parts * 8, "fp32 gradient partition and foreach temporaries"))
 
 
