@@ -799,8 +799,8 @@ def bench_plan(args):
     print(f"{'':28} {'planned MB':>11} {'tracked MB':>11} {'RSS MB':>9} {'planned/tracked':>16} {'plan s':>7} "
           f"{'real CPU-s':>11}")
     for name in PLAN_SHAPES if not args.quick else ["tiny"]:
-        planned = _in_subprocess(_plan_run, name, "plan")
-        real = _in_subprocess(_plan_run, name, "real")
+        run = _in_subprocess if not args.quick else (lambda fn, *a: fn(*a))   # --quick: no fresh process, no RSS
+        planned, real = run(_plan_run, name, "plan"), run(_plan_run, name, "real")
         print(f"{name:28} {planned['peak'] / 2**20:>11,.1f} {real['peak'] / 2**20:>11,.1f} {real['rss_mb']:>9,.0f} "
               f"{planned['peak'] / real['peak']:>16.4f} {planned['seconds']:>7.1f} {real['seconds']:>11.1f}")
         for kind in ("parameters", "gradients", "optimizer", "activations"):

@@ -206,7 +206,9 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
         peak = Term(peak.bytes + buckets, "traced + computed")
     if launch.engine in ("zero2", "zero3"):
         layout = deepspeed_layout(model, args, launch)
-        terms.update(parameters=layout["parameters"], gradients=layout["gradients"], optimizer=layout["optimizer"])
+        terms.update(parameters=layout["parameters"], gradients=layout["gradients"], optimizer=layout["optimizer"],
+                     activations=Term(tracker.backward_activations, "traced: the most activations and temporaries "
+                                      "of forward and backward (DeepSpeed's update: computed, below)"))
         transient = max(terms["activations"].bytes + layout["gathered"].bytes, layout["step"].bytes)
         peak = Term(sum(terms[k].bytes for k in ("parameters", "gradients", "optimizer")) + transient,
                     f"computed: parameters + gradients + optimizer state + the larger of the activations "
@@ -366,6 +368,7 @@ class StepMemory(TorchDispatchMode):
         self.steady = dict.fromkeys(KINDS, 0)      # the most each kind held
         self.peak = 0
         self.peak_activations = 0
+        self.backward_activations = 0              # the most up to the end of the backward pass
 
     def hold(self, tensors, kind: str, relabel: bool = True) -> None:
         """Count these tensors' storages as `kind`; a storage already counted changes kind if `relabel` (a new
@@ -493,6 +496,7 @@ def step_memory(model, args, batch: dict, *, mixed_precision: str, fake=None) ->
             prepared.train()
             window = [batch]
             train.forward_backward(accelerator, prepared, window, train.supervised_tokens(accelerator, window))
+            tracker.backward_activations = tracker.peak_activations   # before the update's temporaries
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else
                                         float("inf"))
             optimizer.step()
