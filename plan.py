@@ -445,8 +445,8 @@ class StepMemory(TorchDispatchMode):
                 return 0.0             # a value for a log line; no decision of the model reads a float
             written = [a for a, s in zip(args, func._schema.arguments) if s.alias_info and s.alias_info.is_write]
             if any(isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) for a in written):
-                raise RuntimeError(f"plan: {func} would write fake values into a real tensor {[(type(a).__name__, getattr(a, 'shape', a)) for a in args]}; make that tensor "
-                                   "larger than plan.REAL_LIMIT or derive it from a fake one")
+                raise RuntimeError(f"plan: {func} would write fake values into a real tensor of shape "
+                                   f"{[tuple(a.shape) for a in written]}: create that tensor from a fake one")
             with self.fake:
                 return func(*args, **kwargs)
         if func._schema.is_mutable or func.is_view:
@@ -457,6 +457,8 @@ class StepMemory(TorchDispatchMode):
         except (DataDependentOutputException, DynamicOutputShapeException):
             return func(*args, **kwargs)   # item(), nonzero(): sizes that only the values tell, of small tensors
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        # integers and booleans are positions, masks and counts; float64 is the model's exact CPU-side geometry
+        # (mining's interpolation matrices); fp32 / bf16 values are data, and stay fake
         if all(t.numel() <= REAL_LIMIT and (not t.is_floating_point() or t.dtype == torch.float64) for t in outputs):
             return func(*args, **kwargs)
         return out
