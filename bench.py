@@ -6,7 +6,9 @@
     python bench.py splice    # one vectorized scatter vs LLaVA's per-sample loop at 7B shapes
     python bench.py mining    # peak memory and time: memory-light vs reference patch info mining at MGM(-HD) shapes
     python bench.py train     # tokens/s and peak memory of training steps (CPU: tiny, ~100M; CUDA: MGM-7B(-HD), QLoRA)
-    python bench.py stop      # per-step cost of the ranks' stop agreement: the step's last all-reduce with / without it
+    python bench.py stop      # per-step cost of the ranks' stop agreement: the step's collectives before / with it
+    python bench.py plan      # train.py --plan's memory plan against the same step run for real (CPU: StepMemory, RSS)
+    python bench.py plan --recipe recipes/mgm_7b_finetune.yaml   # README's table row: planned peak, largest batches
 
 Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
 seconds (see clock()), wall seconds on CUDA. Each variant whose memory is measured runs in a fresh process; on CPU
@@ -67,6 +69,8 @@ def main(argv=None):
                                         help="samples per batch (default: %(default)s)")
     sub.choices["mining"].add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                                        help="float32 on CPU; bfloat16 on CUDA (default: %(default)s)")
+    sub.choices["plan"].add_argument("--recipe", action="append", default=[],
+                                     help="an MGM-7B recipe: its planned peak and largest batches on 24/40/80 GB")
     args = parser.parse_args(argv)
     print(machine())
     args.fn(args)
@@ -783,7 +787,7 @@ def _save_timm_convnext(path, dims, depths) -> str:
 # =============================================================================================================
 def bench_stop(args):
     """Per-step cost of the stop agreement: the step's all-reduces before it (loss; token and sample counts) vs train.py's one all-reduce of totals and stop votes."""
-    import train   # noqa: F401 - imported once here, inherited by the forked ranks
+    __import__("train")   # imported once here, inherited by the forked ranks
     blocks, calls = (4, 50) if args.quick else (40, 250)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -837,6 +841,116 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# =============================================================================================================
+# plan: train.py --plan against the same step run for real
+# =============================================================================================================
+# Each recipe's intended launch (its header comment): accelerate config, processes.
+RECIPE_LAUNCH = {"mgm_7b_pretrain.yaml": ("multi_gpu.yaml", 8), "mgm_7b_finetune.yaml": ("deepspeed_zero2.yaml", 8),
+                 "mgm_7b_hd_finetune.yaml": ("deepspeed_zero2.yaml", 8),
+                 "mgm_7b_qlora_finetune.yaml": ("single_gpu.yaml", 1)}
+PLAN_SHAPES = {  # name: (LLM config changes from Vicuna-7B, or a TRAIN_SHAPES size), tune, batch, max_length, mixed prec.
+    "tiny": ("tiny", "full", 4, 128, "no"),
+    "100m": ("100m", "full", 4, 448, "no"),
+    "7b-wide-2-layers": ("7b", "lora", 1, 2048, "bf16"),
+}
+
+
+def bench_plan(args):
+    """Planned memory (train.py --plan, fake tensors) against the same step run for real on CPU; or --recipe: the
+    planned peak and the largest per_device_batch_size that fits 24 / 40 / 80 GB for MGM-7B recipes."""
+    if args.recipe:
+        return _plan_recipes(args.recipe)
+    print("CPU: one step in the state of a later step (optimizer state present), finetune stage, gradient "
+          "checkpointing; planned = plan.plan on fake tensors; real = the same step (plan.step_memory) on real tensors "
+          "under the same tracker, and the process's peak RSS above its RSS before the model was built")
+    print(f"{'':28} {'planned MB':>11} {'tracked MB':>11} {'RSS MB':>9} {'planned/tracked':>16} {'plan s':>7} "
+          f"{'real CPU-s':>11}")
+    for name in PLAN_SHAPES if not args.quick else ["tiny"]:
+        run = _in_subprocess if not args.quick else (lambda fn, *a: fn(*a))   # --quick: no fresh process, no RSS
+        planned, real = run(_plan_run, name, "plan"), run(_plan_run, name, "real")
+        print(f"{name:28} {planned['peak'] / 2**20:>11,.1f} {real['peak'] / 2**20:>11,.1f} {real['rss_mb']:>9,.0f} "
+              f"{planned['peak'] / real['peak']:>16.4f} {planned['seconds']:>7.1f} {real['seconds']:>11.1f}")
+        for kind in ("parameters", "gradients", "optimizer", "activations"):
+            print(f"  {kind:26} {planned[kind] / 2**20:>11,.1f} {real[kind] / 2**20:>11,.1f}")
+
+
+def _plan_run(name, variant):
+    """The plan of one PLAN_SHAPES step (variant "plan"), or the step itself on real tensors ("real")."""
+    import plan
+    import train
+    from data import DataArguments
+    from model import ModelArguments
+    size, tune, batch, length, mixed = PLAN_SHAPES[name]
+    llm_kw, clip_kw, hr, aux_side = TRAIN_SHAPES[size][:4]
+    if name == "7b-wide-2-layers":
+        llm_kw = dict(llm_kw, num_hidden_layers=2)
+    root = Path(tempfile.mkdtemp(prefix="mgm-bench-plan-"))
+    model_args = ModelArguments(
+        llm=_save_config(root / "llm", "llama", llm_kw), random_init=True, gradient_checkpointing=True,
+        vision_tower=_save_config(root / "clip", "clip_vision_model", clip_kw), image_size_aux=aux_side,
+        vision_tower_aux=hr if isinstance(hr, str) else _save_timm_convnext(root / "convnext", **hr),
+        dtype="bfloat16" if mixed == "bf16" else "float32")
+    args = train.TrainArguments(stage="finetune", tune=tune, lora_r=128, lora_alpha=256, per_device_batch_size=batch)
+    data_args = DataArguments(data_path="-", max_length=length)
+    start, cpu = time.perf_counter(), time.process_time()
+    if variant == "plan":
+        result = plan.plan(model_args, data_args, args, plan.Launch("single", 1, mixed, 80 * plan.GiB))
+        return dict({k: t.bytes for k, t in result.terms.items()}, peak=result.peak.bytes,
+                    seconds=time.perf_counter() - start)
+    before = _proc_status("VmRSS")
+    torch.manual_seed(0)
+    model = train.build(model_args, args, None)
+    fake = plan.PlanFakeMode()
+    batch_ = plan.worst_case_batch(model, data_args, batch, fake)
+    batch_["images"] = torch.randn(batch_["images"].shape)
+    batch_["images_aux"] = torch.randn(batch_["images_aux"].shape)
+    _reset_peak()
+    tracker = plan.step_memory(model, args, batch_, mixed_precision=mixed)
+    return dict(tracker.steady, activations=tracker.peak_activations, peak=tracker.peak,
+                rss_mb=_proc_status("VmHWM") - before, seconds=time.process_time() - cpu)
+
+
+def _plan_recipes(recipes):
+    """One README row per recipe: its intended launch, the planned peak per GPU at the recipe's batch, the largest
+    per_device_batch_size that fits 24 / 40 / 80 GB (each checked by planning it and the next size up)."""
+    print("| recipe | launch | batch x max_length | planned peak per GPU | largest batch on 24 / 40 / 80 GB |")
+    print("|---|---|---|---|---|")
+    for recipe in recipes:
+        row = _in_subprocess(_plan_recipe, recipe, exact_rss=False)
+        print(row, flush=True)
+
+
+def _plan_recipe(recipe) -> str:
+    import dataclasses
+    import plan
+    import train
+    configs = mgm_7b_configs(CACHE / "mgm-7b-configs")
+    config, processes = RECIPE_LAUNCH[Path(recipe).name]
+    model_args, data_args, args = train.parse_args(
+        [recipe, "--llm", configs["llm"], "--vision_tower", configs["vision_tower"], "--vision_tower_aux",
+         configs["vision_tower_aux"], "--plan_config", f"accelerate_configs/{config}", "--device_memory_gb", "80"])
+    launch = plan.launch_for(args)
+    peak = plan.plan(model_args, data_args, args, launch)
+    print(plan.report(peak), flush=True)
+    known = {args.per_device_batch_size: peak}      # plans by batch size, shared by the three device sizes
+    fits = [plan.largest_batch(model_args, data_args, args, dataclasses.replace(launch, device_memory=gb * plan.GiB),
+                               known) for gb in (24, 40, 80)]
+    print("planned batch sizes:", {b: f"{p.peak.bytes / 2**30:.2f} GiB" for b, p in sorted(known.items())}, flush=True)
+    return (f"| `{recipe}` | `{config}`, {processes} GPU(s) | {args.per_device_batch_size} x {data_args.max_length} | "
+            f"{peak.peak.bytes / 2**30:.1f} GiB | {' / '.join(map(str, fits))} |")
+
+
+def mgm_7b_configs(root: Path) -> dict:
+    """Config-only checkpoints of MGM-7B's parts, written from their published configs (for --plan where the hub
+    cannot be reached): Vicuna-7B v1.5 (Llama, 4096 wide, 32 layers, vocab 32000) and CLIP ViT-L/14-336 with its
+    image processor; OpenCLIP's convnext_large_d_320 is known to open_clip by name."""
+    llm_kw, clip_kw = TRAIN_SHAPES["7b"][:2]
+    llm = _save_config(root / "vicuna-7b-v1.5", "llama", dict(llm_kw, rms_norm_eps=1e-5, bos_token_id=1,
+                                                               eos_token_id=2, pad_token_id=0))
+    clip = _save_config(root / "clip-vit-large-patch14-336", "clip_vision_model", clip_kw)
+    return dict(llm=llm, vision_tower=clip, vision_tower_aux="convnext_large_d_320")
 
 
 # =============================================================================================================
@@ -898,7 +1012,7 @@ def _proc_status(key) -> float:
 
 
 COMMANDS = {"data": bench_data, "index": bench_index, "padding": bench_padding, "splice": bench_splice,
-            "mining": bench_mining, "train": bench_train, "stop": bench_stop}
+            "mining": bench_mining, "train": bench_train, "stop": bench_stop, "plan": bench_plan}
 
 if __name__ == "__main__":
     run(main, "bench.py")

@@ -42,7 +42,7 @@ RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "export", "export.tmp", "mgm")  # besi
 RESUMABLE = ("output_dir", "export_dir", "overwrite_output_dir", "resume", "max_steps", "num_epochs", "logging_steps",
              "report_to", "eval_data_path", "eval_steps", "save_steps", "save_total_limit", "max_bad_steps",
              "max_skip_fraction", "num_workers", "cache_dir", "num_proc", "gradient_checkpointing",
-             "ddp_find_unused_parameters", "max_time")
+             "ddp_find_unused_parameters", "max_time", "plan", "device_memory_gb", "plan_config", "plan_processes")
 PATH_SETTINGS = ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path", "data_path", "image_folder")
 _LOCKS: dict = {}   # lock files this process holds, by path (kept open: the lock lasts as long as the process)
 

@@ -92,6 +92,11 @@ class TrainArguments:
     max_time: str = ""                   # stop with a checkpoint before this much time since start has passed:
     #   seconds or [D-]HH:MM:SS as SLURM writes it (23:30:00 in a 24-hour job); "" = no limit. See StopRequests.
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
+    # Memory plan (plan.py): one worst-case step traced on fake tensors, per device, then exit; nothing is written.
+    plan: bool = False                   # print the memory plan of this recipe under its launch instead of training
+    device_memory_gb: float = 0.0        # --plan: one device's memory in GiB; 0: the CUDA device's
+    plan_config: str = ""                # --plan without accelerate launch: the accelerate config to plan for
+    plan_processes: int = 0              # --plan: processes (GPUs) to plan for; 0: the launch's / plan_config's
 
 
 # The settings, grouped as --help shows them: model (model.py), data (data.py), training (above).
@@ -135,6 +140,10 @@ def main(argv: list[str] | None = None) -> str | None:
     model_args, data_args, args = parse_args(argv)
     config = resolved_config(model_args, data_args, args)
     check_args(model_args, args, data_args)  # every setting, before anything is loaded
+    if args.plan:  # rank 0 plans for the launched processes, the others leave at once: no process group, no files
+        import plan
+        plan.main(model_args, data_args, args)
+        return ""
     check_paths(model_args, data_args, args)
     with StopRequests(max_time=duration_seconds(args.max_time)) as stop:
         try:
@@ -179,7 +188,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         raise UserError(f"no optimizer step to take: {per_epoch} batches per rank per epoch, accumulation {G}")
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
-    optimizer = torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
+    optimizer = make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_at, peak=1.0, warmup=warmup, total=total_steps))
     ds_plugin = accelerator.state.deepspeed_plugin
     if ds_plugin is not None:  # DeepSpeed reads the batch from a prepared loader (ours is not one) and clips itself
@@ -581,7 +590,11 @@ def build(model_args, args: TrainArguments, tokenizer, device=None, upcast_train
     (upcast_trainables): the optimizer updates fp32 weights, and compute precision is accelerate's business.
     FSDP2 upcasts trainables itself and DeepSpeed keeps its own fp32 master copy: there, upcasting here would only
     cost host memory (28 GB for a 7B LLM, per process)."""
-    model = mgm.build_model(model_args, tokenizer, device=device)
+    return set_trainables(mgm.build_model(model_args, tokenizer, device=device), args, upcast_trainables)
+
+
+def set_trainables(model, args: TrainArguments, upcast_trainables=True):
+    """LoRA / QLoRA adapters, the stage table, the switches, trainables in fp32 (see build)."""
     if args.tune in ("lora", "qlora"):
         model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     mgm.set_stage(model, args.stage, tune_vision_tower=args.tune_vision_tower,
@@ -605,6 +618,10 @@ def apply_switches(model, args: TrainArguments) -> None:
         model.vision_tower.tune_last_layers()
     if args.tune_vision_tower_aux:  # the HR tower's last stage
         model.vision_tower_aux.tune_last_stage()
+
+
+def make_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
 
 
 def param_groups(model, args: TrainArguments) -> list[dict]:
@@ -902,7 +919,7 @@ def command(argv: list[str] | None = None) -> None:
     """`python train.py ...`: exits with 0 (done), STOPPED (stopped early with a checkpoint: resume me), 2 (a settings
     error, one line), 130 (a second Ctrl-C) or 1 (a crash, with its traceback)."""
     with exit_status_recorded(os.environ.get("MGM_EXIT_STATUS_FILE")):
-        sys.exit(0 if run(main, "train.py", argv) else STOPPED)
+        sys.exit(STOPPED if run(main, "train.py", argv) is None else 0)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
   for FSDP and no accelerator is visible, accelerate's shared state is turned into FSDP as it is created, so
   train.main's Accelerator runs FSDP2 (train.py itself refuses such a config on CPU).
 - MGM_SHARDS_FILE=path: after the first optimizer step each rank appends, for every parameter, how many elements it
-  holds and the full size (ZeRO-3 and FSDP2 shard parameters; DDP and ZeRO-2 hold them whole) to path.<rank>.
+  holds and the full size (ZeRO-3 and FSDP2 shard parameters; DDP and ZeRO-2 hold them whole) to path.<rank>; after
+  the second step's backward, the bytes it holds as parameters, gradients and optimizer state to path.memory.<rank>
+  (tests/test_plan.py holds the memory plan to them).
 - MGM_TEST_HANG_AT_SAVE=N (tests/test_train.py's kill -9 test): once checkpoint N is written but not yet renamed
   into place, print "hanging pid=<pid> at save:N" and sleep, so the test can kill the process there.
 train.command: train.py's exit statuses; train.main shuts the process group down itself.
@@ -21,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoint  # noqa: E402
+import torch  # noqa: E402
 import train  # noqa: E402
 from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
@@ -55,14 +58,17 @@ def record_shards_after_first_step(path: str):
 
     def recording(accelerator, model, *rest):
         out = forward_backward(accelerator, model, *rest)
-        if not recording.done:
+        recording.calls += 1
+        if recording.calls == 1:
             sizes = {name: held_and_full(p) for name, p in model.named_parameters()}
             with open(f"{path}.{accelerator.process_index}", "w") as f:
                 json.dump(sizes, f)
-            recording.done = True
+        if recording.calls == 2:       # a later step: the optimizer state of the first is there
+            with open(f"{path}.memory.{accelerator.process_index}", "w") as f:
+                json.dump(held_bytes(model, accelerator._optimizers[0].optimizer), f)
         return out
 
-    recording.done = False
+    recording.calls = 0
     train.forward_backward = recording
 
 
@@ -88,6 +94,33 @@ def held_and_full(p) -> tuple[int, int]:
     if isinstance(p, DTensor):               # FSDP2: the local shard of a DTensor
         return p.to_local().numel(), p.numel()
     return p.numel(), p.numel()
+
+
+def held_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes this rank holds at the end of a step's backward: parameters and buffers (ZeRO-3 partitions and
+    persistent parameters, FSDP2 shards, flat buffers counted once), gradients, and optimizer state (Adam's moments and steps;
+    DeepSpeed's fp32 master partitions too)."""
+    from torch.distributed._tools.common_utils import get_untyped_storages
+    seen = set()
+
+    def nbytes(tensors) -> int:
+        total = 0
+        for t in tensors:
+            for storage in get_untyped_storages(t):
+                if storage.nbytes() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        return total
+
+    params = list(model.parameters())
+    parameters = nbytes([q for p in params for q in (p, getattr(p, "ds_tensor", None)) if q is not None and q.numel()]
+                        + list(model.buffers()))
+    inner = getattr(optimizer, "optimizer", optimizer)        # DeepSpeed's ZeRO optimizer wraps torch's AdamW
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(optimizer, "fp32_partitioned_groups_flat", [])
+    state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {"parameters": parameters, "gradients": nbytes([p.grad for p in params if p.grad is not None]),
+            "optimizer": nbytes(list(masters) + state)}
 
 
 if __name__ == "__main__":

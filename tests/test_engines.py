@@ -7,6 +7,7 @@ Every 2-process run takes 4 optimizer steps with a checkpoint at step 2 and serv
 - its per-step losses equal the 1-process run's to 1e-5;
 - its export is whole (the same files and tensors as the 1-process export, not shards) and gives the same logits;
 - ZeRO-3 and FSDP2 runs really shard: during training a rank holds only part of a parameter;
+- the finetune runs hold per rank what plan.py plans for them (parameters, optimizer state; FSDP2's gradients);
 - resumed runs: checkpoint-4 and the export are deleted, `--resume auto` continues from checkpoint-2 and must give
   steps 3 and 4 and the export again.
 DeepSpeed compiles one small C++ extension with the system's g++ at first start (about 35 s); it is cached under
@@ -31,7 +32,7 @@ from tests.test_train import (DIST_VARS, LAUNCH, ROOT, free_port, metrics, run_i
 from tests.tiny_models import save_tiny_checkpoints, tiny_batch
 
 ENGINES = {  # config, the script launched, the `distributed:` line
-    "zero2": ("deepspeed_zero2.yaml", "train.py", "DistributedType.DEEPSPEED (ZeRO-2), 2 process(es)"),
+    "zero2": ("deepspeed_zero2.yaml", "tests/launch_train.py", "DistributedType.DEEPSPEED (ZeRO-2), 2 process(es)"),
     "zero3": ("deepspeed_zero3.yaml", "tests/launch_train.py", "DistributedType.DEEPSPEED (ZeRO-3), 2 process(es)"),
     "zero3_moe": ("deepspeed_zero3_moe.yaml", "tests/launch_train.py",
                   "DistributedType.DEEPSPEED (ZeRO-3), 2 process(es)"),
@@ -85,6 +86,8 @@ def test_two_processes_equal_one(reference, tmp_path, engine, recipe, resume):
     assert_same_export(ref / "export", run / "export")
     if engine.startswith(("zero3", "fsdp2")):
         assert_sharded(shards)
+    if recipe == "finetune":
+        assert_planned_as_held(recipe_path, engine, shards)
     if resume:
         for step_4 in (run / "checkpoint-000004", run / "export"):
             shutil.rmtree(step_4)
@@ -212,6 +215,19 @@ def assert_sharded(shards: Path):
         held = [rank[name][0] for rank in ranks]
         full = ranks[0][name][1]
         assert all(0 < h < full for h in held) and sum(held) >= full, (name, held, full)
+
+
+def assert_planned_as_held(recipe: Path, engine: str, shards: Path):
+    """plan.py's per-rank parameters and optimizer state for this launch (and FSDP2's gradients) are the bytes rank 0
+    held after the second step's backward (tests/launch_train.py records them). DeepSpeed has freed its gradient
+    partitions by then (its step runs inside backward), so the planned ZeRO gradients have nothing to meet here."""
+    import plan
+    import train
+    model_args, data_args, args = train.parse_args([str(recipe), "--per_device_batch_size", "2"])
+    planned = plan.plan(model_args, data_args, args, plan.Launch(engine, 2, "no", plan.GiB))
+    held = json.loads(Path(f"{shards}.memory.0").read_text())
+    kinds = ["parameters", "optimizer"] + (["gradients"] if engine == "fsdp2" else [])
+    assert {k: planned.terms[k].bytes for k in kinds} == {k: held[k] for k in kinds}
 
 
 def _tokenizer(path):
