@@ -786,7 +786,9 @@ def _save_timm_convnext(path, dims, depths) -> str:
 # stop: what the ranks' agreement on stopping costs per optimizer step
 # =============================================================================================================
 def bench_stop(args):
-    """Per-step cost of the stop agreement: the step's all-reduces before it (loss; token and sample counts) vs train.py's one all-reduce of totals and stop votes."""
+    """Per-step cost of the stop agreement: the step's all-reduces before it vs train.py's one of totals and stop votes.
+
+    Before: the loss, then [tokens, samples]; train.py: [loss, tokens, samples, 4 stop votes] in one all-reduce."""
     __import__("train")   # imported once here, inherited by the forked ranks
     blocks, calls = (4, 50) if args.quick else (40, 250)
     ctx = mp.get_context("fork")

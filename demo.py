@@ -114,7 +114,8 @@ def check_args(args: DemoArguments) -> None:
 
 def make_dataset(root: Path, args: DemoArguments) -> None:
     """demo_data/images/*.png and pretrain.jsonl (captions), finetune.jsonl (one question per image, or both as a
-    question and its follow-up) and test.jsonl (both questions per held-out image, each on its own), in LLaVA format. Deterministic in args.seed; reused when already there."""
+    question and its follow-up) and test.jsonl (both questions per held-out image, each on its own), in LLaVA
+    format. Deterministic in args.seed; reused when already there."""
     from tqdm import tqdm
     splits = {"pretrain": args.pretrain_images, "finetune": args.finetune_images, "test": args.test_images}
     stamp = root / "records.json"

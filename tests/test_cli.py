@@ -176,7 +176,7 @@ def test_train_help_explains_every_setting_with_its_comment_default_and_range(re
             assert re.search(r"\((default: .*|required)\)$", helps[f"--{field.name}"]), field.name
     assert helps["--stage"].endswith("(default: finetune; allowed: pretrain | finetune)")
     assert re.search(r"^model \(model.py ModelArguments\):$.*^data \(data.py DataArguments\):$.*^training "
-                     r"\(train.py TrainArguments\):$", results["train.py"][1], re.M | re.S)
+                     r"\(settings.py TrainArguments\):$", results["train.py"][1], re.M | re.S)
 
 
 def test_field_comments_are_read_from_the_source():
