@@ -643,7 +643,7 @@ def bench_train(args):
 
 def _train_cuda():
     """Real MGM-7B and MGM-7B-HD architectures with random weights, bf16, gradient checkpointing, on one GPU."""
-    from train import peak_flops
+    from flops import peak_flops
     name, peak = torch.cuda.get_device_name(), peak_flops(torch.device("cuda"))
     print(f"{name}: bf16, gradient checkpointing, finetune stage; the optimizer is plain SGD (a full-model AdamW "
           f"state of 7B needs ZeRO across GPUs); MFU = model FLOPs (model.train_flops, as on train.py's log line: "
@@ -881,6 +881,7 @@ def bench_plan(args):
 def _plan_run(name, variant):
     """The plan of one PLAN_SHAPES step (variant "plan"), or the step itself on real tensors ("real")."""
     import plan
+    import settings
     import train
     from data import DataArguments
     from model import ModelArguments
@@ -894,7 +895,7 @@ def _plan_run(name, variant):
         vision_tower=_save_config(root / "clip", "clip_vision_model", clip_kw), image_size_aux=aux_side,
         vision_tower_aux=hr if isinstance(hr, str) else _save_timm_convnext(root / "convnext", **hr),
         dtype="bfloat16" if mixed == "bf16" else "float32")
-    args = train.TrainArguments(stage="finetune", tune=tune, lora_r=128, lora_alpha=256, per_device_batch_size=batch)
+    args = settings.TrainArguments(stage="finetune", tune=tune, lora_r=128, lora_alpha=256, per_device_batch_size=batch)
     data_args = DataArguments(data_path="-", max_length=length)
     start, cpu = time.perf_counter(), time.process_time()
     if variant == "plan":
@@ -927,10 +928,10 @@ def _plan_recipes(recipes):
 def _plan_recipe(recipe) -> str:
     import dataclasses
     import plan
-    import train
+    import settings
     configs = mgm_7b_configs(CACHE / "mgm-7b-configs")
     config, processes = RECIPE_LAUNCH[Path(recipe).name]
-    model_args, data_args, args = train.parse_args(
+    model_args, data_args, args = settings.parse_args(
         [recipe, "--llm", configs["llm"], "--vision_tower", configs["vision_tower"], "--vision_tower_aux",
          configs["vision_tower_aux"], "--plan_config", f"accelerate_configs/{config}", "--device_memory_gb", "80"])
     launch = plan.launch_for(args)

@@ -237,7 +237,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="an export directory (full, pretrain or LoRA)")
     parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
                         help="default: the template the model was trained with")
-    parser.add_argument("--max_length", type=int, default=None,
+    parser.add_argument("--max_length", type=cli.int_at_least(1), default=None,
                         help="positions a conversation may take (default: the LLM's max_position_embeddings)")
 
 

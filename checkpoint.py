@@ -7,8 +7,8 @@
         metrics.jsonl          one JSON line per log line
         export/                the final, self-contained export (model.py decides what a stage holds)
 
-train.py calls start_run (take output_dir, pick the checkpoint to resume from), resume, save_checkpoint and export;
-everything else here serves those. A checkpoint is written into checkpoint-N.tmp and renamed into place, so a crash
+train.py calls start_run (take output_dir, pick the checkpoint to resume from), checkpoint_trainables_only (what a
+checkpoint holds), resume, MetricsFile, save_checkpoint and export; everything else here serves those. A checkpoint is written into checkpoint-N.tmp and renamed into place, so a crash
 never leaves a torn one under a final name; resume falls back past one that does not load completely.
 """
 from __future__ import annotations
@@ -119,8 +119,8 @@ def refuse_changed_settings(before: dict, now: dict, what: str) -> None:
     if changed:
         diffs = ", ".join(f"{k} ({before[k]!r} -> {now[k]!r})" for k in changed)
         raise UserError(f"cannot resume {what}: its defining settings differ: {diffs}. Only "
-                            "length, logging, eval and save settings may change; start a new run in another "
-                            "output_dir (or --overwrite_output_dir true)")
+                        "length, logging, eval and save settings may change; start a new run in another "
+                        "output_dir (or --overwrite_output_dir true)")
 
 
 def resume_checkpoint(resume: str, output_dir: str, settings: dict, say=print) -> str | None:
@@ -300,7 +300,6 @@ def follow_schedule(scheduler) -> None:
     inner._last_lr = lrs
 
 
-
 # ---- Checkpoints and export ----------------------------------------------------------------------------------------
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
@@ -404,6 +403,7 @@ def export(accelerator, model, tokenizer, export_dir: str, config: dict, dtype: 
             shutil.rmtree(export_dir)  # an earlier export of this run (check_paths refused any other directory)
         os.replace(tmp, export_dir)
     accelerator.wait_for_everyone()
+
 
 class MetricsFile:
     """metrics.jsonl in the output dir, one line per log; on resume, lines after the checkpoint's step are dropped,

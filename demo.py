@@ -101,11 +101,11 @@ def check_args(args: DemoArguments) -> None:
     for stage in ("pretrain", "finetune"):
         overrides = getattr(args, f"{stage}_overrides").split()
         if overrides:   # checked the way train.py checks them, before stage 0's minutes
-            import train
+            import settings
             try:
                 recipe = str(REPO / "recipes" / f"demo_{stage}.yaml")
-                model_args, data_args, train_args = train.parse_args([recipe, *overrides])
-                train.check_args(model_args, train_args, data_args)
+                model_args, data_args, train_args = settings.parse_args([recipe, *overrides])
+                settings.check_args(model_args, train_args, data_args)
             except cli.UserError as e:
                 raise cli.UserError(f"--{stage}_overrides: {e}") from None
 

@@ -72,7 +72,7 @@ class TrainArguments:
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
     max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
     max_time: str = ""                   # stop with a checkpoint before this much time since start has passed:
-    #   seconds or [D-]HH:MM:SS as SLURM writes it (23:30:00 in a 24-hour job); "" = no limit. See StopRequests.
+    #   seconds or [D-]HH:MM:SS as SLURM writes it (23:30:00 in a 24-hour job); "" = no limit. See train.StopRequests.
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
     # Memory plan (plan.py): one worst-case step traced on fake tensors, per device, then exit; nothing is written.
     plan: bool = False                   # print the memory plan of this recipe under its launch instead of training

@@ -45,8 +45,9 @@ from settings import (TrainArguments, check_args, check_paths, duration_seconds,
 
 
 def main(argv: list[str] | None = None) -> str | None:
-    """Run one training stage; returns the export directory, or None when the run stopped early with a checkpoint
-    (a signal or --max_time; as a command it then exits with status STOPPED: resume it with --resume auto)."""
+    """Run one training stage. Returns the export directory; "" after --plan (nothing trained); None when the run
+    stopped early, by a signal or --max_time, with a checkpoint at its last step (or, before the first step, none):
+    as a command it then exits with status STOPPED, and --resume auto continues it."""
     model_args, data_args, args = parse_args(argv)
     config = resolved_config(model_args, data_args, args)
     check_args(model_args, args, data_args)  # every setting, before anything is loaded
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> str | None:
         try:
             return run_stage(model_args, data_args, args, config, stop)
         except Stopped as e:  # a signal before the first step: nothing trained, nothing to save
-            print(f"stopped by {e.reason} before the first step: no checkpoint written; start the same command "
-                  "again (with --resume auto it continues from the newest checkpoint, if any)", flush=True)
+            if os.environ.get("LOCAL_RANK", "0") == "0":   # once per machine, as accelerator.print would
+                print(f"stopped by {e.reason} before the first step: no checkpoint written; start the same command "
+                      "again (with --resume auto it continues from the newest checkpoint, if any)", flush=True)
             return None
         finally:
             checkpoint.release_output_dir(args.output_dir)  # the kernel would at exit; in-process runs need it now
@@ -141,6 +143,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
     per_image = accelerator.unwrap_model(model).tokens_per_image
     model.train()
     stop.training_begins(checkpoint_bytes=12 * sum(p.numel() for p in model.parameters() if p.requires_grad))
+    stop_reason = None
     while state.step < total_steps:
         window = [next(batches) for _ in range(G)]
         count_skipped_samples(accelerator, state, window, say)
@@ -214,7 +217,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         accelerator.print(f"skipped samples by kind: {state.skipped_samples}")
 
     export_dir = None
-    if state.step == total_steps:
+    if state.step >= total_steps:   # done (a resumed run may have been shortened to before its checkpoint)
         export_dir = args.export_dir or os.path.join(args.output_dir, "export")
         checkpoint.export(accelerator, model, tokenizer, export_dir, config, model_args.dtype)
         accelerator.print(f"exported to {export_dir}")
@@ -476,13 +479,14 @@ class StopRequests:
 
     REASONS = ("SIGTERM", "SIGUSR1", "SIGINT", "max_time")
     WRITE_RATE = 100e6   # bytes/s assumed for a checkpoint write before one has been timed
+    SAME_CTRL_C = 1.0    # seconds: a SIGINT this soon after the first is the same Ctrl-C, delivered twice
 
     def __init__(self, max_time: float = 0.0):
         self.deadline = time.monotonic() + max_time if max_time > 0 else None
         self.received: list[str] = []      # signal names, in order of arrival
         self.training = False
         self.longest_step = self.longest_save = 0.0
-        self.last_vote = 0.0
+        self.last_vote = self.first_interrupt = 0.0
 
     def __enter__(self) -> StopRequests:
         in_main_thread = threading.current_thread() is threading.main_thread()   # where Python runs handlers
@@ -494,9 +498,13 @@ class StopRequests:
             signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
+        name, now = signal.Signals(signum).name, time.monotonic()
         if name == "SIGINT" and "SIGINT" in self.received:
-            raise KeyboardInterrupt   # the second Ctrl-C
+            if now - self.first_interrupt < self.SAME_CTRL_C:
+                return                # the same Ctrl-C: the terminal and a forwarding launcher each deliver it
+            raise KeyboardInterrupt   # a second Ctrl-C
+        if name == "SIGINT":
+            self.first_interrupt = now
         self.received.append(name)
         if not self.training:
             raise Stopped(name)
@@ -630,8 +638,6 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
-
-
 
 
 @contextmanager

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported: it reads this once
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gradio as gr    # noqa: E402
+try:
+    import gradio as gr
+except ImportError:    # the web page's own requirement, not the trainer's
+    print("web.py: gradio is not installed: pip install -r requirements-web.txt (or run `make web`)", file=sys.stderr)
+    sys.exit(2)
 import yaml            # noqa: E402
 
 from chat import (Conversation, TooLong, add_model_arguments, check_sampling, dropped_notice,  # noqa: E402

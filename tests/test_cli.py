@@ -166,9 +166,9 @@ def test_train_help_explains_every_setting_with_its_comment_default_and_range(re
     """The help of a setting is the comment beside its field: one text, never two to keep in step."""
     import data
     import model
-    import train
+    import settings
     helps = option_helps(results["train.py"][1])
-    for cls in (model.ModelArguments, data.DataArguments, train.TrainArguments):
+    for cls in (model.ModelArguments, data.DataArguments, settings.TrainArguments):
         comments = cli.field_comments(cls)
         for field in dataclasses.fields(cls):
             assert comments[field.name], f"{cls.__name__}.{field.name} has no comment beside it"

@@ -222,8 +222,8 @@ def assert_planned_as_held(recipe: Path, engine: str, shards: Path):
     held after the second step's backward (tests/launch_train.py records them). DeepSpeed has freed its gradient
     partitions by then (its step runs inside backward), so the planned ZeRO gradients have nothing to meet here."""
     import plan
-    import train
-    model_args, data_args, args = train.parse_args([str(recipe), "--per_device_batch_size", "2"])
+    import settings
+    model_args, data_args, args = settings.parse_args([str(recipe), "--per_device_batch_size", "2"])
     planned = plan.plan(model_args, data_args, args, plan.Launch(engine, 2, "no", plan.GiB))
     held = json.loads(Path(f"{shards}.memory.0").read_text())
     kinds = ["parameters", "optimizer"] + (["gradients"] if engine == "fsdp2" else [])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import plan
+import settings
 import train
 from cli import UserError
 from data import DataArguments
@@ -37,7 +38,7 @@ def setup(tmp_path_factory, tok):
         if name not in done:
             stage, tune, checkpointing = SETUPS[name]
             m = dataclasses.replace(model_args, gradient_checkpointing=checkpointing)
-            args = train.TrainArguments(stage=stage, tune=tune, per_device_batch_size=3, lora_r=4, lora_dropout=0.0)
+            args = settings.TrainArguments(stage=stage, tune=tune, per_device_batch_size=3, lora_r=4, lora_dropout=0.0)
             done[name] = m, data_args, args, plan.plan(m, data_args, args, plan.Launch("single", 1, "no", plan.GiB))
         return done[name]
     return get
@@ -84,14 +85,14 @@ def test_a_plan_that_does_not_fit_names_one_that_does_and_writes_nothing(tiny, s
     options = re.search(r"^suggestion: (.*) \(planned peak .* per device: fits\)$", out, re.M).group(1)
     assert not run.exists()
     argv = [str(recipe), *options.split(), "--device_memory_gb", str(device_gb)]
-    model_args, data_args, args = train.parse_args(argv)
+    model_args, data_args, args = settings.parse_args(argv)
     launch = plan.Launch("single", 1, "no", int(device_gb * plan.GiB))
     assert plan.plan(model_args, data_args, args, launch).fits
     assert args.per_device_batch_size * args.gradient_accumulation_steps == 8   # the same global batch
 
 
 def test_the_launch_comes_from_accelerate_or_the_named_config(monkeypatch):
-    args = train.TrainArguments(device_memory_gb=80)
+    args = settings.TrainArguments(device_memory_gb=80)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -112,7 +113,7 @@ def test_the_launch_comes_from_accelerate_or_the_named_config(monkeypatch):
 def test_only_rank_0_plans(monkeypatch, capsys):
     """Under accelerate launch every process runs train.py: the others leave before building anything."""
     monkeypatch.setenv("RANK", "3")
-    plan.main(None, None, train.TrainArguments(plan=True))   # would fail on None if it went on
+    plan.main(None, None, settings.TrainArguments(plan=True))   # would fail on None if it went on
     assert capsys.readouterr().out == ""
 
 

@@ -3,9 +3,10 @@
 The stand-in srun starts the job script's command once per node with SLURM_NODEID set, as srun does; the stand-in
 scontrol answers `show hostnames` and records `requeue`. The test plays SLURM's part: it starts the job with SLURM's
 variables, sends the --signal warning (SIGUSR1) mid-training, and starts the job again when the script asked for a
-requeue. The signal goes to every process of the second node's task only (its launcher, its training process, its
-DataLoader worker), so one test shows all of it: the launcher survives the signal, the rank it reached stops the
-other rank after the same step through the step's all-reduce, the checkpoint is complete, the script asks for the
+requeue. SIGUSR1 goes to every process of the second node's task only (its launcher, its training process, its
+DataLoader worker), and SIGTERM (what a preemption sends) to the first node's launcher only, so one test shows all of
+it: the launchers leave both signals to the training processes, the rank SIGUSR1 reached stops the other rank after
+the same step through the step's all-reduce, the checkpoint is complete, the script asks for the
 requeue, the requeued job resumes, and the losses equal those of one uninterrupted run with the same global batch.
 """
 from __future__ import annotations
@@ -70,16 +71,18 @@ def test_a_preempted_job_requeues_itself_and_the_requeued_job_resumes_the_same_r
     lines = []
     for line in first.stdout:
         lines.append(line)
-        if re.search(r"step 2/16 \|", line):   # SLURM's warning, here to the processes of node 1 only
+        if re.search(r"step 2/16 \|", line):
             srun = psutil.Process(first.pid).children()[0]
-            (task,) = [p for p in srun.children() if p.environ()["SLURM_NODEID"] == "1"]
-            for process in [task, *task.children(recursive=True)]:
+            tasks = {p.environ()["SLURM_NODEID"]: p for p in srun.children()}   # each node's accelerate launch
+            for process in [tasks["1"], *tasks["1"].children(recursive=True)]:  # SLURM's warning, to node 1's
                 process.send_signal(signal.SIGUSR1)
+            tasks["0"].send_signal(signal.SIGTERM)   # and a SIGTERM to node 0's launcher, which must leave it alone
             break
     out = "".join(lines) + first.communicate(timeout=180)[0]
     assert first.returncode == 0, out[-4000:]
     stopped = re.search(r"stopped by SIGUSR1 at step (\d+): checkpoint-0*\1 written", out)
     assert stopped and int(stopped.group(1)) < 16, out[-4000:]
+    assert "death signal" not in out, out[-4000:]   # torchrun's agent did not act on the SIGTERM (nor forward it)
     assert "stopped early with a checkpoint; requeueing" in out and requeues.read_text() == "requeue 4242\n"
     assert not (run / "export").exists()
     step = int(stopped.group(1))   # one complete checkpoint, written by both ranks (their RNG states) at that step

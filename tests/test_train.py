@@ -224,50 +224,6 @@ def test_peak_flops_on_cpu_is_unknown_unless_given():
     assert train.peak_flops(torch.device("cpu"), override_tflops=0.5) == 0.5e12
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("mgm_*.yaml")))
-def test_recipes_parse_and_the_command_line_wins(name):
-    import train
-    recipe = yaml.safe_load(open(ROOT / "recipes" / name))
-    model_args, data_args, args = train.parse_args([str(ROOT / "recipes" / name), "--per_device_batch_size", "3"])
-    train.check_args(model_args, args, data_args)   # the data settings too (the pretrain recipe crops its images)
-    assert recipe["per_device_batch_size"] != 3 and args.per_device_batch_size == 3
-    assert (model_args.llm, data_args.data_path, args.stage) == (recipe["llm"], recipe["data_path"], recipe["stage"])
-
-
-def test_a_resolved_config_is_a_recipe_that_gives_the_same_settings(tmp_path):
-    """null is none (vision_tower_aux: null is plain LLaVA, not the default ConvNeXt), a list joins with ",", so
-    the train_config.yaml an export holds runs again as it was."""
-    import train
-    recipe = write_recipe(tmp_path / "r.yaml", {"vision_tower_aux": None, "data_path": ["a.json", "b.json"],
-                                                "projector_lr": 1e-4, "packing": True})
-    settings = train.parse_args([str(recipe), "--projector_lr", "none"])
-    model_args, data_args, args = settings
-    assert (model_args.vision_tower_aux, data_args.data_path, args.projector_lr, data_args.packing) == \
-        (None, "a.json,b.json", None, True)
-    saved = write_recipe(tmp_path / "train_config.yaml", train.resolved_config(*settings))
-    assert train.parse_args([str(saved)]) == settings
-
-
-def test_settings_out_of_range_are_refused_naming_the_setting_and_its_range(tiny, tmp_path):
-    """Checked before anything is loaded; a prefix of a flag is not accepted as the flag."""
-    import train
-    recipe = str(write_recipe(tmp_path / "r.yaml", tiny["recipe"]))
-    cases = {"learning_rate": ("-0.01", "> 0"), "gradient_accumulation_steps": ("0", ">= 1"),
-             "per_device_batch_size": ("0", ">= 1"), "save_steps": ("0", ">= 1"), "logging_steps": ("0", ">= 1"),
-             "warmup_ratio": ("5", r"\[0, 1\]"), "max_skip_fraction": ("1.0", r"\[0, 1\)"),
-             "lr_multi": ("projector", "not name:factor")}
-    for setting, (value, allowed) in cases.items():
-        with pytest.raises(train.UserError, match=rf"^{setting}: .*{value}.*{allowed}"):
-            run_in_process([recipe, "--output_dir", str(tmp_path / "run"), f"--{setting}", value])
-    with pytest.raises(train.UserError, match=r"^data_path: .*nowhere.json: no such file or directory"):
-        run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--data_path", str(tmp_path / "nowhere.json")])
-    with pytest.raises(train.UserError, match=r"^image_folder: .*nowhere: no such directory"):
-        run_in_process([recipe, "--output_dir", str(tmp_path / "run"), "--image_folder", str(tmp_path / "nowhere")])
-    with pytest.raises(train.UserError, match=r"^unknown setting\(s\) --max_step 2"):
-        train.parse_args([recipe, "--max_step", "2"])
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_failed_checkpoint_write_names_the_checkpoint_and_the_free_space(tmp_path):
     """torch reports a full disk as "enforce fail ... unexpected pos"; the error says what was being written."""
     import checkpoint
@@ -359,12 +315,13 @@ def test_a_run_owns_its_output_dir_and_resumes_only_itself(tiny, tmp_path, capsy
 def test_switches_and_parameter_groups(tiny):
     """Tower tuning trains the last half of the CLIP layers that feed the selected layer and the last ConvNeXt
     stage; norms and biases get no weight decay; projector / mining / lr_multi set their own lr."""
+    import settings
     import train
     recipe = str(write_recipe(tiny["root"] / "sw.yaml", tiny["recipe"]))
 
     def build(*overrides):
-        model_args, _, args = train.parse_args([recipe, "--stage", "finetune", *overrides])
-        train.check_args(model_args, args)
+        model_args, _, args = settings.parse_args([recipe, "--stage", "finetune", *overrides])
+        settings.check_args(model_args, args)
         return train.build(model_args, args, train.load_tokenizer(model_args.llm)), args
 
     model, args = build("--tune_vision_tower", "true", "--tune_vision_tower_aux", "true", "--weight_decay", "0.1",
@@ -394,11 +351,12 @@ def test_gradient_accumulation_weights_every_supervised_token_equally(tiny):
     """One micro-batch of 4 and four micro-batches of 1 (answers of 1 to 4 words) give the same gradient; the
     naive mean of per-micro-batch means does not."""
     import data
+    import settings
     import train
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    model_args, data_args, args = train.parse_args([str(write_recipe(tiny["root"] / "ga.yaml", tiny["recipe"])),
-                                                    "--stage", "finetune", "--template", "vicuna_v1"])
+    model_args, data_args, args = settings.parse_args([str(write_recipe(tiny["root"] / "ga.yaml", tiny["recipe"])),
+                                                       "--stage", "finetune", "--template", "vicuna_v1"])
     tokenizer = train.load_tokenizer(model_args.llm)
     model = train.build(model_args, args, tokenizer)
     dataset = data.build_dataset(data_args, tokenizer, model.image_settings(), model.tokens_per_image)
