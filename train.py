@@ -150,6 +150,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         check_skip_fraction(state, args.max_skip_fraction)
         num_items = supervised_tokens(accelerator, window)
         if num_items == 0:  # every rank agrees (a global count): nothing to learn, so no update and no step
+            # (nor a stop vote: a stop request waits for the next step that trains)
             say(f"step {state.step + 1}: no supervised token in this step's batches, skipped")
             empty_steps += 1
             if empty_steps * G >= per_epoch:  # a whole epoch of batches: the data cannot train anything
