@@ -83,10 +83,18 @@ def main(argv: list[str] | None = None) -> None:
     step(7, "chat.py: one answer")
     image = data_dir / "images" / "test_00000.png"
     run([sys.executable, "chat.py", "--model", str(out / "finetune"), "--image", str(image), QUESTIONS["shape"]])
+    print(f"(held-out answer in {data_dir / 'test.jsonl'}: {held_out_answer(data_dir, 'test-0-shape')})")
     web = "make web" + ("" if out / "finetune" == Path("runs/demo/finetune") else f" WEB_MODEL={out / 'finetune'}")
     print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
           f"  python chat.py --model {out / 'finetune'} --image {image}     # a conversation in the terminal\n"
           f"  {web}     # the web chat: open http://127.0.0.1:7860 (installs requirements-web.txt)")
+
+
+def held_out_answer(data_dir: Path, record_id: str) -> str:
+    """The answer test.jsonl holds for one record, shown beside chat.py's so that a miss reads as one."""
+    with open(data_dir / "test.jsonl") as f:
+        records = (json.loads(line) for line in f)
+        return next(r["conversations"][-1]["value"] for r in records if r["id"] == record_id)
 
 
 def check_args(args: DemoArguments) -> None:

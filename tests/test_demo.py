@@ -71,8 +71,13 @@ def test_short_demo_runs_every_step_and_learns(short_demo):
     assert float(accuracy) >= 0.5, out[-2000:]          # chance is at most 0.25 (colour 1/6, shape 1/4)
     assert (export / "mgm_config.json").exists() and (export / "train_config.yaml").exists()
     lines = out.splitlines()
-    chat_answer = lines[next(i for i, line in enumerate(lines) if line.startswith("$ python chat.py")) + 1]
+    answer_at = next(i for i, line in enumerate(lines) if line.startswith("$ python chat.py")) + 1
+    chat_answer = lines[answer_at]
     assert normalize_answer(chat_answer) in SHAPES      # chat.py's one answer to "What shape is this?"
+    test_records = export.parents[1] / "data" / "test.jsonl"    # the line after it shows the truth beside it
+    truth = json.loads(test_records.read_text().splitlines()[1])
+    assert truth["id"] == "test-0-shape"
+    assert lines[answer_at + 1] == f"(held-out answer in {test_records}: {truth['conversations'][1]['value']})"
 
 
 def test_short_demo_answers_colours_of_independently_drawn_images(short_demo, tmp_path):
