@@ -16,6 +16,7 @@ merge_lora_export); building blocks below; `python model.py merge SRC DST` merge
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -491,9 +492,34 @@ def check_model_ref(ref: str | None, setting: str, context: str = "", kind: str 
         raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}")
     elif setting == "vision_tower_aux" and "/" not in ref:
         return      # a timm / OpenCLIP architecture name: timm resolves it
-    elif is_offline_mode() and not in_hub_cache(ref.removeprefix("hf-hub:")):
-        raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}, and not a hub name in the "
-                        "cache (HF_HUB_OFFLINE=1)")
+    elif not in_hub_cache(ref.removeprefix("hf-hub:")):
+        problem = "not a hub name in the cache (HF_HUB_OFFLINE=1)" if is_offline_mode() else \
+            hub_problem(ref.removeprefix("hf-hub:"))
+        if problem:
+            raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}, and {problem}")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_problem(name: str) -> str | None:
+    """Why the Hugging Face hub cannot give the model `name`, which is not in the cache: no connection, or no such
+    model; None when it can (or answers with anything else, left to the loader). Asked once, before anything loads,
+    so that a misspelt name or a machine without internet stops the run with one line, not a loader's traceback."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    try:
+        HfApi().model_info(name, timeout=30)     # HF_ENDPOINT (a mirror) as the loaders will use it
+    except GatedRepoError:
+        return None         # it exists; the loader says how to be granted access
+    except RepositoryNotFoundError:
+        return "no model of that name on the Hugging Face hub (a private one needs `hf auth login`)"
+    except HfHubHTTPError:
+        return None         # the hub answered (rate limit, server error, ...): the loader retries and says so
+    except ValueError as e:  # huggingface_hub's HFValidationError
+        return f"not a valid hub name ({e})"
+    except Exception as e:  # noqa: BLE001 - the HTTP client's connection / DNS / timeout errors (its classes vary)
+        return (f"the Hugging Face hub cannot be reached to download it ({type(e).__name__}: {e}); connect, or "
+                "download it beforehand (`hf download NAME`) and set HF_HUB_OFFLINE=1")
+    return None
 
 
 def in_hub_cache(name: str) -> bool:

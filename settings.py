@@ -200,6 +200,8 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
          "[0, 1) (1 would train on nothing when every record is bad)"),
         ("num_workers", a.num_workers, a.num_workers >= 0, ">= 0"),
         ("max_time", a.max_time, _is_duration(a.max_time), 'seconds or [D-]HH:MM:SS (e.g. 23:30:00), or "" for none'),
+        ("device_memory_gb", a.device_memory_gb, a.device_memory_gb >= 0, ">= 0 (0: the CUDA device's)"),
+        ("plan_processes", a.plan_processes, a.plan_processes >= 0, ">= 0 (0: the launch's)"),
         ("lora_r", a.lora_r, a.lora_r >= 1, ">= 1"),
         ("lora_alpha", a.lora_alpha, a.lora_alpha > 0, "> 0"),
         ("lora_dropout", a.lora_dropout, 0 <= a.lora_dropout < 1, "[0, 1)"),

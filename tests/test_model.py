@@ -457,6 +457,53 @@ def test_hub_names_load_from_the_cache_offline(tmp_path, root, hr):
     assert "loaded" in result.stdout
 
 
+def test_an_uncached_hub_name_is_asked_of_the_hub_once_before_loading(monkeypatch):
+    """Online, a name that is not in the cache is asked of the hub before anything loads: an unknown name or a
+    machine that cannot reach the hub is one line naming the setting, not a loader's traceback; a known name passes.
+    A local stand-in answers as the hub's API does (404 with X-Error-Code: RepoNotFound for an unknown repo)."""
+    import http.server
+    import threading
+
+    import huggingface_hub.constants
+    import model as mgm
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            known = self.path.startswith("/api/models/test-org/known")
+            body = json.dumps({"id": "test-org/known"} if known else {"error": "Repository not found"}).encode()
+            self.send_response(200 if known else 404)
+            self.send_header("Content-Type", "application/json")
+            if not known:
+                self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(mgm, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        mgm.hub_problem.cache_clear()
+        mgm.check_model_ref("test-org/known", "llm")
+        with pytest.raises(mgm.UserError, match=r"^llm: runs/nope: no such directory \(relative to .*\), and no "
+                                                r"model of that name on the Hugging Face hub"):
+            mgm.check_model_ref("runs/nope", "llm")
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")   # closed
+    mgm.hub_problem.cache_clear()
+    with pytest.raises(mgm.UserError, match=r"^vision_tower_aux: hf-hub:test-org/known: no such directory .*, and "
+                                            r"the Hugging Face hub cannot be reached to download it"):
+        mgm.check_model_ref("hf-hub:test-org/known", "vision_tower_aux")
+    mgm.hub_problem.cache_clear()
+
+
 # ---- export / load / merge -------------------------------------------------------------------------------------
 def logits(model, batch):
     with torch.no_grad():

@@ -39,7 +39,8 @@ def test_settings_out_of_range_are_refused_naming_the_setting_and_its_range(tiny
     cases = {"learning_rate": ("-0.01", "> 0"), "gradient_accumulation_steps": ("0", ">= 1"),
              "per_device_batch_size": ("0", ">= 1"), "save_steps": ("0", ">= 1"), "logging_steps": ("0", ">= 1"),
              "warmup_ratio": ("5", r"\[0, 1\]"), "max_skip_fraction": ("1.0", r"\[0, 1\)"),
-             "lr_multi": ("projector", "not name:factor")}
+             "lr_multi": ("projector", "not name:factor"), "device_memory_gb": ("-3", ">= 0"),
+             "plan_processes": ("-1", ">= 0")}
     for setting, (value, allowed) in cases.items():
         with pytest.raises(settings.UserError, match=rf"^{setting}: .*{value}.*{allowed}"):
             run_in_process([recipe, "--output_dir", str(tmp_path / "run"), f"--{setting}", value])

@@ -22,6 +22,7 @@ import web  # noqa: E402
 from cli import run  # noqa: E402
 from data import tokenize_prompt  # noqa: E402
 from eval import Answerer, load_for_inference  # noqa: E402
+from tests.test_train import free_port  # noqa: E402
 
 COLOR, SHAPE = "what color is the shape ?", "what shape is this ?"
 CHROMIUM = "/usr/bin/chromium"
@@ -55,9 +56,7 @@ class Probe:
 def server(tiny_export):
     """(url, answerer, probe): web.serve on a free port of 127.0.0.1, stopped after the module. Every host name
     this process looks up or connects to meanwhile is in OUTSIDE_CALLS when it is not this machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     answerer = Answerer(*load_for_inference(str(tiny_export), device="cpu"))
     probe = Probe(answerer.model)
     lookup, connect = socket.getaddrinfo, socket.socket.connect
