@@ -79,13 +79,14 @@ class DataArguments:
 
 
 def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | None,
-                  tokens_per_image: int = 1) -> SupervisedDataset:
+                  tokens_per_image: int = 1, *, pairs: bool = False, reference=None) -> SupervisedDataset:
     """Records of data_args.data_path -> a map-style dataset of tokenized samples with image tensors.
 
     image_settings: model.image_settings() (image_size, image_size_aux, image_mean, image_std, image_grid,
     image_global); None for a text-only model. tokens_per_image: LLM positions one image takes (max_length check).
     With data_args.packing the exact length of every record is measured here (once; cached), so that under
-    accelerator.main_process_first() one process does the work and the others read the cache."""
+    accelerator.main_process_first() one process does the work and the others read the cache.
+    pairs: preference pairs (PreferenceDataset; reference: its precomputed reference log-probs, if any)."""
     if data_args.bad_sample not in ("skip", "error"):
         raise UserError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
     if image_settings is not None and data_args.max_length <= tokens_per_image:
@@ -96,6 +97,8 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     processor = None
     if image_settings is not None:
         processor = ImageProcessor(**image_settings, aspect_ratio=data_args.image_aspect_ratio)
+    if pairs:
+        return PreferenceDataset(records, tokenizer, data_args, processor, tokens_per_image, reference=reference)
     dataset = SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
     if data_args.packing:
         dataset.measure_lengths()
@@ -284,7 +287,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def sample(self, record: dict) -> dict:
         """One record -> tensors; raises BadSample."""
         conversations, sources = self.parse(record)
-        sample = {"id": record["id"], **self.tokenize(conversations, len(sources)), "images": None,
+        sample = {"id": record["id"], **self.encode(record, conversations, len(sources)), "images": None,
                   "images_aux": None}
         if sources:
             if self.processor is None:
@@ -300,13 +303,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         record = self.records[int(i)]
         try:
             conversations, sources = self.parse(record)
-            tokens = self.tokenize(conversations, len(sources))
+            tokens = self.encode(record, conversations, len(sources))
             for source in sources:
                 self.load(source)
         except BadSample as e:
             return record["id"], 0, 0, str(e)
         n = len(sources)
-        return record["id"], n, len(tokens["input_ids"]) + n * (self.tokens_per_image - 1), None
+        return record["id"], n, self.positions(tokens) + n * (self.tokens_per_image - 1), None
 
     def parse(self, record: dict) -> tuple[list[dict], list[dict]]:
         """Record -> (conversations, image sources); a video becomes its sampled frames, its tag one tag each."""
@@ -339,6 +342,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise BadSample("video has no frames", video[0])
         picks = np.linspace(0, len(frames) - 1, min(self.args.num_frames, len(frames))).round().astype(int)
         return [frames[j] for j in picks]
+
+    def encode(self, record: dict, conversations: list[dict], num_images: int) -> dict:
+        """The token part of a sample (PreferenceDataset: both rows of a pair)."""
+        return self.tokenize(conversations, num_images)
+
+    def positions(self, tokens: dict) -> int:
+        """Ids of an encoded sample (its longest row)."""
+        return len(tokens["input_ids"])
 
     def tokenize(self, conversations: list[dict], num_images: int) -> dict:
         return tokenize_conversation(conversations, self.tokenizer, self.args.template, self.args.max_length,
@@ -375,6 +386,71 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def is_multimodal(self) -> np.ndarray:
         return np.asarray(self.records.select_columns(["n_images"]).with_format("numpy")["n_images"]) != 0
+
+
+class PreferenceDataset(SupervisedDataset):
+    """Preference pairs (records whose "rejected" is set, records.py reads every published form): index ->
+    {"id", "chosen": {input_ids, labels}, "rejected": {...}, "images", "images_aux"} (each pair's images once),
+    plus "ref_logps" [2] (chosen, rejected) when precomputed reference log-probs are given, or a skip marker as
+    SupervisedDataset. A record without a rejected reply is unusable here ("not a pair")."""
+
+    def __init__(self, *args, reference: torch.Tensor | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.reference = reference        # [len(self), 2] float64, precomputed reference log-probs, or None
+
+    def __getitem__(self, i):
+        sample = super().__getitem__(i)
+        if self.reference is not None and "skipped" not in sample:
+            sample["ref_logps"] = self.reference[int(i)]
+        return sample
+
+    def encode(self, record: dict, conversations: list[dict], num_images: int) -> dict:
+        if not record["rejected"]:
+            raise BadSample("not a pair", "no rejected reply (a preference record needs chosen and rejected)")
+        if not conversations or conversations[-1]["from"] not in ("gpt", "assistant"):
+            raise BadSample("roles out of order", "a preference pair's conversation must end with the chosen reply")
+        return tokenize_pair(conversations[:-1], conversations[-1]["value"], record["rejected"], self.tokenizer,
+                             self.args.template, self.args.max_length, image_token_len=self.tokens_per_image,
+                             num_images=num_images)
+
+    def positions(self, tokens: dict) -> int:
+        return max(len(tokens["chosen"]["input_ids"]), len(tokens["rejected"]["input_ids"]))
+
+
+def holds_pairs(records: datasets.Dataset) -> bool:
+    """Whether any record is a preference pair (then `check` checks pairs)."""
+    return any(records.select_columns(["rejected"])["rejected"])
+
+
+def collate_pairs(samples: list[dict], pad_token_id: int) -> dict:
+    """Pair samples -> one batch of 2B right-padded rows, [chosen x B ; rejected x B], with each pair's images ONCE
+    (images [N, V, 3, S, S] in pair order, as collate): the model splices them into both rows of their pair.
+    image_counts is per row (2B), so all rows' placeholders add up to it. ids: the pairs'; ref_logps [2B] (chosen
+    rows, then rejected rows) when the samples carry precomputed reference log-probs; skipped: as collate."""
+    skipped = [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
+    kept = [s for s in samples if "skipped" not in s]
+    if not kept:   # every pair was unusable: one padding pair with nothing to learn keeps the ranks in step
+        pad = {"input_ids": torch.tensor([pad_token_id]), "labels": torch.tensor([IGNORE_INDEX])}
+        kept = [{"id": None, "chosen": pad, "rejected": pad, "images": None, "images_aux": None}]
+    rows = [s["chosen"] for s in kept] + [s["rejected"] for s in kept]
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n], labels[i, :n], mask[i, :n] = r["input_ids"], r["labels"], 1
+    images = [s["images"] for s in kept if s["images"] is not None]
+    aux = [s["images_aux"] for s in kept if s.get("images_aux") is not None]
+    counts = torch.tensor([0 if s["images"] is None else len(s["images"]) for s in kept], dtype=torch.long)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+             "images": torch.cat(images) if images else None, "images_aux": torch.cat(aux) if aux else None,
+             "image_counts": torch.cat([counts, counts]), "ids": [s["id"] for s in kept if s["id"] is not None],
+             "skipped": skipped}
+    if any("ref_logps" in s for s in samples if "skipped" not in s):
+        ref = torch.stack([s.get("ref_logps", torch.zeros(2, dtype=torch.float64)) for s in kept])
+        batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
+    return batch
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict:
@@ -590,7 +666,9 @@ def check(data_path: str, tokenizer, template: str, *, image_folder: str = ".", 
     out = out or sys.stdout
     args = DataArguments(data_path, image_folder=image_folder, template=template, max_length=max_length,
                          num_frames=num_frames, max_image_pixels=max_image_pixels, cache_dir=cache_dir)
-    dataset = SupervisedDataset(load_records(data_path, cache_dir=cache_dir), tokenizer, args, None, tokens_per_image)
+    records = load_records(data_path, cache_dir=cache_dir)
+    kind = PreferenceDataset if holds_pairs(records) else SupervisedDataset   # pairs: both rows of each checked
+    dataset = kind(records, tokenizer, args, None, tokens_per_image)
     loader = torch.utils.data.DataLoader(_Inspection(dataset), batch_size=64, num_workers=num_workers,
                                          collate_fn=list)
     lengths, bad, n_images = [], Counter(), 0
@@ -715,6 +793,31 @@ def tokenize_prompt(messages: list[dict], tokenizer, template: str | Template, *
     messages = _place_image_tags(normalize_messages(messages, for_prompt=True), num_images)
     input_ids, _ = encode_segments(template.prompt_segments(messages, tokenizer), tokenizer)
     return torch.tensor(input_ids, dtype=torch.long)
+
+
+def tokenize_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer, template: str | Template,
+                  max_length: int | None = None, *, image_token_len: int = 1, num_images: int | None = None) -> dict:
+    """Prompt turns (ending with the user's) + each reply -> {"chosen": {input_ids, labels}, "rejected": ...}.
+    Each row is tokenize_conversation's (the ids supervised training sees), with every position before the reply
+    masked, so the earlier assistant turns of a multi-turn prompt do not count: only the chosen / rejected reply
+    (and the template's end of turn) is supervised. The prompt's ids are the inference prompt's (tokenize_prompt),
+    which the contract makes a prefix of both rows; checked."""
+    try:
+        prompt_ids = tokenize_prompt(prompt, tokenizer, template, num_images=num_images).tolist()
+    except ConversationError as e:
+        raise BadSample(e.kind, str(e)) from None
+    out = {}
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        row = tokenize_conversation([*prompt, {"from": "gpt", "value": reply}], tokenizer, template, max_length,
+                                    image_token_len=image_token_len, num_images=num_images)
+        n = len(prompt_ids)
+        if row["input_ids"][:n].tolist() != prompt_ids[:len(row["input_ids"])]:
+            raise BadSample("tokenization mismatch", f"the {name} row does not start with the prompt's ids")
+        row["labels"][:n] = IGNORE_INDEX
+        if not (row["labels"] != IGNORE_INDEX).any():
+            raise BadSample("too long", f"the prompt leaves no room for the {name} reply in max_length={max_length}")
+        out[name] = row
+    return out
 
 
 def encode_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:

@@ -12,8 +12,9 @@ read those features (the vision side is frozen in this stage, so the reference's
 policy's). The reference is the policy with its LoRA adapter disabled, a frozen copy of the starting LLM, or
 log-probs computed in one pass over the data before training (precompute_reference).
 
-Reading order: the losses, the model wrapper train.py prepares (PreferenceModel), the data (pairs from preference
-records, collation), the precomputed reference.
+Reading order: the losses, the model wrapper train.py prepares (PreferenceModel), the precomputed reference. The
+pairs come from records.py (every published preference form) and data.py (PreferenceDataset, tokenize_pair,
+collate_pairs).
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError
-from conversation import ConversationError
-from data import IGNORE_INDEX, BadSample, tokenize_conversation, tokenize_prompt
+from conversation import IGNORE_INDEX
 
 LOSSES = ("sigmoid", "ipo", "hinge", "bco_pair", "sft")
 MIXTURES = {"mpo": "sigmoid:0.8,bco_pair:0.2,sft:1.0"}   # InternVL2.5's Mixed Preference Optimization
@@ -192,9 +192,9 @@ class PreferenceModel(nn.Module):
                     policy.encode_images(*policy.dummy_images(input_ids.device))
         logps, counts = self.row_logps(policy.llm, input_ids, attention_mask, labels, feats)
         if self.reference == "precomputed":
-            if ref_logps is None:
+            if ref_logps is None and bool(counts.any()):   # (a padding pair of skipped records has none)
                 raise ValueError("reference 'precomputed': the batch has no ref_logps (precompute_reference)")
-            ref = ref_logps.to(logps)
+            ref = torch.zeros_like(logps) if ref_logps is None else ref_logps.to(logps)
         else:
             with torch.no_grad():
                 if self.reference == "adapter":
@@ -251,58 +251,3 @@ def step_normalizer(window: list[dict]) -> torch.Tensor:
     return torch.tensor([pairs, tokens])
 
 
-# ---- Data: pairs from preference records ---------------------------------------------------------------------------
-
-def tokenize_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer, template, max_length=None, *,
-                  image_token_len: int = 1, num_images: int | None = None) -> dict:
-    """prompt turns (ending with the user's) + each reply -> {"chosen": {input_ids, labels}, "rejected": ...}:
-    tokenized as data.tokenize_conversation does (same ids as supervised training and as inference), then every
-    position before the reply masked, so earlier assistant turns of a multi-turn prompt do not count. The prompt's
-    ids are the inference prompt's (data.tokenize_prompt), a prefix of both rows by construction; checked."""
-    try:
-        prompt_ids = tokenize_prompt(prompt, tokenizer, template, num_images=num_images).tolist()
-    except ConversationError as e:
-        raise BadSample(e.kind, str(e)) from None
-    out = {}
-    for name, reply in (("chosen", chosen), ("rejected", rejected)):
-        row = tokenize_conversation([*prompt, {"from": "gpt", "value": reply}], tokenizer, template, max_length,
-                                    image_token_len=image_token_len, num_images=num_images)
-        n = len(prompt_ids)
-        if row["input_ids"][:n].tolist() != prompt_ids:
-            raise BadSample("tokenization mismatch", f"the {name} row does not start with the prompt's ids")
-        row["labels"][:n] = IGNORE_INDEX
-        if not (row["labels"] != IGNORE_INDEX).any():
-            raise BadSample("too long", f"the {name} reply is cut off entirely by max_length={max_length}")
-        out[name] = row
-    return out
-
-
-def collate_pairs(samples: list[dict], pad_token_id: int) -> dict:
-    """Pair samples -> one batch of 2B right-padded rows, [chosen x B ; rejected x B], and each pair's images ONCE
-    (images [N, V, 3, S, S]: pair order, as data.collate): PreferenceModel uses them for both rows. image_counts
-    is per row (2B), so the placeholders of all rows add up to it. ids: the B pair ids; ref_logps [2B] when the
-    samples carry precomputed reference log-probs; skipped: [(id, reason)] as data.collate."""
-    skipped = [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
-    kept = [s for s in samples if "skipped" not in s]
-    if not kept:   # every pair was unusable: one padding pair with nothing to learn keeps the ranks in step
-        pad = {"input_ids": torch.tensor([pad_token_id]), "labels": torch.tensor([IGNORE_INDEX])}
-        kept = [{"id": None, "chosen": pad, "rejected": pad, "images": None, "images_aux": None}]
-    rows = [s["chosen"] for s in kept] + [s["rejected"] for s in kept]
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, :n], labels[i, :n], mask[i, :n] = r["input_ids"], r["labels"], 1
-    images = [s["images"] for s in kept if s["images"] is not None]
-    aux = [s["images_aux"] for s in kept if s.get("images_aux") is not None]
-    counts = torch.tensor([0 if s["images"] is None else len(s["images"]) for s in kept], dtype=torch.long)
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
-             "images": torch.cat(images) if images else None, "images_aux": torch.cat(aux) if aux else None,
-             "image_counts": torch.cat([counts, counts]), "ids": [s["id"] for s in kept if s["id"] is not None],
-             "skipped": skipped}
-    if "ref_logps" in kept[0]:
-        batch["ref_logps"] = torch.cat([torch.stack([s["ref_logps"][0] for s in kept]),
-                                        torch.stack([s["ref_logps"][1] for s in kept])])
-    return batch

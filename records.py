@@ -35,6 +35,8 @@ RECORD_FEATURES = datasets.Features({
     "n_words": datasets.Value("int32"),                  # cheap length estimate for the sampler
     "n_images": datasets.Value("int32"),                 # -1: a video (counted as num_frames images)
     "problem": datasets.Value("string"),                 # a structural problem found while loading, "" if none
+    "rejected": datasets.Value("string"),                # a preference pair's rejected reply ("" if not a pair);
+    #                                                      its chosen reply is the conversation's last turn
 })
 
 
@@ -141,10 +143,11 @@ def _normalize_batch(batch: dict, indices: list[int], source: str, converter: st
 def _normalize_record(record, fallback_id: str) -> dict:
     """Any LLaVA-like record -> a RECORD_FEATURES row. Never raises: problems go to the "problem" column."""
     row = {"id": fallback_id, "images": [], "video": [], "conversations": [], "n_words": 0, "n_images": 0,
-           "problem": ""}
+           "problem": "", "rejected": ""}
     if not isinstance(record, dict):
         row["problem"] = "malformed record: not a JSON object"
         return row
+    record = _preference_pair(record)
     if record.get("id") is not None:
         row["id"] = str(record["id"])
     problems = [record["_problem"]] if record.get("_problem") else []
@@ -177,10 +180,82 @@ def _normalize_record(record, fallback_id: str) -> dict:
             problems.append("malformed record: a turn needs string from/value (or role/content)")
             continue
         row["conversations"].append({"from": role, "value": value})
+    if "rejected" in record:
+        row["rejected"] = _reply_text(record["rejected"], problems)
     row["n_words"] = sum(len(turn["value"].split()) for turn in row["conversations"])
     row["n_images"] = -1 if row["video"] else len(row["images"])
     row["problem"] = problems[0] if problems else ""
     return row
+
+
+def _preference_pair(record: dict) -> dict:
+    """A preference record, in any of its published forms, -> a LLaVA record whose conversation ends with the
+    chosen reply, plus "rejected" (the other reply); any other record is returned as it is.
+      ours (JSONL/JSON)        conversations (ending with the user's turn) + chosen + rejected (strings)
+      RLAIF-V (parquet)        image, question, chosen, rejected
+      TRL / rlaif-v_formatted  images, prompt (a string or user messages, content parts allowed), chosen /
+                               rejected (a string or assistant messages)
+      POVID (LLaVA JSON)       image, conversations (the chosen dialogue), rejected_conversations (the same but
+                               its last reply)
+      LLaVA-Human-Preference   image, conversations (ending with the user's turn), output_1, output_2, preference
+                               (1 or 2: the better output)"""
+    out = {k: v for k, v in record.items() if k in ("id", "image", "images", "_problem")}
+    if "id" not in out and record.get("idx") is not None:
+        out["id"] = record["idx"]
+    if "rejected_conversations" in record:                                       # POVID
+        chosen, rejected = record.get("conversations"), record["rejected_conversations"]
+        if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and len(chosen) == len(rejected)
+                and chosen[:-1] == rejected[:-1] and isinstance(rejected[-1], dict)):
+            out["_problem"] = ("malformed record: rejected_conversations must repeat conversations but for its last "
+                               "reply")
+            return {**out, "conversations": chosen}
+        return {**out, "conversations": chosen, "rejected": rejected[-1].get("value", rejected[-1].get("content"))}
+    if "output_1" in record and "preference" in record:                          # LLaVA-Human-Preference-10K
+        outputs = (record["output_1"], record.get("output_2"))
+        if record["preference"] not in (1, 2, "1", "2"):
+            out["_problem"] = f"malformed record: preference must be 1 or 2, not {record['preference']!r}"
+            return {**out, "conversations": record.get("conversations")}
+        better = int(record["preference"]) - 1
+        prompt, chosen, rejected = record.get("conversations"), outputs[better], outputs[1 - better]
+    elif "prompt" in record and "chosen" in record:                              # TRL, rlaif-v_formatted
+        prompt, chosen, rejected = record["prompt"], record["chosen"], record.get("rejected")
+    elif "question" in record and "chosen" in record:                            # RLAIF-V
+        prompt, chosen, rejected = record["question"], record["chosen"], record.get("rejected")
+    elif "chosen" in record and "rejected" in record:                            # ours
+        prompt, chosen, rejected = record.get("conversations", record.get("messages")), record["chosen"], \
+            record["rejected"]
+    else:
+        return record
+    if isinstance(prompt, str):
+        prompt = [{"from": "human", "value": prompt}]
+    if not isinstance(prompt, list):
+        out["_problem"] = "malformed record: a preference pair needs its prompt turns"
+        prompt = []
+    return {**out, "conversations": [*prompt, {"from": "gpt", "value": _reply(chosen)}], "rejected": _reply(rejected)}
+
+
+def _reply(reply):
+    """A reply given as a string, a message ({"from"/"role", "value"/"content"}) or a list of one assistant
+    message -> its content (a string, or content parts)."""
+    if isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], dict) and \
+            ("content" in reply[0] or "value" in reply[0]):
+        reply = reply[0]
+    if isinstance(reply, dict):
+        return reply.get("value", reply.get("content"))
+    return reply
+
+
+def _reply_text(reply, problems: list[str]) -> str:
+    """The rejected reply as text (parts joined); a reply that is not text is a problem."""
+    if isinstance(reply, list):
+        images: list = []
+        reply = _join_parts(reply, images, problems)
+        if images:
+            problems.append("malformed record: the rejected reply holds an image")
+    if not isinstance(reply, str) or not reply.strip():
+        problems.append("malformed record: a preference pair needs a non-empty rejected reply")
+        return ""
+    return reply
 
 
 def _join_parts(parts: list, images: list[dict], problems: list[str]) -> str | None:
@@ -213,5 +288,6 @@ def converter_fingerprint() -> str:
     """A hash of the code that turns source records into RECORD_FEATURES rows. It is part of the datasets cache key
     of every source (beside the file's path, size and mtime), so an edited converter, or a repo upgrade, never gets
     an unchanged file's records back in their old conversion."""
-    code = [inspect.getsource(f) for f in (_json_records, _normalize_batch, _normalize_record, _join_parts)]
+    code = [inspect.getsource(f) for f in (_json_records, _normalize_batch, _normalize_record, _preference_pair, _reply,
+                                           _reply_text, _join_parts)]
     return hashlib.sha256("".join(code + [repr(RECORD_FEATURES)]).encode()).hexdigest()[:16]

@@ -1,0 +1,218 @@
+"""Preference tuning: the pair records of every published form with exact masks, our DPO loss against TRL's
+DPOTrainer on the same tiny Llava, the references, and the dpo stage of train.py."""
+import io
+import json
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+import dpo
+from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataArguments, ImageProcessor, build_dataset, check, collate_pairs,
+                  tokenize_pair)
+
+
+def png(color=(200, 30, 40), size=(40, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def supervised_text(row, tokenizer) -> str:
+    return tokenizer.decode(row["input_ids"][row["labels"] != IGNORE_INDEX])
+
+
+# ---- Records: every form, exact masks ------------------------------------------------------------------------------
+
+def write_forms(tmp_path):
+    """The same multi-turn, image pair in each published form (plus a text-only pair in ours), as files."""
+    (tmp_path / "img.png").write_bytes(png())
+    history = [{"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "Red."},
+               {"from": "human", "value": "What shape is this?"}]
+    forms = {}
+    forms["ours.jsonl"] = [{"id": "ours", "image": "img.png", "conversations": history, "chosen": "A circle.",
+                            "rejected": "A star."},
+                           {"id": "text", "conversations": [{"from": "human", "value": "Is a star round?"}],
+                            "chosen": "No.", "rejected": "Yes."}]
+    forms["povid.json"] = [{"id": "povid", "image": "img.png",
+                            "conversations": [*history, {"from": "gpt", "value": "A circle."}],
+                            "rejected_conversations": [*history, {"from": "gpt", "value": "A star."}]}]
+    forms["human_preference.json"] = [{"id": "hp", "image": "img.png", "conversations": history,
+                                       "output_1": {"from": "llava", "value": "A star."},
+                                       "output_2": {"from": "llava", "value": "A circle."}, "preference": 2}]
+    for name, records in forms.items():
+        text = "\n".join(json.dumps(r) for r in records) if name.endswith(".jsonl") else json.dumps(records)
+        (tmp_path / name).write_text(text)
+    # RLAIF-V: one turn (its records have no history), the image as parquet bytes
+    rlaif = datasets.Dataset.from_dict(
+        {"idx": ["rlaif"], "image": [{"bytes": png(), "path": None}], "question": ["What shape is this?"],
+         "chosen": ["A circle."], "rejected": ["A star."], "ds_name": ["demo"]},
+        features=datasets.Features({"idx": datasets.Value("string"), "image": datasets.Image(),
+                                    "question": datasets.Value("string"), "chosen": datasets.Value("string"),
+                                    "rejected": datasets.Value("string"), "ds_name": datasets.Value("string")}))
+    rlaif.to_parquet(str(tmp_path / "rlaif_v.parquet"))
+    # rlaif-v_formatted (TRL's conversational form): images list, prompt / chosen / rejected as messages with parts
+    part = lambda text: [{"type": "text", "text": text}]  # noqa: E731
+    formatted = datasets.Dataset.from_list([{
+        "images": [{"bytes": png(), "path": None}],
+        "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, *part("What color is the shape?")]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                   {"role": "user", "content": [{"type": "text", "text": "What shape is this?"}]}],
+        "chosen": [{"role": "assistant", "content": part("A circle.")}],
+        "rejected": [{"role": "assistant", "content": part("A star.")}]}])
+    formatted = formatted.cast_column("images", datasets.List(datasets.Image()))
+    formatted.save_to_disk(str(tmp_path / "formatted"))
+    return ["ours.jsonl", "povid.json", "human_preference.json", "rlaif_v.parquet", "formatted"]
+
+
+def test_every_preference_form_masks_all_but_the_reply(tmp_path, llama_tokenizer):
+    """Prompt and earlier turns (the assistant's "Red." included) are masked in both rows; only the chosen /
+    rejected reply and its end of turn are supervised; the pair's image comes once; text-only pairs work."""
+    names = write_forms(tmp_path)
+    args = DataArguments(",".join(str(tmp_path / n) for n in names), image_folder=str(tmp_path),
+                         template="vicuna_v1", bad_sample="error", cache_dir=str(tmp_path / "cache"))
+    settings = dict(image_size=28, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    dataset = build_dataset(args, llama_tokenizer, settings, pairs=True)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert [s["id"] for s in samples] == ["ours", "text", "povid", "hp", "rlaif", "formatted:0"]
+    for s in samples:
+        assert supervised_text(s["chosen"], llama_tokenizer) == ("No.</s>" if s["id"] == "text" else "A circle.</s>")
+        assert supervised_text(s["rejected"], llama_tokenizer) == ("Yes.</s>" if s["id"] == "text" else "A star.</s>")
+        images = int((s["chosen"]["input_ids"] == IMAGE_TOKEN_INDEX).sum())
+        assert images == int((s["rejected"]["input_ids"] == IMAGE_TOKEN_INDEX).sum())
+        assert (s["images"] is None) == (images == 0) and (s["images"] is None or len(s["images"]) == images == 1)
+        prompt = len(s["chosen"]["input_ids"]) - int((s["chosen"]["labels"] != IGNORE_INDEX).sum())
+        assert torch.equal(s["chosen"]["input_ids"][:prompt], s["rejected"]["input_ids"][:prompt])
+    multi_turn = [s for s in samples if s["id"] in ("ours", "povid", "hp", "formatted:0")]
+    first = multi_turn[0]["chosen"]["input_ids"]
+    assert all(torch.equal(s["chosen"]["input_ids"], first) for s in multi_turn)   # one pair, four forms, same ids
+    assert "Red." in llama_tokenizer.decode(first[first != IMAGE_TOKEN_INDEX])
+
+    batch = collate_pairs(samples[:2], llama_tokenizer.pad_token_id or 0)
+    assert batch["input_ids"].shape[0] == 4 and batch["images"].shape[0] == 1      # one image, rows c0 c1 r0 r1
+    assert batch["image_counts"].tolist() == [1, 0, 1, 0]
+
+
+def test_unusable_pairs_are_named(tmp_path, llama_tokenizer):
+    records = [{"id": "no-rejected", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt",
+                                                                                          "value": "Yes."}]},
+               {"id": "ends-with-reply", "conversations": [{"from": "human", "value": "Hi?"},
+                                                           {"from": "gpt", "value": "Yes."}],
+                "chosen": "Yes.", "rejected": "No."},
+               {"id": "empty-rejected", "conversations": [{"from": "human", "value": "Hi?"}], "chosen": "Yes.",
+                "rejected": " "},
+               {"id": "povid-differs", "conversations": [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"}],
+                "rejected_conversations": [{"from": "human", "value": "C?"}, {"from": "gpt", "value": "D"}]},
+               {"id": "good", "conversations": [{"from": "human", "value": "Hi?"}], "chosen": "Yes.", "rejected": "No."}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    out = io.StringIO()
+    status = check(str(path), llama_tokenizer, "vicuna_v1", cache_dir=str(tmp_path / "cache"), num_workers=0, out=out)
+    lines = out.getvalue().splitlines()
+    assert status == 1 and "records: 5  usable: 1  bad: 4" in lines
+    assert any(line.startswith("no-rejected: not a pair") for line in lines)
+    assert any(line.startswith("ends-with-reply: roles out of order") for line in lines)
+    assert any(line.startswith("empty-rejected: malformed record") for line in lines)
+    assert any(line.startswith("povid-differs: malformed record: rejected_conversations") for line in lines)
+
+
+def test_a_reply_cut_off_by_max_length_is_unusable(llama_tokenizer):
+    prompt = [{"from": "human", "value": "What color is the shape? " * 3}]
+    with pytest.raises(Exception, match="too long"):
+        tokenize_pair(prompt, "Red.", "Blue.", llama_tokenizer, "vicuna_v1", max_length=20)
+    pair = tokenize_pair(prompt, "Red.", "A blue square.", llama_tokenizer, "vicuna_v1")
+    assert supervised_text(pair["rejected"], llama_tokenizer) == "A blue square.</s>"
+
+
+# ---- The losses against TRL ------------------------------------------------------------------------------------------
+
+PAIRS = [("what color is the shape ?", "red .", "blue ."),
+         ("what shape is this ?", "a circle .", "a square , it is a star ."),
+         ("describe the image .", "a red circle .", "green")]
+COLORS = [(200, 30, 40), (30, 200, 40), (30, 40, 200)]
+
+
+@pytest.fixture(scope="module")
+def llava_pair(tmp_path_factory, tok):
+    """Our tiny plain-LLaVA policy and reference (the policy's LLM moved off the reference by a seeded step of
+    noise), each also converted to transformers' LlavaForConditionalGeneration. The LLM's vocabulary has one spare
+    row, as padded vocabularies do, which the converter gives the <image> token: otherwise it would add a row and
+    transformers' softmax would run over one more token than ours."""
+    from transformers import AutoModelForImageTextToText
+
+    from convert import main as convert
+    from model import build_model
+    from tests.tiny_models import save_tiny_checkpoints, save_tiny_llm
+    root = tmp_path_factory.mktemp("llava_pair")
+    llm = save_tiny_llm(root / "llm-spare", tokenizer=tok, vocab_size=len(tok) + 1)
+    torch.manual_seed(0)
+    policy = build_model(save_tiny_checkpoints(root, tokenizer=tok, hr=None, llm=llm), tok).eval()
+    reference = dpo.PreferenceModel(policy, reference="copy").reference_llm
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.llm.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    hf = {}
+    for name, llm_weights in (("policy", policy.llm), ("reference", reference)):
+        saved = policy.llm
+        policy.llm = llm_weights
+        policy.save_pretrained(root / name, tok)
+        policy.llm = saved
+        (root / name / "train_config.yaml").write_text("template: vicuna_v1\nimage_aspect_ratio: pad\n")
+        convert(["to-llava-hf", str(root / name), str(root / f"{name}-hf")])
+        hf[name] = AutoModelForImageTextToText.from_pretrained(root / f"{name}-hf")
+    return policy, reference, hf, root
+
+
+def our_batch(policy, tok):
+    processor = ImageProcessor(**policy.image_settings(), aspect_ratio="pad")
+    samples = []
+    for (question, chosen, rejected), color in zip(PAIRS, COLORS):
+        pair = tokenize_pair([{"from": "human", "value": question}], chosen, rejected, tok, "vicuna_v1", num_images=1)
+        views, _ = processor(Image.new("RGB", (40, 30), color))
+        samples.append({"id": question, **pair, "images": views[None], "images_aux": None})
+    return collate_pairs(samples, tok.pad_token_id)
+
+
+def trl_inputs(batch, image_token_id: int, tokens_per_image: int) -> dict:
+    """Our pair batch as TRL's vision collator hands it to the model: each placeholder expanded to the image's
+    tokens, completion_mask = our labels, pixel_values repeated for the chosen and the rejected rows."""
+    expand = lambda row, value: [v for i, v in zip(batch["input_ids"][row].tolist(), value)  # noqa: E731
+                                 for _ in range(tokens_per_image if i == IMAGE_TOKEN_INDEX else 1)]
+    rows = range(len(batch["input_ids"]))
+    ids = [[image_token_id if i == IMAGE_TOKEN_INDEX else i for i in expand(r, batch["input_ids"][r].tolist())]
+           for r in rows]
+    return {"input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor([expand(r, batch["attention_mask"][r].tolist()) for r in rows]),
+            "completion_mask": torch.tensor([expand(r, (batch["labels"][r] != IGNORE_INDEX).long().tolist())
+                                             for r in rows]),
+            "pixel_values": torch.cat([batch["images"][:, 0]] * 2)}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "mpo"])
+def test_loss_rewards_and_logps_equal_trl(llava_pair, tok, tmp_path, loss_type):
+    from transformers import AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+    policy, reference, hf, root = llava_pair
+    terms = dpo.parse_loss_type(loss_type)
+    config = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[n for n, _ in terms],
+                       loss_weights=[w for _, w in terms], report_to="none", use_cpu=True, bf16=False,
+                       per_device_train_batch_size=len(PAIRS))
+    rows = datasets.Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS], "chosen": [c for _, c, _ in PAIRS],
+                                       "rejected": [r for *_, r in PAIRS]})
+    trainer = DPOTrainer(model=hf["policy"], ref_model=hf["reference"], args=config, train_dataset=rows,
+                         processing_class=AutoProcessor.from_pretrained(root / "policy-hf"))
+    batch = our_batch(policy, tok)
+    trainer.model.train()   # a training step's loss (TRL logs it under "train")
+    theirs = trainer.compute_loss(trainer.model, trl_inputs(batch, hf["policy"].config.image_token_id,
+                                                            policy.tokens_per_image))
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    model = dpo.PreferenceModel(policy, loss_type=loss_type, reference="copy")
+    model.reference_llm = reference
+    ours = model(**batch)
+    assert abs(ours.loss.item() - theirs.item()) < 1e-5
+    for name, value in zip(dpo.METRICS, (ours.metrics / len(PAIRS)).tolist()):
+        assert abs(value - logged[name]) < 1e-5 * max(1.0, abs(value)), name
+    assert logged["rewards/margins"] != 0 and 0 < logged["rewards/accuracies"] < 1   # the two models differ
