@@ -18,6 +18,7 @@ collate_pairs).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -144,7 +145,9 @@ class PreferenceModel(nn.Module):
         self.reference = resolve_reference(reference, policy)
         self.reference_llm = None
         if self.reference == "copy":
-            self.reference_llm = copy.deepcopy(policy.llm).requires_grad_(False).eval()
+            # in the model's dtype: the starting weights, exactly (set_trainables upcast the trainable ones to fp32)
+            self.reference_llm = copy.deepcopy(policy.llm).to(getattr(torch, policy.config.dtype))
+            self.reference_llm.requires_grad_(False).eval()
 
     # What train.py, plan.py and checkpoint.py read from the model they train.
     @property
@@ -208,6 +211,16 @@ class PreferenceModel(nn.Module):
         loss = preference_loss(scores, self.beta, self.terms, pairs=pairs, chosen_tokens=tokens)
         return PreferenceOutput(loss, metric_sums(scores, self.beta), logps.detach(), ref.detach())
 
+    @torch.no_grad()
+    def start_logps(self, input_ids, attention_mask, labels, images=None, images_aux=None, **ignored):
+        """The starting model's reply log-prob sums per row [2B]: the policy before its first step (under LoRA
+        with the adapter disabled), the reference precompute_reference stores."""
+        policy = self.policy
+        feats = None if images is None else torch.cat([policy.encode_images(images, images_aux)] * 2)
+        lora = hasattr(policy.llm, "disable_adapter") and hasattr(policy.llm, "peft_config")
+        with policy.llm.disable_adapter() if lora else contextlib.nullcontext():
+            return self.row_logps(policy.llm, input_ids, attention_mask, labels, feats)[0]
+
     def row_logps(self, llm, input_ids, attention_mask, labels, feats):
         """(reply log-prob sums, reply tokens) per row, the image features spliced in at the placeholders."""
         from model import splice
@@ -241,13 +254,140 @@ def freeze_vision(model) -> None:
             module.requires_grad_(False)
 
 
-def step_normalizer(window: list[dict]) -> torch.Tensor:
-    """(real pairs, chosen reply tokens) of this rank's micro-batches; train.py sums it over ranks."""
+def step_normalizer(accelerator, window: list[dict]) -> torch.Tensor:
+    """(real pairs, chosen reply tokens) of one optimizer step, all micro-batches and ranks: the loss normalizers
+    (train.py's supervised_tokens in this stage)."""
     pairs = tokens = 0
     for batch in window:
         b = len(batch["input_ids"]) // 2
         chosen = (batch["labels"][:b, 1:] != IGNORE_INDEX).sum(1)
         pairs, tokens = pairs + int((chosen > 0).sum()), tokens + int(chosen.sum())
-    return torch.tensor([pairs, tokens])
+    return accelerator.reduce(torch.tensor([pairs, tokens], device=accelerator.device), reduction="sum")
 
 
+def log_values(sums: list[float], pairs: int) -> dict:
+    """The step's METRICS, from forward_backward's summed metric_sums and the step's pairs."""
+    return {name: value / max(pairs, 1) for name, value in zip(METRICS, sums)}
+
+
+def check_settings(args, data_args=None) -> None:
+    """The dpo stage's settings, before anything loads (settings.check_args calls this)."""
+    parse_loss_type(args.loss_type)
+    if args.reference not in REFERENCES:
+        raise UserError(f"reference: {args.reference!r} is out of range, allowed: {' | '.join(REFERENCES)}")
+    if args.reference == "adapter" and args.tune == "full":
+        raise UserError("reference adapter with tune full: the disabled adapter is the reference only under "
+                        "tune lora / qlora; use reference copy or precomputed")
+    if args.reference == "copy" and args.tune == "qlora":
+        raise UserError("reference copy with tune qlora: a quantized LLM is not copied; use reference adapter "
+                        "(the default) or precomputed")
+    for switch in ("tune_vision_tower", "tune_vision_tower_aux", "train_embeddings"):
+        if getattr(args, switch):
+            raise UserError(f"{switch} with stage dpo: the dpo stage trains the LLM alone (its vision side is the "
+                            "reference's, encoded once per pair); set it to false")
+    if data_args is not None and data_args.packing:
+        raise UserError("packing with stage dpo: pairs are padded rows (a pair's two rows share its images); "
+                        "set packing: false")
+
+
+# ---- The precomputed reference -------------------------------------------------------------------------------------
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+def precompute_reference(accelerator, policy, dataset, path: str, fingerprint: dict, *, batch_size: int,
+                         say=print, chunk_batches: int = 16) -> torch.Tensor:
+    """The reference log-probs of every pair, [len(dataset), 2] (chosen, rejected; float64; NaN for an unusable
+    record), computed in one pass with the starting model (the policy before its first step; under LoRA with the
+    adapter disabled), each pair's images encoded once. Every rank computes its share of each chunk; the main
+    process writes the file after each chunk, so an interrupted pass resumes where it stopped. A file made for
+    other data or another model is refused, naming what differs."""
+    n = len(dataset)
+    values, done = torch.full((n, 2), float("nan"), dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        changed = [k for k in sorted(set(fingerprint) | set(saved["fingerprint"]))
+                   if fingerprint.get(k) != saved["fingerprint"].get(k)]
+        if changed:
+            raise UserError(f"{path} holds reference log-probs of another {' and '.join(changed)}; delete it (or "
+                            "use another output_dir) to compute them again")
+        values, done = saved["values"], saved["done"]
+    todo = (~done).nonzero().flatten().tolist()
+    if not todo:
+        return values
+    say(f"reference log-probs: {n - len(todo)} of {n} pairs done, computing the rest")
+    from data import collate_pairs
+    pad = getattr(dataset.tokenizer, "pad_token_id", 0) or 0
+    scorer = PreferenceModel(policy, reference="precomputed").eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step = batch_size * world * chunk_batches
+    for start in range(0, len(todo), step):
+        mine = todo[start:start + step][rank::world]
+        found = []
+        for i in range(0, len(mine), batch_size):
+            indices = mine[i:i + batch_size]
+            samples = [dataset[j] for j in indices]
+            kept = [j for j, s in zip(indices, samples) if "skipped" not in s]
+            if kept:
+                batch = collate_pairs([s for s in samples if "skipped" not in s], pad)
+                rows = scorer.start_logps(**{k: v.to(accelerator.device) if torch.is_tensor(v) else v
+                                             for k, v in batch.items()}).double().cpu()
+                found += [(j, float(c), float(r)) for j, c, r in zip(kept, rows[:len(kept)], rows[len(kept):])]
+            found += [(j, float("nan"), float("nan")) for j, s in zip(indices, samples) if "skipped" in s]
+        from accelerate.utils import gather_object
+        for j, c, r in gather_object(found) if world > 1 else found:
+            values[j] = torch.tensor([c, r], dtype=torch.float64)
+        done[todo[start:start + step]] = True
+        if accelerator.is_main_process:
+            tmp = path + ".tmp"
+            torch.save({"fingerprint": fingerprint, "values": values, "done": done}, tmp)
+            os.replace(tmp, path)
+        accelerator.wait_for_everyone()
+    say(f"reference log-probs of {n} pairs written to {path}")
+    return values
+
+
+def fingerprint(model_args, data_args, policy) -> dict:
+    """What the precomputed reference depends on: the data (each source's path, size and mtime, the record
+    converter, template, length and image settings) and the starting model (its settings and a checksum of every
+    weight, read before training)."""
+    from records import converter_fingerprint
+    sources = []
+    for path in (p.strip() for p in data_args.data_path.split(",") if p.strip()):
+        stat = os.stat(path)
+        sources.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    data = dict(sources=sources, converter=converter_fingerprint(), template=data_args.template,
+                max_length=data_args.max_length, image_aspect_ratio=data_args.image_aspect_ratio,
+                image_settings=policy.image_settings())
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" not in name:   # fresh adapters are not part of the starting model (disabled anyway)
+                digest.update(name.encode())
+                digest.update(repr([float(p.double().sum()), float(p.double().abs().sum())]).encode())
+    settings = {k: v for k, v in vars(model_args).items() if k != "gradient_checkpointing"}
+    return {"data": hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest(),
+            "model": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
+                                    + digest.digest()).hexdigest()}
+
+
+# ---- Held-out pairs ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader) -> dict:
+    """Preference metrics of held-out pairs (one pair per forward, so even sharding's duplicates drop out):
+    eval_loss (the mean per-pair loss), eval_rewards/accuracies, eval_rewards/margins, ...; {} when no pair was
+    usable."""
+    model.eval()
+    rows = []
+    for batch in loader:
+        batch = {k: v for k, v in batch.items() if k not in ("ids", "skipped")}
+        out = model(**batch)
+        real = float((batch["labels"][0, 1:] != IGNORE_INDEX).any())
+        rows.append(torch.cat([torch.tensor([out.loss.item() * real, real]), out.metrics.cpu().float()])[None])
+    model.train()
+    sums = accelerator.gather_for_metrics(torch.cat(rows).to(accelerator.device)).sum(0).tolist()
+    pairs = sums[1]
+    if not pairs:
+        return {}
+    return {"eval_loss": sums[0] / pairs, **{f"eval_{k}": v for k, v in log_values(sums[2:], int(pairs)).items()}}

@@ -22,6 +22,7 @@ from transformers import AttentionInterface
 import cli
 import conversation
 import data
+import dpo
 import model as mgm
 import vision
 from cli import UserError
@@ -32,8 +33,9 @@ class TrainArguments:
     output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs: one run's (checkpoint.py)
     overwrite_output_dir: bool = False   # delete another run's files in output_dir first (else: refuse to start)
     export_dir: str = ""                 # the final export; "": <output_dir>/export
-    stage: str = "finetune"              # pretrain: projector + mining train; finetune: the LLM too (model.set_stage)
-    tune: str = "full"                   # finetune trains the LLM (full) or LoRA adapters on it (lora; qlora: 4/8 bits)
+    stage: str = "finetune"              # pretrain: projector + mining train; finetune: the LLM too (model.set_stage);
+    #                                      dpo: preference pairs, the LLM alone trains (dpo.py)
+    tune: str = "full"                   # finetune / dpo train the LLM (full) or LoRA adapters on it (lora; qlora: 4/8 bits)
     lora_r: int = 64                     # LoRA rank
     lora_alpha: int = 16                 # LoRA scale numerator: adapters are scaled by lora_alpha / lora_r
     lora_dropout: float = 0.05           # dropout on the LoRA adapters' input
@@ -42,6 +44,13 @@ class TrainArguments:
     train_embeddings: bool = False       # freeze the LLM but train its token embeddings and lm_head (DS-VisualChat)
     tune_vision_tower: bool = False      # train the last half of the CLIP layers that feed the selected layer
     tune_vision_tower_aux: bool = False  # train the HR tower's last stage
+    # Preference tuning (stage dpo; data_path holds preference pairs, dpo.py).
+    beta: float = 0.1                    # how far from the reference the policy may move (DPO's beta)
+    loss_type: str = "sigmoid"           # sigmoid | ipo | hinge | bco_pair | sft, or a mixture "name:weight,...";
+    #                                      mpo = sigmoid:0.8,bco_pair:0.2,sft:1.0
+    reference: str = "auto"              # adapter: the policy with its LoRA disabled; copy: a frozen copy of the
+    #                                      starting LLM; precomputed: log-probs of one pass before training (kept in
+    #                                      output_dir); auto: adapter under LoRA / QLoRA, else copy
     # Optimizer and schedule: AdamW, linear warmup then cosine to zero, stepped once per optimizer step.
     learning_rate: float = 2e-5          # peak learning rate
     projector_lr: float | None = None    # the projector's peak learning rate; none: learning_rate
@@ -166,9 +175,11 @@ def check_args(model_args, args: TrainArguments, data_args=None) -> None:
     if args.train_embeddings and (args.stage, args.tune) != ("finetune", "full"):
         raise UserError(f"train_embeddings with stage {args.stage}, tune {args.tune}: it needs stage finetune and "
                         "tune full (only a full export holds embeddings)")
-    if args.tune != "full" and args.stage != "finetune":
-        raise UserError(f"tune {args.tune} with stage {args.stage}: LoRA / QLoRA adapters are a finetune-stage "
-                        "option (stage: finetune, or tune: full)")
+    if args.tune != "full" and args.stage == "pretrain":
+        raise UserError(f"tune {args.tune} with stage {args.stage}: LoRA / QLoRA adapters are a finetune / dpo "
+                        "stage option (stage: finetune, or tune: full)")
+    if args.stage == "dpo":
+        dpo.check_settings(args, data_args)
 
 
 def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tuple[str, object, bool, str]]:
@@ -178,7 +189,8 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
     attentions = sorted({"eager", *(k for k in AttentionInterface().valid_keys() if "|" not in k)})
     optional_lr = "none or > 0"
     rules = [
-        ("stage", a.stage, a.stage in ("pretrain", "finetune"), "pretrain | finetune"),
+        ("stage", a.stage, a.stage in ("pretrain", "finetune", "dpo"), "pretrain | finetune | dpo"),
+        ("beta", a.beta, a.beta > 0, "> 0"),
         ("tune", a.tune, a.tune in ("full", "lora", "qlora"), "full | lora | qlora"),
         ("learning_rate", a.learning_rate, a.learning_rate > 0, "> 0"),
         ("projector_lr", a.projector_lr, a.projector_lr is None or a.projector_lr > 0, optional_lr),

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 import data
+import dpo
 import model as mgm
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from refs import check_model_ref
@@ -45,9 +46,12 @@ def set_trainables(model, args: TrainArguments, upcast_trainables=True):
     """LoRA / QLoRA adapters, the stage table, the switches, trainables in fp32 (see build)."""
     if args.tune in ("lora", "qlora"):
         model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    mgm.set_stage(model, args.stage, tune_vision_tower=args.tune_vision_tower,
+    stage = "finetune" if args.stage == "dpo" else args.stage   # dpo: finetune's LLM, its vision side frozen
+    mgm.set_stage(model, stage, tune_vision_tower=args.tune_vision_tower,
                   tune_vision_tower_aux=args.tune_vision_tower_aux, print_fn=None)
     apply_switches(model, args)
+    if args.stage == "dpo":
+        dpo.freeze_vision(model)
     for p in model.parameters() if upcast_trainables else []:
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
@@ -95,12 +99,13 @@ def param_groups(model, args: TrainArguments) -> list[dict]:
 
 # ---- One optimizer step ------------------------------------------------------------------------------------------
 
-def collate_fn(tokenizer):
-    return partial(data.collate, pad_token_id=tokenizer.pad_token_id)
+def collate_fn(tokenizer, pairs: bool = False):
+    """The DataLoader's collate_fn: padded (or packed) samples, or preference pairs (the dpo stage)."""
+    return partial(data.collate_pairs if pairs else data.collate, pad_token_id=tokenizer.pad_token_id)
 
 
 def forward_backward(accelerator, model, window: list[dict], num_items: torch.Tensor,
-                     stop=None) -> tuple[float, int, int, str | None]:
+                     stop=None, metrics: list | None = None) -> tuple[float, int, int, str | None]:
     """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches).
 
     Returns (loss of the step over all ranks, LLM tokens, samples, why the run stops after this step or None).
@@ -108,24 +113,33 @@ def forward_backward(accelerator, model, window: list[dict], num_items: torch.Te
     `accelerator.backward` divides by G and DDP/FSDP average over ranks, so scaling by G * world size makes the
     gradient exactly that of one big batch. The step's totals and every rank's stop requests travel in one
     all-reduce, so a signal that reached one rank stops all of them after this same step, at no extra collective.
+    `metrics`, a list, receives the step's sums of the model's own metrics (the dpo stage's dpo.METRICS), all ranks.
     """
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     per_image = accelerator.unwrap_model(model).tokens_per_image
     step_loss = torch.zeros((), device=accelerator.device)
     tokens = samples = 0
+    extra = None
     for batch in window:
         with accelerator.accumulate(model):  # every rank runs every micro-batch: data.py never hands an empty
             # one, and the model runs its vision path on text-only batches too (DDP / FSDP stay in step)
-            loss = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items).loss
-            accelerator.backward(loss * scale)
-        step_loss += loss.detach().float()
+            out = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items)
+            accelerator.backward(out.loss * scale)
+        step_loss += out.loss.detach().float()
+        if metrics is not None:
+            extra = out.metrics.detach().double() + (0 if extra is None else extra)
         tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
         samples += len(batch["ids"])  # packed rows hold several samples
     assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
     # One all-reduce for the step's totals and every rank's stop votes (float64 holds these counts exactly).
     votes = stop.votes() if stop is not None else [0] * len(STOP_REASONS)
     local = torch.tensor([tokens, samples, *votes], dtype=torch.float64, device=accelerator.device)
-    loss, tokens, samples, *votes = accelerator.reduce(torch.cat([step_loss.double()[None], local]), "sum").tolist()
+    extra = [] if extra is None else [extra]
+    loss, tokens, samples, *rest = accelerator.reduce(torch.cat([step_loss.double()[None], local, *extra]),
+                                                      "sum").tolist()
+    votes = rest[:len(STOP_REASONS)]
+    if metrics is not None:
+        metrics[:] = rest[len(STOP_REASONS):]
     reason = next((why for why, n in zip(STOP_REASONS, votes) if n), None)
     return loss, int(tokens), int(samples), reason
 

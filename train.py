@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 import checkpoint
 import data
+import dpo
 import model as mgm
 from cli import UserError, run
 from conversation import IGNORE_INDEX
@@ -88,10 +89,20 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
                       upcast_trainables=not sharded)
     accelerator.print(mgm.trainable_table(model))
     flops = mgm.train_flops(model)  # before prepare: ZeRO-3 / FSDP may shard what it reads
+    pairs = args.stage == "dpo"     # preference pairs (dpo.py): the same loop, a pair model and pair batches
     with accelerator.main_process_first():
-        dataset = data.build_dataset(data_args, tokenizer, model.image_settings(), model.tokens_per_image)
+        dataset = data.build_dataset(data_args, tokenizer, model.image_settings(), model.tokens_per_image, pairs=pairs)
         eval_set = data.build_dataset(dataclasses.replace(data_args, data_path=args.eval_data_path), tokenizer,
-                                      model.image_settings(), model.tokens_per_image) if args.eval_data_path else None
+                                      model.image_settings(), model.tokens_per_image,
+                                      pairs=pairs) if args.eval_data_path else None
+    if pairs and args.reference == "precomputed":   # one pass of the starting model, before anything trains
+        for name, part, path in (("", dataset, data_args.data_path), ("eval_", eval_set, args.eval_data_path)):
+            if part is not None:
+                part.reference = dpo.precompute_reference(
+                    accelerator, model if quantized else model.to(accelerator.device), part,
+                    os.path.join(args.output_dir, name + dpo.REFERENCE_FILE),
+                    dpo.fingerprint(model_args, dataclasses.replace(data_args, data_path=path), model),
+                    batch_size=args.per_device_batch_size, say=accelerator.print)
     loader = train_loader(dataset, data_args, args, tokenizer, accelerator)
     G = args.gradient_accumulation_steps
     per_epoch = loader.batch_sampler.batches_per_epoch
@@ -111,12 +122,14 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         zero = ds_plugin.deepspeed_config["zero_optimization"]
         if zero.get("stage3_param_persistence_threshold", "auto") == "auto":
             zero["stage3_param_persistence_threshold"] = 10 * model.llm.config.get_text_config().hidden_size
+    if pairs:   # the policy and its reference; its forward returns the preference loss of a pair batch
+        model = dpo.PreferenceModel(model, beta=args.beta, loss_type=args.loss_type, reference=args.reference)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState(num_processes=accelerator.num_processes)
     accelerator.register_for_checkpointing(state)
     checkpoint.checkpoint_trainables_only(accelerator)
     eval_loader = None if eval_set is None else accelerator.prepare(torch.utils.data.DataLoader(
-        eval_set, batch_size=1, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
+        eval_set, batch_size=1, collate_fn=collate_fn(tokenizer, pairs), num_workers=args.num_workers,
         worker_init_fn=init_data_worker))
     # Resume: weights of the trainables, optimizer, scheduler, RNG, data position, step and counters.
     if ckpt:
@@ -148,8 +161,8 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         window = [next(batches) for _ in range(G)]
         count_skipped_samples(accelerator, state, window, say)
         check_skip_fraction(state, args.max_skip_fraction)
-        num_items = supervised_tokens(accelerator, window)
-        if num_items == 0:  # every rank agrees (a global count): nothing to learn, so no update and no step
+        num_items = dpo.step_normalizer(accelerator, window) if pairs else supervised_tokens(accelerator, window)
+        if int(num_items.flatten()[0]) == 0:  # every rank agrees (a global count): nothing to learn, so no update and no step
             # (nor a stop vote: a stop request waits for the next step that trains)
             say(f"step {state.step + 1}: no supervised token in this step's batches, skipped")
             empty_steps += 1
@@ -158,7 +171,8 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
                                 f"{state.skipped_samples}); check data_path / image_folder / template / max_length")
             continue
         empty_steps = 0
-        loss, tokens, samples, stop_reason = forward_backward(accelerator, model, window, num_items, stop)
+        sums = [] if pairs else None   # the dpo stage's metrics (dpo.METRICS), summed over the step
+        loss, tokens, samples, stop_reason = forward_backward(accelerator, model, window, num_items, stop, sums)
         state.seen_samples += samples
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                 else float("inf"))  # None under DeepSpeed before its first step
@@ -189,24 +203,36 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
             rates = meter.rates(lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"))
             log = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **rates, "peak_mem_gb": peak_memory_gb(),
                    "epoch": state.epoch, "skipped_steps": state.skipped_steps}
+            rewards = ""
+            if pairs:
+                log.update(dpo.log_values(sums, int(num_items[0])))
+                rewards = (f" | rewards chosen {log['rewards/chosen']:.4f} rejected {log['rewards/rejected']:.4f} "
+                           f"accuracy {log['rewards/accuracies']:.3f} margin {log['rewards/margins']:.4f}")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             mfu = (f"MFU {log['mfu_llm']:.1%} LLM-only, {log['mfu_all']:.1%} all" if "mfu_llm" in log
                    else "MFU unknown (--peak_tflops)")
-            say(f"step {state.step}/{total_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm or 0:.3f} | "
-                f"{log['tokens_per_s']:.0f} tok/s | {log['samples_per_s']:.2f} samples/s | "
+            say(f"step {state.step}/{total_steps} | loss {loss:.4f}{rewards} | lr {lr:.3e} | "
+                f"grad norm {grad_norm or 0:.3f} | {log['tokens_per_s']:.0f} tok/s | {log['samples_per_s']:.2f} samples/s | "
                 f"peak mem {log['peak_mem_gb']:.2f} GB | {mfu}")
             accelerator.log(log, step=state.step)
             metrics.write(state.step, log)
         if eval_loader is not None and (state.step == total_steps or
                                         args.eval_steps > 0 and state.step % args.eval_steps == 0):
-            eval_loss, eval_skipped = evaluate(accelerator, model, eval_loader)
-            note = f" ({eval_skipped} unusable eval records skipped)" if eval_skipped else ""
-            if eval_loss is None:  # never a loss of 0 for a set that could not be evaluated
-                say(f"step {state.step} | eval skipped: no usable record in {args.eval_data_path}{note}")
+            if pairs:   # held-out pairs: their loss, reward accuracy and margin
+                scores = dpo.evaluate(accelerator, model, eval_loader)
+                say(f"step {state.step} | " + (" | ".join(f"{k} {v:.4f}" for k, v in scores.items()) or
+                                               f"eval skipped: no usable pair in {args.eval_data_path}"))
+                accelerator.log(scores, step=state.step)
+                metrics.write(state.step, scores)
             else:
-                say(f"step {state.step} | eval loss {eval_loss:.4f}{note}")
-                accelerator.log({"eval_loss": eval_loss}, step=state.step)
-                metrics.write(state.step, {"eval_loss": eval_loss})
+                eval_loss, eval_skipped = evaluate(accelerator, model, eval_loader)
+                note = f" ({eval_skipped} unusable eval records skipped)" if eval_skipped else ""
+                if eval_loss is None:  # never a loss of 0 for a set that could not be evaluated
+                    say(f"step {state.step} | eval skipped: no usable record in {args.eval_data_path}{note}")
+                else:
+                    say(f"step {state.step} | eval loss {eval_loss:.4f}{note}")
+                    accelerator.log({"eval_loss": eval_loss}, step=state.step)
+                    metrics.write(state.step, {"eval_loss": eval_loss})
         if state.step % args.save_steps == 0 or state.step == total_steps or stop_reason:
             with stop.timing_save():
                 checkpoint.save_checkpoint(accelerator, args.output_dir, state.step, config, args.save_total_limit,
@@ -342,7 +368,8 @@ def train_loader(dataset, data_args, args: TrainArguments, tokenizer, accelerato
     if args.num_workers == 0:           # this process decodes the images itself
         data.reuse_freed_memory()
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn(tokenizer), num_workers=args.num_workers,
+        dataset, batch_sampler=sampler, collate_fn=collate_fn(tokenizer, args.stage == "dpo"),
+        num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args.seed),
         worker_init_fn=init_data_worker)
 

@@ -2,6 +2,7 @@
 DPOTrainer on the same tiny Llava, the references, and the dpo stage of train.py."""
 import io
 import json
+import re
 
 import datasets
 import pytest
@@ -216,3 +217,53 @@ def test_loss_rewards_and_logps_equal_trl(llava_pair, tok, tmp_path, loss_type):
     for name, value in zip(dpo.METRICS, (ours.metrics / len(PAIRS)).tolist()):
         assert abs(value - logged[name]) < 1e-5 * max(1.0, abs(value)), name
     assert logged["rewards/margins"] != 0 and 0 < logged["rewards/accuracies"] < 1   # the two models differ
+
+
+# ---- The dpo stage of train.py ---------------------------------------------------------------------------------------
+
+from tests.test_train import (COLORS, SHAPES, assert_same_run, launch, metrics, run_in_process,  # noqa: E402
+                              tiny, write_recipe)
+
+__all__ = ["tiny"]   # the session fixture of tests/test_train.py, shared
+
+
+def write_pairs(folder, n: int = 12, text_only: int = 4):
+    """Image pairs whose rejected answer names a wrong colour, and text-only pairs, in our JSONL form."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names, records = list(COLORS), []
+    for i in range(n):
+        color, wrong = names[i % len(names)], names[(i + 1 + i // 4) % len(names)]
+        Image.new("RGB", (40, 32), COLORS[color]).save(folder / f"img{i}.png")
+        records.append({"id": f"img{i}", "image": f"img{i}.png",
+                        "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape ?"}],
+                        "chosen": color, "rejected": f"{wrong} {SHAPES[i % 4]}"})
+    for i in range(text_only):
+        records.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": "describe one shape"}],
+                        "chosen": SHAPES[i % 4], "rejected": "yes no"})
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dpo_recipe(tiny, tmp_path_factory):
+    pairs = write_pairs(tmp_path_factory.mktemp("pairs"))
+    return {**tiny["recipe"], "stage": "dpo", "tune": "lora", "template": "vicuna_v1", "data_path": str(pairs),
+            "image_folder": str(pairs.parent), "learning_rate": 5e-3, "warmup_ratio": 0.0, "beta": 0.1}
+
+
+def test_dpo_stage_trains_logs_and_exports(dpo_recipe, tmp_path, capsys):
+    """LoRA, the disabled adapter as reference: the first step's loss is log 2 (policy == reference), the log
+    line and metrics.jsonl carry the rewards, held-out pairs are scored, and the export is the policy's."""
+    from model import MiniGemini
+    recipe = write_recipe(tmp_path / "r.yaml", dpo_recipe, max_steps=6, eval_data_path=dpo_recipe["data_path"])
+    export = run_in_process([str(recipe), "--output_dir", str(tmp_path / "run")])
+    logged = metrics(tmp_path / "run")
+    assert abs(logged[0]["loss"] - 0.6931472) < 1e-5 and logged[0]["rewards/margins"] == 0
+    assert all(set(dpo.METRICS) <= set(m) for m in logged)
+    assert logged[-1]["rewards/margins"] > 0 and logged[-1]["loss"] < logged[0]["loss"]
+    out = capsys.readouterr().out
+    assert re.search(r"step 6/6 \| loss [\d.]+ \| rewards chosen -?[\d.]+ rejected -?[\d.]+ accuracy [\d.]+ margin", out)
+    assert re.search(r"step 6 \| eval_loss [\d.]+ \| eval_rewards/chosen", out)
+    loaded = MiniGemini.from_pretrained(export)
+    assert loaded.llm.peft_config["default"].r == 4 and not hasattr(loaded, "reference_llm")
