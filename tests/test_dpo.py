@@ -267,3 +267,79 @@ def test_dpo_stage_trains_logs_and_exports(dpo_recipe, tmp_path, capsys):
     assert re.search(r"step 6 \| eval_loss [\d.]+ \| eval_rewards/chosen", out)
     loaded = MiniGemini.from_pretrained(export)
     assert loaded.llm.peft_config["default"].r == 4 and not hasattr(loaded, "reference_llm")
+
+
+def pair_batch(model, recipe, tokenizer, n=4):
+    from data import DataArguments, build_dataset
+    args = DataArguments(recipe["data_path"], image_folder=recipe["image_folder"], template="vicuna_v1")
+    dataset = build_dataset(args, tokenizer, model.image_settings(), model.tokens_per_image, pairs=True)
+    return collate_pairs([dataset[i] for i in range(n)], tokenizer.pad_token_id)
+
+
+def test_disabled_adapter_reference_equals_a_frozen_copy(dpo_recipe):
+    """The policy with trained (non-zero) LoRA adapters: its reference through the disabled adapter gives the log-
+    probs of a frozen copy of the starting model, and the policy's own differ."""
+    import settings
+    import step
+    model_args, _, args = settings.parse_args(["--data_path", dpo_recipe["data_path"], *sum(
+        ([f"--{k}", str(v)] for k, v in dpo_recipe.items() if k not in ("data_path",)), [])])
+    tokenizer = step.load_tokenizer(model_args.llm)
+    torch.manual_seed(0)
+    policy = step.build(model_args, args, tokenizer)
+    torch.manual_seed(0)
+    start = step.build(model_args, settings.dataclasses.replace(args, tune="full"), tokenizer)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert not any(p.requires_grad for m in (policy.projector, policy.vision_tower) for p in m.parameters())
+    batch = pair_batch(policy, dpo_recipe, tokenizer)
+    adapter = dpo.PreferenceModel(policy, reference="adapter")(**batch)
+    copy = dpo.PreferenceModel(start, reference="copy")(**batch)
+    torch.testing.assert_close(adapter.ref_logps, copy.ref_logps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(copy.logps, copy.ref_logps, rtol=1e-6, atol=1e-6)
+    assert (adapter.logps - adapter.ref_logps).abs().min() > 1e-3
+
+
+def test_precomputed_reference_gives_the_run_of_the_on_the_fly_one(dpo_recipe, tmp_path):
+    """reference precomputed: one pass before training, kept in output_dir; the run's losses and rewards equal those
+    of the disabled-adapter reference. The file is refused for other data and resumes a pass cut short."""
+    runs = {}
+    for reference in ("adapter", "precomputed"):
+        recipe = write_recipe(tmp_path / f"{reference}.yaml", dpo_recipe, max_steps=4, reference=reference,
+                              eval_data_path=dpo_recipe["data_path"])
+        runs[reference] = tmp_path / reference
+        run_in_process([str(recipe), "--output_dir", str(runs[reference])])
+    a, b = metrics(runs["adapter"]), metrics(runs["precomputed"])
+    for key in ("loss", *dpo.METRICS):
+        torch.testing.assert_close(torch.tensor([m[key] for m in b]), torch.tensor([m[key] for m in a]),
+                                   rtol=1e-5, atol=1e-6, msg=key)
+    evals = [[m for m in map(json.loads, open(run / "metrics.jsonl")) if "eval_loss" in m] for run in runs.values()]
+    assert evals[0][0]["eval_rewards/accuracies"] == evals[1][0]["eval_rewards/accuracies"]
+
+    path = str(runs["precomputed"] / dpo.REFERENCE_FILE)
+    saved = torch.load(path, weights_only=True)
+    assert saved["done"].all() and torch.isfinite(saved["values"]).all() and len(saved["values"]) == 16
+
+    class Dataset(list):
+        tokenizer = None
+    with pytest.raises(dpo.UserError, match="holds reference log-probs of another data"):
+        dpo.precompute_reference(None, None, Dataset(), path, {**saved["fingerprint"], "data": "other"}, batch_size=2)
+    # a pass cut short (a signal, a crash) continues: only the missing pairs are computed, to the same values
+    import settings
+    import step
+    from accelerate import Accelerator
+    from data import DataArguments, build_dataset
+    model_args, data_args, args = settings.parse_args([str(tmp_path / "precomputed.yaml")])
+    tokenizer = step.load_tokenizer(model_args.llm)
+    torch.manual_seed(0)
+    policy = step.build(model_args, args, tokenizer)
+    dataset = build_dataset(data_args, tokenizer, policy.image_settings(), policy.tokens_per_image, pairs=True)
+    full = saved["values"].clone()
+    saved["done"][5:], saved["values"][5:] = False, 0
+    torch.save(saved, path)
+    lines = []
+    again = dpo.precompute_reference(Accelerator(cpu=True), policy, dataset, path,
+                                     dpo.fingerprint(model_args, data_args, policy), batch_size=2, say=lines.append)
+    assert lines[0] == "reference log-probs: 5 of 16 pairs done, computing the rest"
+    torch.testing.assert_close(again, full, rtol=1e-6, atol=1e-6)
