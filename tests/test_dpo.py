@@ -343,3 +343,38 @@ def test_precomputed_reference_gives_the_run_of_the_on_the_fly_one(dpo_recipe, t
                                      dpo.fingerprint(model_args, data_args, policy), batch_size=2, say=lines.append)
     assert lines[0] == "reference log-probs: 5 of 16 pairs done, computing the rest"
     torch.testing.assert_close(again, full, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tune,reference", [("lora", "adapter"), ("full", "copy")])
+def test_resume_in_the_middle_gives_the_uninterrupted_run(dpo_recipe, tmp_path, tune, reference):
+    """6 steps; then checkpoint-6 and the export deleted and the run resumed from checkpoint-3: steps 4-6 again,
+    the same losses, rewards and weights (the frozen copy is rebuilt from the starting model, not the checkpoint)."""
+    import shutil
+    recipe = write_recipe(tmp_path / "r.yaml", dpo_recipe, tune=tune, reference=reference, max_steps=6, save_steps=3,
+                          save_total_limit=2, lora_dropout=0.1, learning_rate=2e-3)
+    run = tmp_path / "run"
+    run_in_process([str(recipe), "--output_dir", str(run)])
+    shutil.copytree(run, tmp_path / "ref")
+    for step_6 in (run / "checkpoint-000006", run / "export"):
+        shutil.rmtree(step_6)
+    run_in_process([str(recipe), "--output_dir", str(run), "--resume", "auto"])
+    assert_same_run(tmp_path / "ref", run, step=6)
+    for key in dpo.METRICS:
+        assert [m[key] for m in metrics(run)] == pytest.approx([m[key] for m in metrics(tmp_path / "ref")], abs=1e-6)
+
+
+@pytest.mark.parametrize("config,tune,reference", [("multi_gpu.yaml", "lora", "adapter"),
+                                                   ("deepspeed_zero2.yaml", "lora", "adapter"),
+                                                   ("deepspeed_zero3.yaml", "full", "copy")])
+def test_engines_give_the_losses_of_one_process(dpo_recipe, tmp_path, config, tune, reference):
+    """DDP, ZeRO-2 and ZeRO-3 (whose frozen reference copy is partitioned too) on 2 CPU processes of 2 pairs: the
+    per-step losses and rewards of one process of 4 pairs (accumulation 2 in both)."""
+    from tests.test_engines import launch as launch_engine
+    recipe = write_recipe(tmp_path / "r.yaml", dpo_recipe, tune=tune, reference=reference, max_steps=3)
+    run_in_process([str(recipe), "--output_dir", str(tmp_path / "one"), "--per_device_batch_size", "4"])
+    out = launch_engine(config, "train.py", recipe, "--output_dir", tmp_path / "two")
+    assert "2 process(es)" in out
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("loss", *dpo.METRICS):
+        torch.testing.assert_close(torch.tensor([m[key] for m in two]), torch.tensor([m[key] for m in one]),
+                                   rtol=1e-5, atol=1e-5, msg=key)
