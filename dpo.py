@@ -146,28 +146,17 @@ class PreferenceModel(nn.Module):
         self.reference_llm = None
         if self.reference == "copy":
             # in the model's dtype: the starting weights, exactly (set_trainables upcast the trainable ones to fp32)
-            self.reference_llm = copy.deepcopy(policy.llm).to(getattr(torch, policy.config.dtype))
-            self.reference_llm.requires_grad_(False).eval()
+            self.reference_llm = copy.deepcopy(policy.llm).requires_grad_(False).eval()
+            for p in self.reference_llm.parameters():
+                p.data = p.data.to(getattr(torch, policy.config.dtype))
 
-    # What train.py, plan.py and checkpoint.py read from the model they train.
-    @property
-    def llm(self):
-        return self.policy.llm
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.policy.tokens_per_image
-
-    @property
-    def config(self):
-        return self.policy.config
-
-    @property
-    def _no_split_modules(self) -> list[str]:
-        return self.policy._no_split_modules
-
-    def image_settings(self) -> dict:
-        return self.policy.image_settings()
+    def __getattr__(self, name):
+        """What train.py, plan.py and checkpoint.py read from the model they train (tokens_per_image, llm,
+        projector, image_settings, ...) is the policy's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("policy"), name)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -244,6 +233,14 @@ def resolve_reference(reference: str, policy) -> str:
         raise UserError("reference 'adapter' needs LoRA adapters (tune: lora or qlora); with tune: full use "
                         "reference copy or precomputed")
     return reference
+
+
+def pair_rows(batch: dict) -> dict:
+    """A collated batch of 2B one-image rows -> the pair batch of those rows (chosen = the first B, rejected = the
+    rest) with the first B images: what --plan traces for the dpo stage."""
+    b = len(batch["input_ids"]) // 2
+    images = {k: None if batch[k] is None else batch[k][:b] for k in ("images", "images_aux")}
+    return {**batch, **images, "ids": batch["ids"][:b]}
 
 
 def freeze_vision(model) -> None:

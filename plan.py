@@ -55,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+import dpo
 import step
 from cli import UserError
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -180,6 +181,9 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
         for p in model.parameters():
             p.data = p.data.to(low)
     batch = worst_case_batch(model, data_args, args.per_device_batch_size, fake)
+    if args.stage == "dpo":   # pairs: 2B rows sharing B images; the reference (a copy, or none) inside the model
+        batch = dpo.pair_rows(worst_case_batch(model, data_args, 2 * args.per_device_batch_size, fake))
+        model = dpo.PreferenceModel(model, beta=args.beta, loss_type=args.loss_type, reference=args.reference)
     with fsdp2_sharded(model, launch) as model:
         tracker = step_memory(model, args, batch, mixed_precision=launch.mixed_precision if plain else "no",
                               fake=fake)
@@ -497,7 +501,9 @@ def step_memory(model, args, batch: dict, *, mixed_precision: str, fake=None) ->
         with tracker:
             prepared.train()
             window = [batch]
-            step.forward_backward(accelerator, prepared, window, step.supervised_tokens(accelerator, window))
+            pairs = isinstance(model, dpo.PreferenceModel)
+            normalizer = dpo.step_normalizer if pairs else step.supervised_tokens
+            step.forward_backward(accelerator, prepared, window, normalizer(accelerator, window))
             tracker.backward_activations = tracker.peak_activations   # before the update's temporaries
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else
                                         float("inf"))
