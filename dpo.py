@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from cli import UserError
 from conversation import IGNORE_INDEX
+from model import splice
 
 LOSSES = ("sigmoid", "ipo", "hinge", "bco_pair", "sft")
 MIXTURES = {"mpo": "sigmoid:0.8,bco_pair:0.2,sft:1.0"}   # InternVL2.5's Mixed Preference Optimization
@@ -211,15 +212,27 @@ class PreferenceModel(nn.Module):
             return self.row_logps(policy.llm, input_ids, attention_mask, labels, feats)[0]
 
     def row_logps(self, llm, input_ids, attention_mask, labels, feats):
-        """(reply log-prob sums, reply tokens) per row, the image features spliced in at the placeholders."""
-        from model import splice
-        text = llm.get_input_embeddings()(input_ids.clamp(min=0))
-        out = splice(input_ids, text, None if feats is None else feats.to(text.dtype), attention_mask, labels)
-        inputs = dict(inputs_embeds=out["inputs_embeds"], attention_mask=out["attention_mask"],
-                      position_ids=out["position_ids"], use_cache=False)
-        if self.policy.config.attention == "mmca":
-            inputs["mm_image_mask"] = out["image_mask"]
-        return completion_logps(llm(**inputs).logits, out["labels"])
+        return row_logps(self.policy, llm, input_ids, attention_mask, labels, feats)
+
+
+def row_logps(policy, llm, input_ids, attention_mask, labels, feats):
+    """(reply log-prob sums, reply tokens) per row of `llm` (the policy's or a reference's), the image features
+    spliced in at the placeholders as the policy does."""
+    text = llm.get_input_embeddings()(input_ids.clamp(min=0))
+    out = splice(input_ids, text, None if feats is None else feats.to(text.dtype), attention_mask, labels)
+    inputs = dict(inputs_embeds=out["inputs_embeds"], attention_mask=out["attention_mask"],
+                  position_ids=out["position_ids"], use_cache=False)
+    if policy.config.attention == "mmca":
+        inputs["mm_image_mask"] = out["image_mask"]
+    return completion_logps(llm(**inputs).logits, out["labels"])
+
+
+@torch.no_grad()
+def reply_logps(model, input_ids, attention_mask, labels, images=None, images_aux=None, **ignored) -> torch.Tensor:
+    """A MiniGemini's reply log-prob sums for the rows of a pair batch [2B] (each pair's images encoded once):
+    what eval.py compares between a tuned export and its reference."""
+    feats = None if images is None else torch.cat([model.encode_images(images, images_aux)] * 2)
+    return row_logps(model, model.llm, input_ids, attention_mask, labels, feats)[0]
 
 
 def resolve_reference(reference: str, policy) -> str:

@@ -8,6 +8,14 @@ punctuation, articles, spaces). Writes one JSON line per answered question (--ou
 `accuracy: <float> (n=<int>)`, n being the questions answered. chat.py uses the same loading and answering code
 (load_for_inference, Answerer).
 
+    python eval.py --model runs/demo/dpo/export --pairs demo_data/pairs_test.jsonl --reference runs/demo/finetune \
+        --image_folder demo_data/images
+
+--pairs scores held-out preference pairs (any form records.py reads) instead: each reply's log-prob under the
+model and under --reference (the model the preference tuning started from), the reward beta * (difference), and
+ends with the line `reward accuracy: <float> margin: <float> (n=<int>)`: the share of pairs whose chosen reply has
+the larger reward, and the mean reward margin.
+
 A record that cannot be asked (a broken JSON line, no question/answer pair, an unreadable or missing image, <image>
 tags that do not match its images) is skipped and named by id, with a count at the end; the predictions already made
 are written even when the run stops early. The exit status is 1 when more than --max_skip_fraction of the records
@@ -39,7 +47,7 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")   # stop 
 def main(argv: list[str] | None = None) -> float:
     parser = ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export directory (full, pretrain or LoRA)")
-    parser.add_argument("--data", required=True, help="LLaVA JSON/JSONL with single-turn questions and answers")
+    parser.add_argument("--data", default=None, help="LLaVA JSON/JSONL with single-turn questions and answers")
     parser.add_argument("--image_folder", default=".", help="image paths are relative to this (default: %(default)s)")
     parser.add_argument("--output", default=None, help="predictions JSONL (default: MODEL/predictions_<data>.jsonl)")
     parser.add_argument("--template", default=None, help="default: the template the model was trained with")
@@ -52,7 +60,22 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--max_skip_fraction", type=fraction, default=0.0,
                         help="exit with status 1 when more of the records than this were skipped as unusable "
                              "(default: %(default)s)")
+    parser.add_argument("--pairs", default=None, help="preference pairs to score instead of --data: reward accuracy "
+                        "and margin against --reference")
+    parser.add_argument("--reference", default=None, help="--pairs: the export the preference tuning started from")
+    parser.add_argument("--beta", type=float, default=0.1, help="--pairs: the reward scale (default: %(default)s)")
     a = parser.parse_args(argv)
+    if a.pairs is not None:
+        if a.reference is None:
+            raise UserError("--pairs needs --reference, the export the preference tuning started from")
+        check_path(a.pairs, "--pairs")
+        check_path(a.image_folder, "--image_folder", "dir")
+        result = score_pairs(a.model, a.reference, a.pairs, a.image_folder, beta=a.beta, template=a.template,
+                             batch_size=a.batch_size, limit=a.limit)
+        print(f"reward accuracy: {result['accuracy']:.4f} margin: {result['margin']:.4f} (n={result['n']})")
+        return result["accuracy"]
+    if a.data is None:
+        raise UserError("--data (questions and answers) or --pairs (preference pairs) is needed")
     check_path(a.data, "--data")
     check_path(a.image_folder, "--image_folder", "dir")
     if a.output and os.path.isdir(a.output):
@@ -92,6 +115,38 @@ def main(argv: list[str] | None = None) -> float:
               f"{a.max_skip_fraction}", file=sys.stderr)
         raise SystemExit(1)
     return accuracy
+
+
+def score_pairs(model_dir: str, reference_dir: str, pairs: str, image_folder: str = ".", *, beta: float = 0.1,
+                template: str | None = None, batch_size: int = 8, limit: int = 0) -> dict:
+    """Held-out preference pairs: {"accuracy": share of pairs with reward(chosen) > reward(rejected), "margin": mean
+    reward(chosen) - reward(rejected), "n": pairs scored, "skipped": [(id, why)]}, reward = beta * (log-prob of the
+    reply under the model - under the reference). Each pair's images are encoded once per model."""
+    import dpo
+    from data import DataArguments, PreferenceDataset, collate_pairs
+    from records import load_records
+    model, tokenizer, processor, template = load_for_inference(model_dir, template)
+    reference = load_for_inference(reference_dir, template)[0]
+    args = DataArguments(pairs, image_folder=image_folder, template=template, max_length=10**9)
+    dataset = PreferenceDataset(load_records(pairs), tokenizer, args, processor, model.tokens_per_image)
+    indices = list(range(len(dataset)))[: limit or None]
+    device = next(model.parameters()).device
+    margins, skipped = [], []
+    for i in range(0, len(indices), batch_size):
+        samples = [dataset[j] for j in indices[i:i + batch_size]]
+        skipped += [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
+        if all("skipped" in s for s in samples):
+            continue
+        batch = {k: v.to(device) if torch.is_tensor(v) else v
+                 for k, v in collate_pairs(samples, tokenizer.pad_token_id or 0).items()}
+        rewards = beta * (dpo.reply_logps(model, **batch) - dpo.reply_logps(reference, **batch)).double().cpu()
+        b = len(rewards) // 2
+        margins += (rewards[:b] - rewards[b:]).tolist()
+    for record_id, why in skipped:
+        print(f"skipped record {record_id}: {why}", file=sys.stderr)
+    n = len(margins)
+    return {"accuracy": sum(m > 0 for m in margins) / max(n, 1), "margin": sum(margins) / max(n, 1), "n": n,
+            "skipped": skipped}
 
 
 @dataclass

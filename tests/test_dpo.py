@@ -3,6 +3,7 @@ DPOTrainer on the same tiny Llava, the references, and the dpo stage of train.py
 import io
 import json
 import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -403,3 +404,22 @@ def test_plan_of_a_dpo_step_is_the_real_step(tok, tmp_path, tune, reference):
     assert planned.terms["parameters"].bytes == sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     real = plan.step_memory(model, args, batch, mixed_precision="no")
     assert planned.peak.bytes == pytest.approx(real.peak, rel=0.05)
+
+
+def test_eval_scores_held_out_pairs(tiny, dpo_recipe, tmp_path, capsys):
+    """eval.py --pairs: a dpo export against the export it started from (here a pretrain export, whose projector
+    the dpo run loads through pretrained_mm_path); the tuned model prefers the chosen replies."""
+    import eval as evaluation
+    recipe = write_recipe(tmp_path / "pt.yaml", tiny["recipe"], max_steps=1)
+    start = run_in_process([str(recipe), "--output_dir", str(tmp_path / "pt")])
+    recipe = write_recipe(tmp_path / "dpo.yaml", dpo_recipe, max_steps=8, pretrained_mm_path=start)
+    export = run_in_process([str(recipe), "--output_dir", str(tmp_path / "dpo")])
+    (Path(start) / "train_config.yaml").write_text("template: vicuna_v1\n")   # asked the dpo run's questions
+    capsys.readouterr()
+    accuracy = evaluation.main(["--model", export, "--reference", start, "--pairs", dpo_recipe["data_path"],
+                                "--image_folder", dpo_recipe["image_folder"]])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"reward accuracy: [\d.]+ margin: -?[\d.]+ \(n=16\)", last), last
+    assert accuracy > 0.5 and float(last.split()[4]) > 0
+    same = evaluation.score_pairs(start, start, dpo_recipe["data_path"], dpo_recipe["image_folder"])
+    assert same["accuracy"] == 0 and same["margin"] == 0 and same["n"] == 16
