@@ -9,6 +9,8 @@
     python bench.py stop      # per-step cost of the ranks' stop agreement: the step's collectives before / with it
     python bench.py plan      # train.py --plan's memory plan against the same step run for real (CPU: StepMemory, RSS)
     python bench.py plan --recipe recipes/mgm_7b_finetune.yaml   # README's table row: planned peak, largest batches
+    python bench.py dpo       # a DPO step: ours vs TRL's DPOTrainer on the same small Llava and pairs (loss, tower
+                              # forwards per pair, time per step)
 
 Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
 seconds (see clock()), wall seconds on CUDA. Each variant whose memory is measured runs in a fresh process; on CPU
@@ -1014,8 +1016,133 @@ def _proc_status(key) -> float:
     return int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024
 
 
+# =============================================================================================================
+# dpo: our DPO step vs TRL's DPOTrainer
+# =============================================================================================================
+def bench_dpo(args):
+    """A DPO step (sigmoid, beta 0.1, a frozen reference): ours (dpo.PreferenceModel) vs TRL's DPOTrainer on the same
+    plain-LLaVA model (ours converted with convert.py to-llava-hf) and the same pairs: the first batch's loss, the
+    vision-tower forwards per pair (a forward hook counts the images each tower call takes), time per step. Both
+    train the LLM alone (towers and projector frozen in both), fp32, AdamW."""
+    import datasets
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    import dpo
+    from convert import main as convert
+    from model import build_model
+    from tests.tiny_models import save_tiny_checkpoints, save_tiny_clip, save_tiny_llm, save_tiny_tokenizer
+    size = dict(pairs=2, clip=dict(image_size=56, hidden=32, layers=2), llm=dict(hidden=32, layers=2)) if args.quick \
+        else dict(pairs=4, clip=dict(image_size=224, hidden=384, layers=6), llm=dict(hidden=384, layers=4))
+    root = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    tok = AutoTokenizer.from_pretrained(save_tiny_tokenizer(root / "tok"))
+    llm = save_tiny_llm(root / "llm", tokenizer=tok, vocab_size=len(tok) + 1, **size["llm"])  # a row for <image>
+    clip = save_tiny_clip(root / "clip", **size["clip"])
+    torch.manual_seed(0)
+    policy = build_model(save_tiny_checkpoints(root, tokenizer=tok, hr=None, llm=llm, vision_tower=clip), tok)
+    policy.save_pretrained(root / "export", tok)
+    (root / "export" / "train_config.yaml").write_text("template: vicuna_v1\nimage_aspect_ratio: pad\n")
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(["to-llava-hf", str(root / "export"), str(root / "hf")])
+    hf, hf_ref = (AutoModelForImageTextToText.from_pretrained(root / "hf") for _ in range(2))
+    for m in (hf.model.vision_tower, hf.model.multi_modal_projector):
+        m.requires_grad_(False)
+    ours = dpo.PreferenceModel(policy.requires_grad_(False), reference="copy")
+    policy.llm.requires_grad_(True)
+    print(f"Llava: CLIP {size['clip']['image_size']}px ({policy.tokens_per_image} image tokens, width "
+          f"{size['clip']['hidden']}, {size['clip']['layers']} layers), Llama width {size['llm']['hidden']}, "
+          f"{size['llm']['layers']} layers; {size['pairs']} pairs per step; {torch.get_num_threads()} threads")
+
+    rows = [("what color is the shape ?", "red .", "blue ."), ("what shape is this ?", "a circle .", "a star ."),
+            ("describe the image .", "a red circle .", "a green square ."), ("is it round ?", "yes", "no")]
+    rows = (rows * size["pairs"])[: size["pairs"]]
+    batch = pair_batch(policy, tok, rows)
+    inputs = trl_inputs(batch, hf.config.image_token_id, policy.tokens_per_image)
+    config = DPOConfig(output_dir=str(root / "trl"), beta=0.1, report_to="none", use_cpu=True, bf16=False,
+                       per_device_train_batch_size=size["pairs"])
+    trainer = DPOTrainer(model=hf, ref_model=hf_ref, args=config, processing_class=AutoProcessor.from_pretrained(
+        root / "hf"), train_dataset=datasets.Dataset.from_dict({"prompt": [r[0] for r in rows],
+                                                                "chosen": [r[1] for r in rows],
+                                                                "rejected": [r[2] for r in rows]}))
+    images = {"trl": 0, "ours": 0}
+
+    def counter(name):
+        def hook(module, inputs, output):
+            images[name] += len(inputs[0]) if inputs else 0
+        return hook
+    hooks = [policy.vision_tower.model.register_forward_hook(counter("ours"))]
+    hooks += [m.model.vision_tower.register_forward_hook(counter("trl")) for m in (hf, trainer.ref_model)]
+
+    def trl_step(optimizer):
+        loss = trainer.compute_loss(trainer.model, dict(inputs))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def our_step(optimizer):
+        loss = ours(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    trainer.model.train()
+    ours.train()
+    trl_opt = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-5)
+    our_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
+    first = (trl_step(trl_opt).item(), our_step(our_opt).item())
+    forwards = {k: v / size["pairs"] for k, v in images.items()}
+    repeats = 2 if args.quick else 5
+    times = {"trl": _time(lambda: trl_step(trl_opt), repeats), "ours": _time(lambda: our_step(our_opt), repeats)}
+    for h in hooks:
+        h.remove()
+    print(f"first batch loss: TRL {first[0]:.7f}, ours {first[1]:.7f} (difference {abs(first[0] - first[1]):.1e})")
+    print(f"{'':48} {'TRL':>12} {'ours':>12} {'ours / TRL':>12}")
+    print(f"{'vision-tower forwards per pair (policy + ref)':48} {forwards['trl']:>12.0f} {forwards['ours']:>12.0f} "
+          f"{forwards['ours'] / forwards['trl']:>11.2f}x")
+    print(f"{'seconds per step (CPU process time)':48} {times['trl']:>12.3f} {times['ours']:>12.3f} "
+          f"{times['ours'] / times['trl']:>11.2f}x   (lower is better)")
+
+
+def pair_batch(policy, tokenizer, rows, template="vicuna_v1"):
+    """(question, chosen, rejected) rows, each about one image of a shape in its own colour -> our pair batch."""
+    from PIL import Image
+
+    from data import ImageProcessor, collate_pairs, tokenize_pair
+    processor = ImageProcessor(**policy.image_settings(), aspect_ratio="pad")
+    colors = [(200, 30, 40), (30, 200, 40), (30, 40, 200), (220, 200, 30)]
+    samples = []
+    for i, (question, chosen, rejected) in enumerate(rows):
+        pair = tokenize_pair([{"from": "human", "value": question}], chosen, rejected, tokenizer, template,
+                             num_images=1)
+        views, _ = processor(Image.new("RGB", (40, 30), colors[i % len(colors)]))
+        samples.append({"id": question, **pair, "images": views[None], "images_aux": None})
+    return collate_pairs(samples, tokenizer.pad_token_id)
+
+
+def trl_inputs(batch, image_token_id: int, tokens_per_image: int) -> dict:
+    """Our pair batch as TRL's vision collator hands it to the model: each placeholder expanded to the image's
+    tokens, completion_mask = our labels, pixel_values repeated for the chosen and the rejected rows (`images * 2`)."""
+    from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+    def expand(row, values):
+        return [v for i, v in zip(batch["input_ids"][row].tolist(), values)
+                for _ in range(tokens_per_image if i == IMAGE_TOKEN_INDEX else 1)]
+    rows = range(len(batch["input_ids"]))
+    ids = [[image_token_id if i == IMAGE_TOKEN_INDEX else i for i in expand(r, batch["input_ids"][r].tolist())]
+           for r in rows]
+    return {"input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor([expand(r, batch["attention_mask"][r].tolist()) for r in rows]),
+            "completion_mask": torch.tensor([expand(r, (batch["labels"][r] != IGNORE_INDEX).long().tolist())
+                                             for r in rows]),
+            "pixel_values": torch.cat([batch["images"][:, 0]] * 2)}
+
+
 COMMANDS = {"data": bench_data, "index": bench_index, "padding": bench_padding, "splice": bench_splice,
-            "mining": bench_mining, "train": bench_train, "stop": bench_stop, "plan": bench_plan}
+            "mining": bench_mining, "train": bench_train, "stop": bench_stop, "plan": bench_plan, "dpo": bench_dpo}
 
 if __name__ == "__main__":
     run(main, "bench.py")

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +57,8 @@ class DemoArguments:
     seed: int = 0                      # data, initial weights, stage 0 and both train.py stages
     pretrain_overrides: str = ""       # extra "--field value" options for train.py's stage 1 (the test shortens it)
     finetune_overrides: str = ""       # the same for stage 2
+    dpo_steps: int = 0                 # > 0: then preference tuning (recipes/demo_dpo.yaml) for this many steps, on
+    #                                    pairs whose rejected answer names a wrong colour or shape, and its figures
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,28 +69,70 @@ def main(argv: list[str] | None = None) -> None:
     quiet_deepspeed()
     data_dir, out = Path(args.data_dir), Path(args.output_dir)
     start = time.time()
+    total = 9 if args.dpo_steps else 7
 
-    step(1, "synthetic shapes: images and LLaVA records")
+    step(1, total, "synthetic shapes: images and LLaVA records")
     make_dataset(data_dir, args)
-    step(2, "tokenizer trained on the corpus + tiny random Llama / CLIP ViT checkpoints")
+    step(2, total, "tokenizer trained on the corpus + tiny random Llama / CLIP ViT checkpoints")
     make_base_models(data_dir, seed=args.seed)
-    step(3, "stage 0: pretrain the ConvNeXt (HR tower) as a colour + shape classifier")
+    step(3, total, "stage 0: pretrain the ConvNeXt (HR tower) as a colour + shape classifier")
     pretrain_convnext(data_dir, args)
-    step(4, "stage 1: pretrain (projector + mining)")
+    step(4, total, "stage 1: pretrain (projector + mining)")
     launch("recipes/demo_pretrain.yaml", paths(args, "pretrain") + seed(args) + args.pretrain_overrides.split())
-    step(5, "stage 2: finetune (LLM + projector + mining)")
+    step(5, total, "stage 2: finetune (LLM + projector + mining)")
     launch("recipes/demo_finetune.yaml", paths(args, "finetune") + seed(args) + args.finetune_overrides.split())
-    step(6, "eval.py on the held-out questions")
+    step(6, total, "eval.py on the held-out questions")
     run([sys.executable, "eval.py", "--model", str(out / "finetune"), "--data", str(data_dir / "test.jsonl"),
          "--image_folder", str(data_dir / "images"), "--output", str(out / "finetune" / "predictions.jsonl")])
-    step(7, "chat.py: one answer")
+    step(7, total, "chat.py: one answer")
     image = data_dir / "images" / "test_00000.png"
     run([sys.executable, "chat.py", "--model", str(out / "finetune"), "--image", str(image), QUESTIONS["shape"]])
     print(f"(held-out answer in {data_dir / 'test.jsonl'}: {held_out_answer(data_dir, 'test-0-shape')})")
+    if args.dpo_steps:
+        preference_tuning(args, data_dir, out)
     web = "make web" + ("" if out / "finetune" == Path("runs/demo/finetune") else f" WEB_MODEL={out / 'finetune'}")
     print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
           f"  python chat.py --model {out / 'finetune'} --image {image}     # a conversation in the terminal\n"
           f"  {web}     # the web chat: open http://127.0.0.1:7860 (installs requirements-web.txt)")
+
+
+def preference_tuning(args: DemoArguments, data_dir: Path, out: Path) -> None:
+    """Stage dpo from the finetuned model, then held-out reward accuracy and margin (eval.py --pairs; 0 and 0 at the
+    start, where the policy is its reference) and the held-out answer accuracy again (step 6 gave it before)."""
+    step(8, 9, f"preference tuning (stage dpo, {args.dpo_steps} steps): rejected answers name a wrong colour or "
+         "shape")
+    make_pairs(data_dir, args.seed)
+    start = out / "finetune"
+    for name in os.listdir(start):   # the finetune export's LLM is the policy's: it needs the tokenizer beside it
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(start / name, start / "llm" / name)
+    base = Path(args.data_dir, "base")
+    launch("recipes/demo_dpo.yaml", [
+        "--llm", str(start / "llm"), "--pretrained_mm_path", str(start / "model.safetensors"),
+        "--vision_tower", str(base / "clip"), "--vision_tower_aux", str(base / "convnext"),
+        "--data_path", str(data_dir / "dpo.jsonl"), "--eval_data_path", str(data_dir / "dpo_test.jsonl"),
+        "--image_folder", str(data_dir / "images"), "--output_dir", str(out / "dpo-run"), "--export_dir",
+        str(out / "dpo"), "--max_steps", str(args.dpo_steps), *seed(args)])
+    step(9, 9, "held-out pairs (reward accuracy against the finetuned model) and answers after preference tuning")
+    run([sys.executable, "eval.py", "--model", str(out / "dpo"), "--reference", str(start), "--pairs",
+         str(data_dir / "dpo_test.jsonl"), "--image_folder", str(data_dir / "images")])
+    run([sys.executable, "eval.py", "--model", str(out / "dpo"), "--data", str(data_dir / "test.jsonl"),
+         "--image_folder", str(data_dir / "images"), "--output", str(out / "dpo" / "predictions.jsonl")])
+
+
+def make_pairs(root: Path, seed: int) -> None:
+    """dpo.jsonl (the first question of every finetune record) and dpo_test.jsonl (every held-out question): the
+    right answer chosen, a wrong colour or shape rejected, in our preference JSONL form."""
+    kinds = {QUESTIONS["color"]: list(COLORS), QUESTIONS["shape"]: list(SHAPES)}
+    rng = random.Random(f"{seed}-dpo")
+    for split, name in (("finetune", "dpo"), ("test", "dpo_test")):
+        with open(root / f"{split}.jsonl") as f, open(root / f"{name}.jsonl", "w") as pairs:
+            for line in f:
+                r = json.loads(line)
+                question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+                wrong = rng.choice([v for v in kinds[question.removeprefix("<image>\n")] if v != answer])
+                pairs.write(json.dumps({"id": r["id"], "image": r["image"], "conversations": [r["conversations"][0]],
+                                        "chosen": answer, "rejected": wrong}) + "\n")
 
 
 def held_out_answer(data_dir: Path, record_id: str) -> str:
@@ -100,7 +145,7 @@ def held_out_answer(data_dir: Path, record_id: str) -> str:
 def check_args(args: DemoArguments) -> None:
     """What would otherwise stop the demo minutes in: counts, directories that are files, train.py overrides."""
     for name, low in (("pretrain_images", 1), ("finetune_images", 1), ("test_images", 1), ("stage0_images", 1),
-                      ("stage0_steps", 0)):   # 0 steps: the high-res tower stays random
+                      ("stage0_steps", 0), ("dpo_steps", 0)):   # 0 steps: the high-res tower stays random
         if getattr(args, name) < low:
             raise cli.UserError(f"--{name}: {getattr(args, name)} is out of range, allowed: >= {low}")
     for name in ("data_dir", "output_dir"):
@@ -441,8 +486,8 @@ def run(cmd: list[str]) -> None:
         raise cli.UserError(f"this step failed (exit status {status}; its output is above): {shown}", status=1)
 
 
-def step(n: int, title: str) -> None:
-    print(f"\n==> [{n}/7] {title}", flush=True)
+def step(n: int, total: int, title: str) -> None:
+    print(f"\n==> [{n}/{total}] {title}", flush=True)
 
 
 if __name__ == "__main__":

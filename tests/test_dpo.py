@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import dpo
-from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataArguments, ImageProcessor, build_dataset, check, collate_pairs,
+from bench import pair_batch, trl_inputs
+from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataArguments, build_dataset, check, collate_pairs,
                   tokenize_pair)
 
 
@@ -132,7 +133,6 @@ def test_a_reply_cut_off_by_max_length_is_unusable(llama_tokenizer):
 PAIRS = [("what color is the shape ?", "red .", "blue ."),
          ("what shape is this ?", "a circle .", "a square , it is a star ."),
          ("describe the image .", "a red circle .", "green")]
-COLORS = [(200, 30, 40), (30, 200, 40), (30, 40, 200)]
 
 
 @pytest.fixture(scope="module")
@@ -167,31 +167,6 @@ def llava_pair(tmp_path_factory, tok):
     return policy, reference, hf, root
 
 
-def our_batch(policy, tok):
-    processor = ImageProcessor(**policy.image_settings(), aspect_ratio="pad")
-    samples = []
-    for (question, chosen, rejected), color in zip(PAIRS, COLORS):
-        pair = tokenize_pair([{"from": "human", "value": question}], chosen, rejected, tok, "vicuna_v1", num_images=1)
-        views, _ = processor(Image.new("RGB", (40, 30), color))
-        samples.append({"id": question, **pair, "images": views[None], "images_aux": None})
-    return collate_pairs(samples, tok.pad_token_id)
-
-
-def trl_inputs(batch, image_token_id: int, tokens_per_image: int) -> dict:
-    """Our pair batch as TRL's vision collator hands it to the model: each placeholder expanded to the image's
-    tokens, completion_mask = our labels, pixel_values repeated for the chosen and the rejected rows."""
-    expand = lambda row, value: [v for i, v in zip(batch["input_ids"][row].tolist(), value)  # noqa: E731
-                                 for _ in range(tokens_per_image if i == IMAGE_TOKEN_INDEX else 1)]
-    rows = range(len(batch["input_ids"]))
-    ids = [[image_token_id if i == IMAGE_TOKEN_INDEX else i for i in expand(r, batch["input_ids"][r].tolist())]
-           for r in rows]
-    return {"input_ids": torch.tensor(ids),
-            "attention_mask": torch.tensor([expand(r, batch["attention_mask"][r].tolist()) for r in rows]),
-            "completion_mask": torch.tensor([expand(r, (batch["labels"][r] != IGNORE_INDEX).long().tolist())
-                                             for r in rows]),
-            "pixel_values": torch.cat([batch["images"][:, 0]] * 2)}
-
-
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "mpo"])
 def test_loss_rewards_and_logps_equal_trl(llava_pair, tok, tmp_path, loss_type):
     from transformers import AutoProcessor
@@ -205,7 +180,7 @@ def test_loss_rewards_and_logps_equal_trl(llava_pair, tok, tmp_path, loss_type):
                                        "rejected": [r for *_, r in PAIRS]})
     trainer = DPOTrainer(model=hf["policy"], ref_model=hf["reference"], args=config, train_dataset=rows,
                          processing_class=AutoProcessor.from_pretrained(root / "policy-hf"))
-    batch = our_batch(policy, tok)
+    batch = pair_batch(policy, tok, PAIRS)
     trainer.model.train()   # a training step's loss (TRL logs it under "train")
     theirs = trainer.compute_loss(trainer.model, trl_inputs(batch, hf["policy"].config.image_token_id,
                                                             policy.tokens_per_image))
@@ -270,7 +245,7 @@ def test_dpo_stage_trains_logs_and_exports(dpo_recipe, tmp_path, capsys):
     assert loaded.llm.peft_config["default"].r == 4 and not hasattr(loaded, "reference_llm")
 
 
-def pair_batch(model, recipe, tokenizer, n=4):
+def recipe_pairs(model, recipe, tokenizer, n=4):
     from data import DataArguments, build_dataset
     args = DataArguments(recipe["data_path"], image_folder=recipe["image_folder"], template="vicuna_v1")
     dataset = build_dataset(args, tokenizer, model.image_settings(), model.tokens_per_image, pairs=True)
@@ -294,7 +269,7 @@ def test_disabled_adapter_reference_equals_a_frozen_copy(dpo_recipe):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     assert not any(p.requires_grad for m in (policy.projector, policy.vision_tower) for p in m.parameters())
-    batch = pair_batch(policy, dpo_recipe, tokenizer)
+    batch = recipe_pairs(policy, dpo_recipe, tokenizer)
     adapter = dpo.PreferenceModel(policy, reference="adapter")(**batch)
     copy = dpo.PreferenceModel(start, reference="copy")(**batch)
     torch.testing.assert_close(adapter.ref_logps, copy.ref_logps, rtol=1e-6, atol=1e-6)
