@@ -191,6 +191,7 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
     rules = [
         ("stage", a.stage, a.stage in ("pretrain", "finetune", "dpo"), "pretrain | finetune | dpo"),
         ("beta", a.beta, a.beta > 0, "> 0"),
+        ("reference", a.reference, a.reference in dpo.REFERENCES, " | ".join(dpo.REFERENCES)),
         ("tune", a.tune, a.tune in ("full", "lora", "qlora"), "full | lora | qlora"),
         ("learning_rate", a.learning_rate, a.learning_rate > 0, "> 0"),
         ("projector_lr", a.projector_lr, a.projector_lr is None or a.projector_lr > 0, optional_lr),

@@ -174,7 +174,7 @@ def test_train_help_explains_every_setting_with_its_comment_default_and_range(re
             assert comments[field.name], f"{cls.__name__}.{field.name} has no comment beside it"
             assert helps[f"--{field.name}"].startswith(" ".join(comments[field.name].split())), field.name
             assert re.search(r"\((default: .*|required)\)$", helps[f"--{field.name}"]), field.name
-    assert helps["--stage"].endswith("(default: finetune; allowed: pretrain | finetune)")
+    assert helps["--stage"].endswith("(default: finetune; allowed: pretrain | finetune | dpo)")
     assert re.search(r"^model \(model.py ModelArguments\):$.*^data \(data.py DataArguments\):$.*^training "
                      r"\(settings.py TrainArguments\):$", results["train.py"][1], re.M | re.S)
 

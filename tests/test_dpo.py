@@ -195,6 +195,32 @@ def test_loss_rewards_and_logps_equal_trl(llava_pair, tok, tmp_path, loss_type):
     assert logged["rewards/margins"] != 0 and 0 < logged["rewards/accuracies"] < 1   # the two models differ
 
 
+def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_whole_rows(tok, tmp_path):
+    """Each pair's prompt run once with both replies after it (a 4D mask): the log-probs and the LLM's gradients
+    of running the 2B rows whole; prompts and replies of different lengths, a text-only pair among image pairs."""
+    from tests.tiny_models import build
+    model = build(tmp_path, tok, hr=None)
+    rows = [("what color is the shape ?", "red .", "blue , it is a star ."),
+            ("what shape is this ? describe the image .", "a circle .", "a star ."), ("is it round ?", "yes", "no")]
+    batch = pair_batch(model, tok, rows)
+    batch["images"] = batch["images"][:2]
+    ids = batch["input_ids"]
+    ids[[2, 5]] = torch.where(ids[[2, 5]] == IMAGE_TOKEN_INDEX, 0, ids[[2, 5]])   # the third pair: text only
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        feats = torch.cat([model.encode_images(batch["images"])] * 2)
+        logps, counts = dpo.row_logps(model, model.llm, ids, batch["attention_mask"], batch["labels"], feats,
+                                      shared_prompt=shared)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), counts, [p.grad.clone() for p in model.llm.parameters()]))
+    (whole, n_whole, g_whole), (shared, n_shared, g_shared) = results
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(n_shared, n_whole) and n_whole.tolist() == [3, 4, 2, 8, 4, 2]   # replies + end of turn
+    for a, b in zip(g_shared, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ---- The dpo stage of train.py ---------------------------------------------------------------------------------------
 
 from tests.test_train import (COLORS, SHAPES, assert_same_run, launch, metrics, run_in_process,  # noqa: E402
