@@ -239,7 +239,8 @@ def shared_prompt_logps(llm, embeds, mask, labels):
     pair's positions, so the LLM runs on about half of them; the values are those of the rows (tested)."""
     b = len(embeds) // 2
     supervised = labels != IGNORE_INDEX
-    first = torch.where(supervised.any(1), supervised.float().argmax(1), mask.sum(1))   # where each reply starts
+    first = torch.minimum((~supervised).cumprod(1).sum(1), mask.sum(1))   # where each reply starts (integer ops:
+    #                                                                         --plan keeps them real)
     p, n_c, n_r = first[:b], mask[:b].sum(1), mask[b:].sum(1)                             # prompt, row lengths
     if not torch.equal(first[b:], p):
         raise ValueError("a pair's chosen and rejected rows do not share their prompt")
