@@ -1097,9 +1097,12 @@ def bench_dpo(args):
     forwards = {k: v / size["pairs"] for k, v in images.items()}
     repeats = 2 if args.quick else 5
     times = {"trl": _time(lambda: trl_step(trl_opt), repeats), "ours": _time(lambda: our_step(our_opt), repeats)}
+    later = (trl_step(trl_opt).item(), our_step(our_opt).item())   # both took the same AdamW steps on this batch
     for h in hooks:
         h.remove()
     print(f"first batch loss: TRL {first[0]:.7f}, ours {first[1]:.7f} (difference {abs(first[0] - first[1]):.1e})")
+    print(f"its loss after {repeats + 2} steps: TRL {later[0]:.7f}, ours {later[1]:.7f} "
+          f"(difference {abs(later[0] - later[1]):.1e})")
     print(f"{'':48} {'TRL':>12} {'ours':>12} {'ours / TRL':>12}")
     print(f"{'vision-tower forwards per pair (policy + ref)':48} {forwards['trl']:>12.0f} {forwards['ours']:>12.0f} "
           f"{forwards['ours'] / forwards['trl']:>11.2f}x")
