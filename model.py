@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -350,7 +352,8 @@ class MiniGemini(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(path) if meta["im_start_end_ids"] else None
             model = build_model(args, tokenizer, device=device)
             if meta["export"] == "lora":
-                from peft import PeftModel, prepare_model_for_kbit_training
+                PeftModel, prepare_model_for_kbit_training = _peft("PeftModel", "prepare_model_for_kbit_training",
+                                                                   bits=args.bits)
                 if trainable and args.bits < 16:
                     model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
                 model.llm = PeftModel.from_pretrained(model.llm, path / "adapter", is_trainable=trainable)
@@ -425,7 +428,8 @@ def apply_lora(model: MiniGemini, r=64, alpha=16, dropout=0.05, target_modules="
     """Wrap the LLM with LoRA adapters on its linear layers (peft's "all-linear" leaves out the output head).
     A 4/8-bit LLM first goes through peft's prepare_model_for_kbit_training, on the LLM alone, so the towers,
     mining and projector keep their dtype and stay as set_stage leaves them."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    LoraConfig, get_peft_model, prepare_model_for_kbit_training = _peft(
+        "LoraConfig", "get_peft_model", "prepare_model_for_kbit_training", bits=model.config.bits)
     if model.config.bits < 16:
         model.llm = prepare_model_for_kbit_training(
             model.llm, use_gradient_checkpointing=model.config.gradient_checkpointing,
@@ -793,6 +797,22 @@ def _repeated_blocks(model: nn.Module) -> nn.ModuleList | list:
 
 def _is_peft(module) -> bool:
     return hasattr(module, "peft_config")
+
+
+def _peft(*names: str, bits: int) -> tuple:
+    """Names from peft. peft imports bitsandbytes whenever it is installed, and bitsandbytes' import logs warnings
+    about its own 4-bit kernels (on a CPU with AVX512-BF16: "Failed to load CPU gemm_4bit_forward from
+    kernels-community ..."); they concern 4/8-bit weights alone, so a 16-bit LLM imports peft without them."""
+    quiet = bits >= 16 and "bitsandbytes" not in sys.modules
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        logger.setLevel(level)
+    return tuple(getattr(peft, name) for name in names)
 
 
 def _contiguous(state: dict) -> dict:
