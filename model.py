@@ -800,18 +800,20 @@ def _is_peft(module) -> bool:
 
 
 def _peft(*names: str, bits: int) -> tuple:
-    """Names from peft. peft imports bitsandbytes whenever it is installed, and bitsandbytes' import logs warnings
-    about its own 4-bit kernels (on a CPU with AVX512-BF16: "Failed to load CPU gemm_4bit_forward from
-    kernels-community ..."); they concern 4/8-bit weights alone, so a 16-bit LLM imports peft without them."""
+    """Names from peft. peft imports bitsandbytes whenever it is installed, and bitsandbytes' import fetches its CPU
+    4-bit kernel through the `kernels` package, both logging warnings when it fails (on a CPU with AVX512-BF16:
+    "Failed to load CPU gemm_4bit_forward from kernels-community ..."); they concern 4/8-bit weights alone, so a
+    16-bit LLM imports peft without them."""
     quiet = bits >= 16 and "bitsandbytes" not in sys.modules
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    if quiet:
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")] if quiet else []
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
         import peft
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return tuple(getattr(peft, name) for name in names)
 
 
