@@ -70,11 +70,22 @@ class ModelArguments:
     dtype: str = "bfloat16"              # the dtype the weights are loaded in (trainable ones train in float32)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     pretrained_mm_path: str | None = None    # a pretrain export to take projector + mining weights from
+    init_from: str | None = None         # start from an export (full, LoRA, converted MGM / LLaVA): its own model
+    #   settings, weights, tokenizer and template; a LoRA export is merged into its base first
 
 
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
-    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it)."""
+    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it). With args.init_from the
+    model is that export (settings.py has already made args its settings), a LoRA export merged into its base."""
+    if args.init_from:
+        model = MiniGemini.from_pretrained(args.init_from, bits=args.bits, dtype=args.dtype, attention=args.attention,
+                                           device=device, random_init=args.random_init)
+        model = merge_lora(model) if _is_peft(model.llm) else model
+        model.config = args
+        if args.gradient_checkpointing:
+            enable_checkpointing(model.llm)
+        return model.train()
     for setting in (*REF_SETTINGS, "pretrained_mm_path"):
         check_model_ref(getattr(args, setting), setting)
     dtype = getattr(torch, args.dtype)
@@ -319,33 +330,42 @@ class MiniGemini(nn.Module):
             tokenizer.save_pretrained(path)
 
     @classmethod
-    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False):
+    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False,
+                        random_init=False):
         """Load an export. Full exports need nothing else; pretrain / LoRA exports also load their base
-        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings."""
+        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings; random_init
+        builds the same model from the configs alone, no weights (--plan)."""
         path = Path(path)
         meta = check_export(path)
         if meta["export"] != "full":  # the base checkpoints a pretrain / LoRA export builds on must be reachable
-            for setting in ("llm", "vision_tower", "vision_tower_aux"):
+            if meta["args"].get("init_from"):   # an export built on another export: that one is its base
+                check_export(meta["args"]["init_from"], f"{path / CONFIG_NAME} refers to it: init_from")
+            for setting in ("llm", "vision_tower", "vision_tower_aux") if not meta["args"].get("init_from") else ():
                 check_model_ref(meta["args"].get(setting), setting, f"{path / CONFIG_NAME} refers to it: ")
         known = {f.name for f in fields(ModelArguments)}
         args = ModelArguments(**{k: v for k, v in meta["args"].items() if k in known})
         args.bits, args.dtype = bits or args.bits, dtype or args.dtype
         args.attention, args.pretrained_mm_path, args.gradient_checkpointing = attention or args.attention, None, False
+        args.random_init = random_init
         if meta["export"] == "full":
             torch_dtype = getattr(torch, args.dtype)
-            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention, device=device)
+            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention,
+                           random_init=random_init, device=device)
             vt = VisionTower.from_config(meta["vision_config"], meta["image_settings"], dtype=torch_dtype,
                                          select_layer=args.mm_vision_select_layer,
                                          select_feature=args.mm_vision_select_feature)
             aux = TimmTrunkTower.from_spec(meta["vision_aux_config"], dtype=torch_dtype) \
                 if meta["vision_aux_config"] else None
             model = cls(args, llm, vt, aux, im_start_end_ids=meta["im_start_end_ids"])
-            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False)
+            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False) \
+                if not random_init else ([], [])
             if unexpected or any(not k.startswith("llm.") for k in missing):
                 raise ValueError(f"{path}: weights do not match the config ({missing=}, {unexpected=})")
         else:
             tokenizer = AutoTokenizer.from_pretrained(path) if meta["im_start_end_ids"] else None
             model = build_model(args, tokenizer, device=device)
+            if random_init:
+                return model.eval()
             if meta["export"] == "lora":
                 from peft import PeftModel, prepare_model_for_kbit_training
                 if trainable and args.bits < 16:
