@@ -1,13 +1,15 @@
 """slurm/train.sbatch on one machine, with stand-ins for SLURM: 2 "nodes" of 1 process each on 127.0.0.1.
 
 The stand-in srun starts the job script's command once per node with SLURM_NODEID set, as srun does; the stand-in
-scontrol answers `show hostnames` and records `requeue`. The test plays SLURM's part: it starts the job with SLURM's
+scontrol answers `show hostnames` and `show job` (its restart count) and records `requeue`. The first test plays SLURM's part: it starts the job with SLURM's
 variables, sends the --signal warning (SIGUSR1) mid-training, and starts the job again when the script asked for a
 requeue. SIGUSR1 goes to every process of the second node's task only (its launcher, its training process, its
 DataLoader worker), and SIGTERM (what a preemption sends) to the first node's launcher only, so one test shows all of
 it: the launchers leave both signals to the training processes, the rank SIGUSR1 reached stops the other rank after
-the same step through the step's all-reduce, the checkpoint is complete, the script asks for the
-requeue, the requeued job resumes, and the losses equal those of one uninterrupted run with the same global batch.
+the same step through the step's all-reduce, the checkpoint is complete, the log holds no launcher traceback or
+error, the script asks for the requeue, the requeued job resumes, and the losses equal those of one uninterrupted
+run with the same global batch. With a stand-in accelerate (a run stopped with status 75) the script's requeue
+decision alone; and a plain `accelerate launch` of a stop, which ends with status 1.
 """
 from __future__ import annotations
 
