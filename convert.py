@@ -38,8 +38,8 @@ from transformers.utils import logging
 
 from cli import ArgumentParser, UserError, check_new_dir, relative, run
 from conversation import TEMPLATES, VICUNA_SYSTEM
-from model import (CONFIG_NAME, IM_END, IM_START, MiniGemini, ModelArguments, TimmTrunkTower, VisionTower,
-                   check_export, check_model_ref, merge_lora)
+from model import CONFIG_NAME, IM_END, IM_START, MiniGemini, ModelArguments, TimmTrunkTower, VisionTower, merge_lora
+from refs import check_export, check_model_ref
 
 # MGM's released configs name towers and LLMs by local `model_zoo/...` paths; these are the checkpoints they hold.
 MODEL_ZOO = {

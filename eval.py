@@ -171,7 +171,8 @@ def load_for_inference(model_dir: str, template: str | None = None, device: str 
     model itself (model.image_settings()), so the input is prepared exactly as in training."""
     from transformers import AutoTokenizer
 
-    from model import MiniGemini, check_export, check_model_ref
+    from model import MiniGemini
+    from refs import check_export, check_model_ref
     check_export(model_dir, "--model")
     check_model_ref(model_dir, "--model", kind="tokenizer")
     if template is not None and template not in TEMPLATES:

@@ -25,6 +25,7 @@ import data
 import model as mgm
 import vision
 from cli import UserError
+from refs import check_model_ref
 
 @dataclass
 class TrainArguments:
@@ -277,10 +278,10 @@ def parse_lr_multi(text: str) -> list[tuple[str, float]]:
 
 def check_paths(model_args, data_args, args: TrainArguments) -> None:
     """The files a run reads exist and are what they are meant to be, checked before anything is loaded; a hub
-    name must be in the cache when offline (model.check_model_ref)."""
+    name must be in the cache when offline (refs.check_model_ref)."""
     for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
-        mgm.check_model_ref(getattr(model_args, setting), setting)
-    mgm.check_model_ref(model_args.llm, "llm", kind="tokenizer")   # the tokenizer comes with the LLM
+        check_model_ref(getattr(model_args, setting), setting)
+    check_model_ref(model_args.llm, "llm", kind="tokenizer")   # the tokenizer comes with the LLM
     data.check_data_path(data_args.data_path, "data_path")
     if args.eval_data_path:
         data.check_data_path(args.eval_data_path, "eval_data_path")
