@@ -8,13 +8,13 @@
     python bench.py train     # tokens/s and peak memory of training steps (CPU: tiny, ~100M; CUDA: MGM-7B(-HD), QLoRA)
     python bench.py stop      # per-step cost of the ranks' stop agreement: the step's collectives before / with it
     python bench.py plan      # train.py --plan's memory plan against the same step run for real (CPU: tracked, RSS)
-    python bench.py plan --recipe recipes/mgm_7b_finetune.yaml   # README's table row: planned peak, largest batches
+    python bench.py plan --recipe recipes/mgm_7b_finetune.yaml   # docs/plan.md's table: planned peak, largest batches
 
 Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
 seconds (all threads of the measuring process), wall seconds on CUDA. Each variant whose memory is measured runs in
 a fresh process; on CPU its peak is the peak RSS (Linux VmHWM, reset with /proc/self/clear_refs just before the
-measured work), on CUDA torch.cuda.max_memory_allocated. `mining` counts the peak above the memory in use at the reset (inputs and weights
-excluded); `train` counts everything (weights and optimizer state included); `index` reads PSS from /proc.
+measured work), on CUDA torch.cuda.max_memory_allocated. `mining` counts the peak above the memory in use at the
+reset (inputs and weights excluded); `train` counts everything (weights and optimizer state included); `index` reads PSS from /proc.
 Generated inputs (1M-record JSON, images, its Arrow cache) live in .cache/bench/ and are reused between runs.
 BENCHMARKS.md records the figures and the commands that produced them.
 """
@@ -919,7 +919,7 @@ def _plan_run(name, variant):
 
 
 def _plan_recipes(recipes):
-    """One README row per recipe: its intended launch, the planned peak per GPU at the recipe's batch, the largest
+    """One row of docs/plan.md's table per recipe: its intended launch, the planned peak per GPU at the recipe's batch, the largest
     per_device_batch_size that fits 24 / 40 / 80 GB (each checked by planning it and the next size up)."""
     print("| recipe | launch | batch x max_length | planned peak per GPU | largest batch on 24 / 40 / 80 GB |")
     print("|---|---|---|---|---|")
