@@ -5,11 +5,10 @@
     mining: each LR token attends over its own MxM window of HR positions, output added   (skipped without HR)
     projector -> [N, tokens_per_image, hidden] -> spliced at IMAGE_TOKEN_INDEX placeholders -> AutoModelForCausalLM
 
-This file is the composition: MiniGemini (encode, splice, forward, generate, export/load), set_stage and LoRA, the
-MMCA attention, model FLOPs. The parts and their contracts live in vision.py (their names are importable from here
-too); ARCHITECTURE.md says where to change what. No class per LLM family: the LLM is whatever
-`AutoModelForCausalLM` builds from its config. The optional MMCA attention (DeepSpeed-VisualChat) is registered
-with transformers' AttentionInterface under the name "mmca".
+This file is the composition: MiniGemini (encode, splice, forward, generate, export/load), set_stage and LoRA.
+The parts and their contracts live in vision.py, the attention extras (packed rows, MMCA) in attention.py, model
+FLOPs in flops.py (their names are importable from here too); ARCHITECTURE.md says where to change what. No class
+per LLM family: the LLM is whatever `AutoModelForCausalLM` builds from its config.
 
 Public entry points first (ModelArguments, build_model, MiniGemini, set_stage, apply_lora, merge_lora,
 merge_lora_export); building blocks below; `python model.py merge SRC DST` merges a LoRA export.
@@ -25,19 +24,18 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           DynamicCache)
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from attention import _masked_softmax, mmca_attention, packed_attention_kwargs  # noqa: F401 - registers mmca
 from cli import ArgumentParser, UserError, check_new_dir, run
-from refs import (CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS, check_export, check_model_ref,  # noqa: F401 - re-exported
-                  check_tokenizer_dir, portable_refs)
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
+from refs import (CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS, check_export, check_model_ref,  # noqa: F401 - re-exported
+                  check_tokenizer_dir, portable_refs)
 from vision import (ConvNeXtTower, GridPool2x, PatchInfoMining, PerceiverProjector, TimmTrunkTower,  # noqa: F401
                     ViTProjector, VisionTower, _aux_kind, _close, _dtype, _interpolate_band, _open_clip_config,
                     _resize_matrix, _support, _timm_model_args, build_projector, enable_checkpointing, hr_views,
@@ -71,11 +69,22 @@ class ModelArguments:
     dtype: str = "bfloat16"              # the dtype the weights are loaded in (trainable ones train in float32)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     pretrained_mm_path: str | None = None    # a pretrain export to take projector + mining weights from
+    init_from: str | None = None         # start from an export (full, LoRA, converted MGM / LLaVA): its own model
+    #   settings, weights, tokenizer and template; a LoRA export is merged into its base first
 
 
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
-    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it)."""
+    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it). With args.init_from the
+    model is that export (settings.py has already made args its settings), a LoRA export merged into its base."""
+    if args.init_from:
+        model = MiniGemini.from_pretrained(args.init_from, bits=args.bits, dtype=args.dtype, attention=args.attention,
+                                           device=device, random_init=args.random_init)
+        model = merge_lora(model) if _is_peft(model.llm) else model
+        model.config = args
+        if args.gradient_checkpointing:
+            enable_checkpointing(model.llm)
+        return model.train()
     for setting in (*REF_SETTINGS, "pretrained_mm_path"):
         check_model_ref(getattr(args, setting), setting)
     dtype = getattr(torch, args.dtype)
@@ -320,33 +329,42 @@ class MiniGemini(nn.Module):
             tokenizer.save_pretrained(path)
 
     @classmethod
-    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False):
+    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False,
+                        random_init=False):
         """Load an export. Full exports need nothing else; pretrain / LoRA exports also load their base
-        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings."""
+        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings; random_init
+        builds the same model from the configs alone, no weights (--plan)."""
         path = Path(path)
         meta = check_export(path)
         if meta["export"] != "full":  # the base checkpoints a pretrain / LoRA export builds on must be reachable
-            for setting in ("llm", "vision_tower", "vision_tower_aux"):
+            if meta["args"].get("init_from"):   # an export built on another export: that one is its base
+                check_export(meta["args"]["init_from"], f"{path / CONFIG_NAME} refers to it: init_from")
+            for setting in ("llm", "vision_tower", "vision_tower_aux") if not meta["args"].get("init_from") else ():
                 check_model_ref(meta["args"].get(setting), setting, f"{path / CONFIG_NAME} refers to it: ")
         known = {f.name for f in fields(ModelArguments)}
         args = ModelArguments(**{k: v for k, v in meta["args"].items() if k in known})
         args.bits, args.dtype = bits or args.bits, dtype or args.dtype
         args.attention, args.pretrained_mm_path, args.gradient_checkpointing = attention or args.attention, None, False
+        args.random_init = random_init
         if meta["export"] == "full":
             torch_dtype = getattr(torch, args.dtype)
-            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention, device=device)
+            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention,
+                           random_init=random_init, device=device)
             vt = VisionTower.from_config(meta["vision_config"], meta["image_settings"], dtype=torch_dtype,
                                          select_layer=args.mm_vision_select_layer,
                                          select_feature=args.mm_vision_select_feature)
             aux = TimmTrunkTower.from_spec(meta["vision_aux_config"], dtype=torch_dtype) \
                 if meta["vision_aux_config"] else None
             model = cls(args, llm, vt, aux, im_start_end_ids=meta["im_start_end_ids"])
-            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False)
+            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False) \
+                if not random_init else ([], [])
             if unexpected or any(not k.startswith("llm.") for k in missing):
                 raise ValueError(f"{path}: weights do not match the config ({missing=}, {unexpected=})")
         else:
             tokenizer = AutoTokenizer.from_pretrained(path) if meta["im_start_end_ids"] else None
             model = build_model(args, tokenizer, device=device)
+            if random_init:
+                return model.eval()
             if meta["export"] == "lora":
                 from peft import PeftModel, prepare_model_for_kbit_training
                 if trainable and args.bits < 16:
@@ -555,67 +573,6 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
         new[:, 1:] = seg[:, 1:] != seg[:, :-1]
         out["position_ids"] = idx - torch.where(new, idx, 0).cummax(1).values
     return out
-
-
-# =============================================================================================================
-# MMCA attention (DeepSpeed-VisualChat), registered for every model that uses transformers' attention interface
-# =============================================================================================================
-def packed_attention_kwargs(position_ids, attn_implementation: str) -> dict:
-    """Packed rows: position ids restart at 0 for each sample. With no attention mask, transformers builds a
-    per-sample (block-diagonal) causal mask for sdpa / eager / mmca / flex from the position ids. Flash-attention
-    gets the sample boundaries explicitly (transformers 5 finds them itself only at batch size 1). Any other
-    implementation might silently attend across samples: refuse it."""
-    if "flash" in attn_implementation:
-        pos = position_ids.flatten()
-        starts = (pos == 0).nonzero().flatten()
-        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).int()
-        longest = int(cu.diff().max())
-        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    if attn_implementation not in ("sdpa", "eager", "mmca", "flex_attention"):
-        raise ValueError(f"packed rows need an attention that isolates samples; {attn_implementation!r} is not "
-                         "known to: use sdpa, eager, mmca, flex_attention or flash_attention_2")
-    return {}
-
-
-def mmca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mm_image_mask=None, **kw):
-    """Two softmaxes per query, one over image keys and one over text keys, their weights summed.
-    An image query sees only itself among image keys (and earlier text); a text query sees all earlier tokens.
-    query [B, h, q, d], key/value [B, h_kv, k, d]; attention_mask: bool [B, 1, q, k] (True = may attend), which
-    carries causality, padding, sliding windows and packing; mm_image_mask [B, k]: True at image positions."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    q_len, k_len = query.shape[2], key.shape[2]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
-    if attention_mask is None:
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    elif attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask == 0
-    attention_mask = attention_mask.to(scores.device)
-    if mm_image_mask is None:
-        mm_image_mask = torch.zeros(query.shape[0], k_len, dtype=torch.bool, device=query.device)
-    key_img = mm_image_mask[:, None, None, -k_len:]
-    query_img = mm_image_mask[:, None, -q_len:, None]
-    itself = torch.arange(k_len, device=query.device) == torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
-    image_keys = attention_mask & key_img & (~query_img | itself)
-    text_keys = attention_mask & ~key_img
-    weights = _masked_softmax(scores, image_keys) + _masked_softmax(scores, text_keys)
-    weights = F.dropout(weights, p=dropout, training=module.training).to(value.dtype)
-    return (weights @ value).transpose(1, 2).contiguous(), weights
-
-
-def _masked_softmax(scores, allowed):
-    """Softmax over the allowed keys; rows with none allowed give zeros (not NaN)."""
-    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1) * allowed
-
-
-def _mmca_mask(*args, **kw):
-    """Boolean mask (True = may attend), never skipped: mmca always needs it."""
-    return sdpa_mask(*args, **{**kw, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
-
-
-AttentionInterface.register("mmca", mmca_attention)
-AttentionMaskInterface.register("mmca", _mmca_mask)
 
 
 # =============================================================================================================

@@ -25,7 +25,7 @@ import data
 import model as mgm
 import vision
 from cli import UserError
-from refs import check_model_ref
+from refs import check_export, check_model_ref, portable_refs
 
 @dataclass
 class TrainArguments:
@@ -119,7 +119,49 @@ def parse_args(argv: list[str] | None = None):
     if unknown:  # no prefix abbreviations either: --max_step is not --max_steps
         raise UserError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help "
                         "(a recipe, a .yaml file, comes first)")
-    return tuple(cli.settings_from(namespace, cls) for _, cls in SETTINGS)
+    model_args, data_args, args = (cli.settings_from(namespace, cls) for _, cls in SETTINGS)
+    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    start_from_export(model_args, data_args, given)
+    return model_args, data_args, args
+
+
+# How the model runs, not what it is: the settings a run may change when it starts from an export.
+RUNTIME_MODEL_SETTINGS = ("init_from", "random_init", "attention", "bits", "dtype", "gradient_checkpointing",
+                          "pretrained_mm_path")
+
+
+def start_from_export(model_args, data_args, given: set[str]) -> None:
+    """init_from: every model setting that says what the model is (LLM, towers, projector, image sizes, ...) becomes
+    the export's own, and the template / image_aspect_ratio it was trained with unless the recipe names them (a
+    pretrain export's `plain` template is not taken: a finetune follows it). A recipe naming a different LLM,
+    tower or shape is refused with one line instead of loading weights into the wrong model."""
+    if not model_args.init_from:
+        return
+    meta = check_export(model_args.init_from, "init_from")
+    export = model_args.init_from
+    if model_args.pretrained_mm_path:
+        raise UserError(f"init_from and pretrained_mm_path both name weights to start from: {export} already holds "
+                        "its projector and mining; drop pretrained_mm_path")
+    if meta["export"] == "lora" and model_args.bits < 16:
+        raise UserError(f"init_from: {export} is a LoRA export, and a {model_args.bits}-bit LLM cannot take its "
+                        f"adapters merged in: merge it first (python model.py merge {export} {export}-merged) "
+                        "and start from the merged export")
+    saved = meta["args"]
+    for f in dataclasses.fields(model_args):
+        if f.name in RUNTIME_MODEL_SETTINGS or f.name not in saved:
+            continue
+        ours, theirs = getattr(model_args, f.name), saved[f.name]
+        if f.name in given and portable_refs({f.name: ours}) != portable_refs({f.name: theirs}):
+            raise UserError(f"init_from: {export} was built with {f.name}: {theirs}, but the recipe says "
+                            f"{f.name}: {ours}; leave {f.name} out (init_from brings the export's own)")
+        setattr(model_args, f.name, theirs)
+    train_config = os.path.join(export, "train_config.yaml")
+    trained = (yaml.safe_load(open(train_config)) or {}) if os.path.exists(train_config) else {}
+    if meta["export"] == "pretrain":
+        trained.pop("template", None)
+    for name in ("template", "image_aspect_ratio"):
+        if name not in given and trained.get(name):
+            setattr(data_args, name, trained[name])
 
 
 def settings_parser() -> cli.ArgumentParser:
@@ -279,9 +321,12 @@ def parse_lr_multi(text: str) -> list[tuple[str, float]]:
 def check_paths(model_args, data_args, args: TrainArguments) -> None:
     """The files a run reads exist and are what they are meant to be, checked before anything is loaded; a hub
     name must be in the cache when offline (refs.check_model_ref)."""
-    for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
-        check_model_ref(getattr(model_args, setting), setting)
-    check_model_ref(model_args.llm, "llm", kind="tokenizer")   # the tokenizer comes with the LLM
+    if model_args.init_from:   # the export's own base checkpoints, if it has any, are checked as it loads
+        check_model_ref(model_args.init_from, "init_from", kind="tokenizer")   # the export's tokenizer
+    else:
+        for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
+            check_model_ref(getattr(model_args, setting), setting)
+        check_model_ref(model_args.llm, "llm", kind="tokenizer")   # the tokenizer comes with the LLM
     data.check_data_path(data_args.data_path, "data_path")
     if args.eval_data_path:
         data.check_data_path(args.eval_data_path, "eval_data_path")

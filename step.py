@@ -25,6 +25,7 @@ STOP_REASONS = ("SIGTERM", "SIGUSR1", "SIGINT", "max_time")
 # ---- The model of a stage ------------------------------------------------------------------------------------------
 
 def load_tokenizer(path: str):
+    """The tokenizer of the LLM (or of the export a run starts from), with a pad token."""
     check_model_ref(path, "llm", kind="tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # Llama/Vicuna ship none; padding is masked out of attention and loss anyway

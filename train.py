@@ -80,7 +80,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
     run, ckpt = checkpoint.start_run(accelerator, args, config)  # output_dir is this run's; the checkpoint to resume from
 
     # Model, trainable parameters, data.
-    tokenizer = load_tokenizer(model_args.llm)
+    tokenizer = load_tokenizer(model_args.init_from or model_args.llm)  # an export holds its own tokenizer
     quantized = model_args.bits in (4, 8)  # each process loads its 4/8-bit LLM straight onto its own device
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     with full_weights_at_build(accelerator):
