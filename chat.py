@@ -3,7 +3,7 @@
 examples:
   python chat.py --model runs/demo/finetune --image demo_data/images/test_00000.png "What shape is this?"
   python chat.py --model runs/demo/finetune --image demo_data/images/test_00000.png     # a conversation
-  python chat.py --model runs/mine-qlora/merged --temperature 0.7 --top_p 0.9 --seed 1   # sampled, repeatable
+  python chat.py --model runs/mgm-7b-yours-qlora/merged --temperature 0.7 --top_p 0.9 --seed 1   # sampled, repeatable
 
 With a question on the command line it answers once and exits. Without one it holds a conversation: type a
 question per line, or a command:

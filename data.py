@@ -618,16 +618,14 @@ DATA_HELP = """\
 Tools for training data. One command: check.
 
 example:
-  python data.py check data/mine/train.json --image_folder data/mine/images --tokenizer runs/mgm-7b \\
-      --template vicuna_v1"""
+  python data.py check data/mine.json --image_folder data/images --tokenizer runs/mgm-7b --template vicuna_v1"""
 CHECK_HELP = """\
 Read every record as training would (the record forms train.py reads, its images, its tokens under the chat
 template), print each unusable one by id with the reason, then a summary: records usable, images, token lengths
 (p50 / p90 / p99 / max), and each reason's count. Exit status 1 if any record is unusable, 0 otherwise.
 
 examples:
-  python data.py check data/mine/train.json --image_folder data/mine/images --tokenizer runs/mgm-7b \\
-      --template vicuna_v1
+  python data.py check data/mine.json --image_folder data/images --tokenizer runs/mgm-7b --template vicuna_v1
   python data.py check data/MGM-Finetune/mgm_instruction.json --image_folder data/MGM-Finetune \\
       --tokenizer lmsys/vicuna-7b-v1.5 --template vicuna_v1 --max_length 2048"""
 

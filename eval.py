@@ -2,7 +2,8 @@
 
 examples:
   python eval.py --model runs/demo/finetune --data demo_data/test.jsonl --image_folder demo_data/images
-  python eval.py --model runs/mine-qlora/merged --data data/mine/test.json --image_folder data/mine/images --limit 100
+  python eval.py --model runs/mgm-7b-yours-qlora/merged --data data/mine_test.json --image_folder data/images \\
+      --limit 100
 
 --data is any LLaVA-format JSON/JSONL: each record's first human turn is the question (with or without an <image>
 tag), the gpt turn after it the reference answer. Answers and references are compared after normalization (case,

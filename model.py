@@ -664,14 +664,14 @@ def _jsonable(obj):
 
 def _main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="model.py", description="Tools for exports. One command: merge.\n\nexample:\n"
-                            "  python model.py merge runs/mine-qlora/export runs/mine-qlora/merged")
+                            "  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser(
         "merge", help="fold a LoRA export's adapters into its LLM: a plain full export",
         description="Fold a LoRA or QLoRA export's adapters into its base LLM, loaded unquantized (after QLoRA the\n"
                     "merged model is close to, not equal to, the 4-bit one the adapters trained on). The result is a\n"
                     "full export: eval.py, chat.py, web.py and train.py --init_from take it as it is.\n\n"
-                    "example:\n  python model.py merge runs/mine-qlora/export runs/mine-qlora/merged")
+                    "example:\n  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     merge.add_argument("src", help="a LoRA export (train.py with tune: lora or qlora)")
     merge.add_argument("dst", help="a new (or empty) directory for the full export")
     a = parser.parse_args(argv)

@@ -97,8 +97,10 @@ DeepSpeed, FSDP: the accelerate config decides). The recipe (YAML: `setting: val
 setting below can follow it and wins. Booleans take true / false, optional settings none."""
 TRAIN_EXAMPLES = """\
 examples:
-  accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py recipes/mgm_7b_qlora_finetune.yaml \\
-      --data_path data/mine/train.json --image_folder data/mine/images --output_dir runs/mine
+  accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py \\
+      recipes/mgm_7b_finetune_yours_qlora.yaml --data_path data/mine.json --image_folder data/images
+  accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train.py recipes/mgm_7b_finetune_yours.yaml \\
+      --init_from runs/mgm-7b-yours/export --data_path data/more.json --output_dir runs/round-2   # from any export
   python train.py recipes/demo_finetune.yaml --max_steps 20 --learning_rate 1e-4   # one process, a few steps
   python train.py recipes/mgm_7b_finetune.yaml --plan --plan_config accelerate_configs/deepspeed_zero3.yaml \\
       --plan_processes 8 --device_memory_gb 80       # will it fit? memory of one step, nothing trained
@@ -107,6 +109,7 @@ examples:
 exit status: 0 done; 75 stopped early by SIGTERM / SIGUSR1 / Ctrl-C / --max_time with a checkpoint (continue with
 --resume auto); 2 a settings or path mistake (one line says which); 1 a crash; 130 a second Ctrl-C.
 The export lands in <output_dir>/export: eval.py, chat.py and web.py take it as --model."""
+
 
 def parse_args(argv: list[str] | None = None):
     """(model_args, data_args, train_args) from `recipe.yaml [--field value ...]`; the command line wins."""

@@ -3,7 +3,7 @@
 examples:
   make web                                         # the demo's model (installs requirements-web.txt first)
   python web.py --model runs/demo/finetune         # then open http://127.0.0.1:7860
-  python web.py --model runs/mine-qlora/merged --port 8080
+  python web.py --model runs/mgm-7b-yours-qlora/merged --port 8080
 
 Needs gradio (>= 6.17): pip install -r requirements-web.txt (make web does it). Listens on 127.0.0.1:7860 by
 default, so only this machine reaches it. The page has no login: --host 0.0.0.0 opens it to everyone on your
