@@ -56,7 +56,7 @@ class ModelArguments:
     #   with stem + stages or ResNet's layers (a directory with config.json, or hf-hub:timm/...); none: plain LLaVA
     #   (no high-res tower, no patch info mining)
     random_init: bool = False            # build every part from its config alone, no weights (tests, benchmarks)
-    projector: str = "mlp2x_gelu"        # maps image features to the LLM's width (vision.py)
+    projector: str = "mlp2x_gelu"        # maps image features to the LLM's width (mlp2x_gelu: MGM's and LLaVA-1.5's)
     perceiver_queries: int = 64          # perceiver projector: image tokens per view
     projector_heads: int = 8             # perceiver / vit projector: attention heads
     mm_vision_select_layer: int = -2     # the low-res tower's hidden layer that feeds the projector
@@ -65,7 +65,8 @@ class ModelArguments:
     image_size_aux: int = 768            # high-res input side in pixels (1536 for HD)
     image_grid: int = 1                  # low-res crops per side: 2 for HD (2x2 crops)
     image_global: bool = False           # HD: add the whole image as a global view, first
-    attention: str = "sdpa"              # the LLM's attention: transformers' sdpa or eager, or mmca (DS-VisualChat)
+    attention: str = "sdpa"              # the LLM's attention kernel, one of those allowed below (flash_*: needs the
+    #   flash-attn package; mmca: DeepSpeed-VisualChat's multi-modal causal attention)
     bits: int = 16                       # 8 or 4: the LLM alone is loaded quantized (QLoRA, needs tune: qlora)
     dtype: str = "bfloat16"              # the dtype the weights are loaded in (trainable ones train in float32)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
@@ -684,9 +685,15 @@ def _jsonable(obj):
 
 
 def _main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="model.py", description="Mini-Gemini model tools")
+    parser = ArgumentParser(prog="model.py", description="Tools for exports. One command: merge.\n\nexample:\n"
+                            "  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("merge", help="fold a LoRA export's adapters into its LLM: a plain full export")
+    merge = commands.add_parser(
+        "merge", help="fold a LoRA export's adapters into its LLM: a plain full export",
+        description="Fold a LoRA or QLoRA export's adapters into its base LLM, loaded unquantized (after QLoRA the\n"
+                    "merged model is close to, not equal to, the 4-bit one the adapters trained on). The result is a\n"
+                    "full export: eval.py, chat.py, web.py and train.py --init_from take it as it is.\n\n"
+                    "example:\n  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     merge.add_argument("src", help="a LoRA export (train.py with tune: lora or qlora)")
     merge.add_argument("dst", help="a new (or empty) directory for the full export")
     a = parser.parse_args(argv)

@@ -102,7 +102,8 @@ def collate_fn(tokenizer):
 
 def forward_backward(accelerator, model, window: list[dict], num_items: torch.Tensor,
                      stop=None) -> tuple[float, int, int, str | None]:
-    """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches).
+    """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches). `stop`: train.py's
+    StopRequests, whose votes() ride on the step's all-reduce (None: no votes, as in plan.py).
 
     Returns (loss of the step over all ranks, LLM tokens, samples, why the run stops after this step or None).
     Each micro-batch loss is its token-loss sum divided by the supervised tokens of the whole step on all ranks;
