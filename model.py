@@ -15,9 +15,11 @@ merge_lora_export); building blocks below; `python model.py merge SRC DST` merge
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -36,8 +38,9 @@ from cli import ArgumentParser, UserError, check_new_dir, run
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
-from refs import (CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS, check_export, check_model_ref,  # noqa: F401 - re-exported
-                  check_tokenizer_dir, portable_refs)
+from refs import (CHECKPOINT_KINDS, CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS,  # noqa: F401 - re-exported
+                  TOKENIZER_VOCABULARY, check_export, check_model_ref, check_tokenizer_dir, hub_problem, in_hub_cache,
+                  is_local_path, portable_refs)
 from vision import (ConvNeXtTower, GridPool2x, PatchInfoMining, PerceiverProjector, TimmTrunkTower,  # noqa: F401
                     ViTProjector, VisionTower, _aux_kind, _close, _dtype, _interpolate_band, _open_clip_config,
                     _resize_matrix, _support, _timm_model_args, build_projector, enable_checkpointing, hr_views,
@@ -75,15 +78,23 @@ class ModelArguments:
     #   settings, weights, tokenizer and template; a LoRA export is merged into its base first
 
 
+# How a model runs, not what it is: what a run may set when it starts from an export (init_from).
+RUNTIME_SETTINGS = ("init_from", "random_init", "attention", "bits", "dtype", "gradient_checkpointing",
+                    "pretrained_mm_path")
+
+
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
     The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it). With args.init_from the
     model is that export (settings.py has already made args its settings), a LoRA export merged into its base."""
     if args.init_from:
+        if args.pretrained_mm_path:
+            raise ValueError("init_from and pretrained_mm_path both name weights to start from: keep one")
         model = MiniGemini.from_pretrained(args.init_from, bits=args.bits, dtype=args.dtype, attention=args.attention,
                                            device=device, random_init=args.random_init)
         model = merge_lora(model) if _is_peft(model.llm) else model
-        model.config = args
+        # What the model is stays the export's; how it runs is this run's (settings.start_from_export did the same)
+        model.config = dataclasses.replace(model.config, **{k: getattr(args, k) for k in RUNTIME_SETTINGS})
         if args.gradient_checkpointing:
             enable_checkpointing(model.llm)
         return model.train()
@@ -470,6 +481,8 @@ def merge_lora_export(src, dst, dtype=None):
     model = MiniGemini.from_pretrained(src, bits=16, dtype=dtype)
     model.stage = None
     merge_lora(model).save_pretrained(dst, AutoTokenizer.from_pretrained(src), weights="full")
+    if Path(src, "train_config.yaml").exists():   # its template and image handling, for eval / chat / init_from
+        shutil.copyfile(Path(src, "train_config.yaml"), Path(dst, "train_config.yaml"))
     return dst
 
 

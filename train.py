@@ -40,8 +40,9 @@ from cli import UserError, run
 from conversation import IGNORE_INDEX
 from flops import Throughput, peak_flops
 from settings import TrainArguments, check_args, check_paths, duration_seconds, parse_args, resolved_config
-from step import (STOP_REASONS, build, collate_fn, forward_backward, load_tokenizer,  # noqa: F401 - train.X
-                  make_optimizer, model_inputs, param_groups, sample_lengths, set_trainables, supervised_tokens)
+from step import (STOP_REASONS, apply_switches, build, collate_fn, forward_backward,  # noqa: F401 - train.X
+                  load_tokenizer, make_optimizer, model_inputs, param_groups, sample_lengths, set_trainables,
+                  supervised_tokens)
 
 
 def main(argv: list[str] | None = None) -> str | None:
