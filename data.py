@@ -64,7 +64,7 @@ ASPECT_RATIOS = ("pad", "resize", "crop")                          # DataArgumen
 class DataArguments:
     data_path: str                      # LLaVA JSON/JSONL, parquet, or a datasets directory; several joined by ","
     image_folder: str = "."             # image, frame and video-folder paths are relative to this
-    template: str = "vicuna_v1"         # a name from conversation.py, or "auto" for the tokenizer's chat template
+    template: str = "vicuna_v1"         # the chat template that renders conversations ("auto": the tokenizer's)
     image_aspect_ratio: str = "pad"     # pad: to square with the mean colour; resize: stretch to square;
     #                                     crop: short side resized, center crop (MGM's stage-1 default, 'square')
     max_length: int = 2048              # LLM positions per sample, each image counted as tokens_per_image
@@ -692,11 +692,27 @@ def check(data_path: str, tokenizer, template: str, *, image_folder: str = ".", 
     return 1 if bad else 0
 
 
+DATA_HELP = """\
+Tools for training data. One command: check.
+
+example:
+  python data.py check data/mine.json --image_folder data/images --tokenizer runs/mgm-7b --template vicuna_v1"""
+CHECK_HELP = """\
+Read every record as training would (the record forms train.py reads, its images, its tokens under the chat
+template), print each unusable one by id with the reason, then a summary: records usable, images, token lengths
+(p50 / p90 / p99 / max), and each reason's count. Exit status 1 if any record is unusable, 0 otherwise.
+
+examples:
+  python data.py check data/mine.json --image_folder data/images --tokenizer runs/mgm-7b --template vicuna_v1
+  python data.py check data/MGM-Finetune/mgm_instruction.json --image_folder data/MGM-Finetune \\
+      --tokenizer lmsys/vicuna-7b-v1.5 --template vicuna_v1 --max_length 2048"""
+
 def main(argv: list[str] | None = None) -> int:
     notes = field_comments(DataArguments)   # the options that are DataArguments fields are explained as there
-    parser = ArgumentParser(prog="data.py", description="Mini-Gemini data tools")
+    parser = ArgumentParser(prog="data.py", description=DATA_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    c = commands.add_parser("check", help="validate every record and summarise (exit status 1 if any is unusable)")
+    c = commands.add_parser("check", help="validate every record and summarise (exit status 1 if any is unusable)",
+                            description=CHECK_HELP)
     c.add_argument("data", help=notes["data_path"])
     c.add_argument("--image_folder", default=".", help=notes["image_folder"] + " (default: %(default)s)")
     c.add_argument("--tokenizer", required=True, help="the LLM's tokenizer: a directory or a hub name")
@@ -707,10 +723,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="LLM positions per image (default: %(default)s, CLIP-L/336; HD: 5 * 576)")
     c.add_argument("--num_frames", type=int_at_least(1), default=8,
                    help=notes["num_frames"] + " (default: %(default)s)")
-    c.add_argument("--max_image_pixels", type=int_at_least(1), default=89_478_485, help=notes["max_image_pixels"])
+    c.add_argument("--max_image_pixels", type=int_at_least(1), default=89_478_485,
+                   help=notes["max_image_pixels"] + " (default: %(default)s)")
     c.add_argument("--num_workers", type=int_at_least(0), default=2,
                    help="processes decoding the images (default: %(default)s; 0: this one)")
-    c.add_argument("--cache_dir", default=None, help=notes["cache_dir"])
+    c.add_argument("--cache_dir", default=None, help=notes["cache_dir"] + " (default: none)")
     a = parser.parse_args(argv)
     check_data_path(a.data, "data")
     check_path(a.image_folder, "--image_folder", "dir")

@@ -5,19 +5,22 @@
     mining: each LR token attends over its own MxM window of HR positions, output added   (skipped without HR)
     projector -> [N, tokens_per_image, hidden] -> spliced at IMAGE_TOKEN_INDEX placeholders -> AutoModelForCausalLM
 
-This file is the composition: MiniGemini (encode, splice, forward, generate, export/load), set_stage and LoRA, the
-MMCA attention, model FLOPs. The parts and their contracts live in vision.py (their names are importable from here
-too); ARCHITECTURE.md says where to change what. No class per LLM family: the LLM is whatever
-`AutoModelForCausalLM` builds from its config. The optional MMCA attention (DeepSpeed-VisualChat) is registered
-with transformers' AttentionInterface under the name "mmca".
+This file is the composition: MiniGemini (encode, splice, forward, generate, export/load), set_stage and LoRA.
+The parts and their contracts live in vision.py, the attention extras (packed rows, MMCA) in attention.py, model
+FLOPs in flops.py (their names are importable from here too); ARCHITECTURE.md says where to change what. No class
+per LLM family: the LLM is whatever `AutoModelForCausalLM` builds from its config.
 
 Public entry points first (ModelArguments, build_model, MiniGemini, set_stage, apply_lora, merge_lora,
 merge_lora_export); building blocks below; `python model.py merge SRC DST` merges a LoRA export.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+import logging
+import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -25,19 +28,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           DynamicCache)
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from attention import _masked_softmax, mmca_attention, packed_attention_kwargs  # noqa: F401 - registers mmca
 from cli import ArgumentParser, UserError, check_new_dir, run
-from refs import (CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS, check_export, check_model_ref,  # noqa: F401 - re-exported
-                  check_tokenizer_dir, portable_refs)
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
+from refs import (CHECKPOINT_KINDS, CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS,  # noqa: F401 - re-exported
+                  TOKENIZER_VOCABULARY, check_export, check_model_ref, check_tokenizer_dir, hub_problem, in_hub_cache,
+                  is_local_path, portable_refs)
 from vision import (ConvNeXtTower, GridPool2x, PatchInfoMining, PerceiverProjector, TimmTrunkTower,  # noqa: F401
                     ViTProjector, VisionTower, _aux_kind, _close, _dtype, _interpolate_band, _open_clip_config,
                     _resize_matrix, _support, _timm_model_args, build_projector, enable_checkpointing, hr_views,
@@ -56,7 +59,7 @@ class ModelArguments:
     #   with stem + stages or ResNet's layers (a directory with config.json, or hf-hub:timm/...); none: plain LLaVA
     #   (no high-res tower, no patch info mining)
     random_init: bool = False            # build every part from its config alone, no weights (tests, benchmarks)
-    projector: str = "mlp2x_gelu"        # maps image features to the LLM's width (vision.py)
+    projector: str = "mlp2x_gelu"        # maps image features to the LLM's width (mlp2x_gelu: MGM's and LLaVA-1.5's)
     perceiver_queries: int = 64          # perceiver projector: image tokens per view
     projector_heads: int = 8             # perceiver / vit projector: attention heads
     mm_vision_select_layer: int = -2     # the low-res tower's hidden layer that feeds the projector
@@ -65,16 +68,36 @@ class ModelArguments:
     image_size_aux: int = 768            # high-res input side in pixels (1536 for HD)
     image_grid: int = 1                  # low-res crops per side: 2 for HD (2x2 crops)
     image_global: bool = False           # HD: add the whole image as a global view, first
-    attention: str = "sdpa"              # the LLM's attention: transformers' sdpa or eager, or mmca (DS-VisualChat)
+    attention: str = "sdpa"              # the LLM's attention kernel, one of those allowed below (flash_*: needs the
+    #   flash-attn package; mmca: DeepSpeed-VisualChat's multi-modal causal attention)
     bits: int = 16                       # 8 or 4: the LLM alone is loaded quantized (QLoRA, needs tune: qlora)
     dtype: str = "bfloat16"              # the dtype the weights are loaded in (trainable ones train in float32)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     pretrained_mm_path: str | None = None    # a pretrain export to take projector + mining weights from
+    init_from: str | None = None         # start from an export (full, LoRA, converted MGM / LLaVA): its own model
+    #   settings, weights, tokenizer and template; a LoRA export is merged into its base first
+
+
+# How a model runs, not what it is: what a run may set when it starts from an export (init_from).
+RUNTIME_SETTINGS = ("init_from", "random_init", "attention", "bits", "dtype", "gradient_checkpointing",
+                    "pretrained_mm_path")
 
 
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
-    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it)."""
+    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it). With args.init_from the
+    model is that export (settings.py has already made args its settings), a LoRA export merged into its base."""
+    if args.init_from:
+        if args.pretrained_mm_path:
+            raise ValueError("init_from and pretrained_mm_path both name weights to start from: keep one")
+        model = MiniGemini.from_pretrained(args.init_from, bits=args.bits, dtype=args.dtype, attention=args.attention,
+                                           device=device, random_init=args.random_init)
+        model = merge_lora(model) if _is_peft(model.llm) else model
+        # What the model is stays the export's; how it runs is this run's (settings.start_from_export did the same)
+        model.config = dataclasses.replace(model.config, **{k: getattr(args, k) for k in RUNTIME_SETTINGS})
+        if args.gradient_checkpointing:
+            enable_checkpointing(model.llm)
+        return model.train()
     for setting in (*REF_SETTINGS, "pretrained_mm_path"):
         check_model_ref(getattr(args, setting), setting)
     dtype = getattr(torch, args.dtype)
@@ -319,35 +342,45 @@ class MiniGemini(nn.Module):
             tokenizer.save_pretrained(path)
 
     @classmethod
-    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False):
+    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False,
+                        random_init=False):
         """Load an export. Full exports need nothing else; pretrain / LoRA exports also load their base
-        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings."""
+        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings; random_init
+        builds the same model from the configs alone, no weights (--plan)."""
         path = Path(path)
         meta = check_export(path)
         if meta["export"] != "full":  # the base checkpoints a pretrain / LoRA export builds on must be reachable
-            for setting in ("llm", "vision_tower", "vision_tower_aux"):
+            if meta["args"].get("init_from"):   # an export built on another export: that one is its base
+                check_export(meta["args"]["init_from"], f"{path / CONFIG_NAME} refers to it: init_from")
+            for setting in ("llm", "vision_tower", "vision_tower_aux") if not meta["args"].get("init_from") else ():
                 check_model_ref(meta["args"].get(setting), setting, f"{path / CONFIG_NAME} refers to it: ")
         known = {f.name for f in fields(ModelArguments)}
         args = ModelArguments(**{k: v for k, v in meta["args"].items() if k in known})
         args.bits, args.dtype = bits or args.bits, dtype or args.dtype
         args.attention, args.pretrained_mm_path, args.gradient_checkpointing = attention or args.attention, None, False
+        args.random_init = random_init
         if meta["export"] == "full":
             torch_dtype = getattr(torch, args.dtype)
-            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention, device=device)
+            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention,
+                           random_init=random_init, device=device)
             vt = VisionTower.from_config(meta["vision_config"], meta["image_settings"], dtype=torch_dtype,
                                          select_layer=args.mm_vision_select_layer,
                                          select_feature=args.mm_vision_select_feature)
             aux = TimmTrunkTower.from_spec(meta["vision_aux_config"], dtype=torch_dtype) \
                 if meta["vision_aux_config"] else None
             model = cls(args, llm, vt, aux, im_start_end_ids=meta["im_start_end_ids"])
-            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False)
+            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False) \
+                if not random_init else ([], [])
             if unexpected or any(not k.startswith("llm.") for k in missing):
                 raise ValueError(f"{path}: weights do not match the config ({missing=}, {unexpected=})")
         else:
             tokenizer = AutoTokenizer.from_pretrained(path) if meta["im_start_end_ids"] else None
             model = build_model(args, tokenizer, device=device)
+            if random_init:
+                return model.eval()
             if meta["export"] == "lora":
-                from peft import PeftModel, prepare_model_for_kbit_training
+                PeftModel, prepare_model_for_kbit_training = _peft("PeftModel", "prepare_model_for_kbit_training",
+                                                                   bits=args.bits)
                 if trainable and args.bits < 16:
                     model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
                 model.llm = PeftModel.from_pretrained(model.llm, path / "adapter", is_trainable=trainable)
@@ -422,7 +455,8 @@ def apply_lora(model: MiniGemini, r=64, alpha=16, dropout=0.05, target_modules="
     """Wrap the LLM with LoRA adapters on its linear layers (peft's "all-linear" leaves out the output head).
     A 4/8-bit LLM first goes through peft's prepare_model_for_kbit_training, on the LLM alone, so the towers,
     mining and projector keep their dtype and stay as set_stage leaves them."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    LoraConfig, get_peft_model, prepare_model_for_kbit_training = _peft(
+        "LoraConfig", "get_peft_model", "prepare_model_for_kbit_training", bits=model.config.bits)
     if model.config.bits < 16:
         model.llm = prepare_model_for_kbit_training(
             model.llm, use_gradient_checkpointing=model.config.gradient_checkpointing,
@@ -447,6 +481,8 @@ def merge_lora_export(src, dst, dtype=None):
     model = MiniGemini.from_pretrained(src, bits=16, dtype=dtype)
     model.stage = None
     merge_lora(model).save_pretrained(dst, AutoTokenizer.from_pretrained(src), weights="full")
+    if Path(src, "train_config.yaml").exists():   # its template and image handling, for eval / chat / init_from
+        shutil.copyfile(Path(src, "train_config.yaml"), Path(dst, "train_config.yaml"))
     return dst
 
 
@@ -557,67 +593,6 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
 
 
 # =============================================================================================================
-# MMCA attention (DeepSpeed-VisualChat), registered for every model that uses transformers' attention interface
-# =============================================================================================================
-def packed_attention_kwargs(position_ids, attn_implementation: str) -> dict:
-    """Packed rows: position ids restart at 0 for each sample. With no attention mask, transformers builds a
-    per-sample (block-diagonal) causal mask for sdpa / eager / mmca / flex from the position ids. Flash-attention
-    gets the sample boundaries explicitly (transformers 5 finds them itself only at batch size 1). Any other
-    implementation might silently attend across samples: refuse it."""
-    if "flash" in attn_implementation:
-        pos = position_ids.flatten()
-        starts = (pos == 0).nonzero().flatten()
-        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).int()
-        longest = int(cu.diff().max())
-        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    if attn_implementation not in ("sdpa", "eager", "mmca", "flex_attention"):
-        raise ValueError(f"packed rows need an attention that isolates samples; {attn_implementation!r} is not "
-                         "known to: use sdpa, eager, mmca, flex_attention or flash_attention_2")
-    return {}
-
-
-def mmca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mm_image_mask=None, **kw):
-    """Two softmaxes per query, one over image keys and one over text keys, their weights summed.
-    An image query sees only itself among image keys (and earlier text); a text query sees all earlier tokens.
-    query [B, h, q, d], key/value [B, h_kv, k, d]; attention_mask: bool [B, 1, q, k] (True = may attend), which
-    carries causality, padding, sliding windows and packing; mm_image_mask [B, k]: True at image positions."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    q_len, k_len = query.shape[2], key.shape[2]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
-    if attention_mask is None:
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    elif attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask == 0
-    attention_mask = attention_mask.to(scores.device)
-    if mm_image_mask is None:
-        mm_image_mask = torch.zeros(query.shape[0], k_len, dtype=torch.bool, device=query.device)
-    key_img = mm_image_mask[:, None, None, -k_len:]
-    query_img = mm_image_mask[:, None, -q_len:, None]
-    itself = torch.arange(k_len, device=query.device) == torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
-    image_keys = attention_mask & key_img & (~query_img | itself)
-    text_keys = attention_mask & ~key_img
-    weights = _masked_softmax(scores, image_keys) + _masked_softmax(scores, text_keys)
-    weights = F.dropout(weights, p=dropout, training=module.training).to(value.dtype)
-    return (weights @ value).transpose(1, 2).contiguous(), weights
-
-
-def _masked_softmax(scores, allowed):
-    """Softmax over the allowed keys; rows with none allowed give zeros (not NaN)."""
-    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1) * allowed
-
-
-def _mmca_mask(*args, **kw):
-    """Boolean mask (True = may attend), never skipped: mmca always needs it."""
-    return sdpa_mask(*args, **{**kw, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
-
-
-AttentionInterface.register("mmca", mmca_attention)
-AttentionMaskInterface.register("mmca", _mmca_mask)
-
-
-# =============================================================================================================
 # Small helpers
 # =============================================================================================================
 def cache_keyword(llm) -> str:
@@ -692,6 +667,24 @@ def _is_peft(module) -> bool:
     return hasattr(module, "peft_config")
 
 
+def _peft(*names: str, bits: int) -> tuple:
+    """Names from peft. peft imports bitsandbytes whenever it is installed, and bitsandbytes' import fetches its CPU
+    4-bit kernel through the `kernels` package, both logging warnings when it fails (on a CPU with AVX512-BF16:
+    "Failed to load CPU gemm_4bit_forward from kernels-community ..."); they concern 4/8-bit weights alone, so a
+    16-bit LLM imports peft without them."""
+    quiet = bits >= 16 and "bitsandbytes" not in sys.modules
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")] if quiet else []
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return tuple(getattr(peft, name) for name in names)
+
+
 def _contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
@@ -705,9 +698,15 @@ def _jsonable(obj):
 
 
 def _main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="model.py", description="Mini-Gemini model tools")
+    parser = ArgumentParser(prog="model.py", description="Tools for exports. One command: merge.\n\nexample:\n"
+                            "  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("merge", help="fold a LoRA export's adapters into its LLM: a plain full export")
+    merge = commands.add_parser(
+        "merge", help="fold a LoRA export's adapters into its LLM: a plain full export",
+        description="Fold a LoRA or QLoRA export's adapters into its base LLM, loaded unquantized (after QLoRA the\n"
+                    "merged model is close to, not equal to, the 4-bit one the adapters trained on). The result is a\n"
+                    "full export: eval.py, chat.py, web.py and train.py --init_from take it as it is.\n\n"
+                    "example:\n  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     merge.add_argument("src", help="a LoRA export (train.py with tune: lora or qlora)")
     merge.add_argument("dst", help="a new (or empty) directory for the full export")
     a = parser.parse_args(argv)

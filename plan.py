@@ -544,7 +544,7 @@ def build_fake(model_args, args, fake: FakeTensorMode, upcast_trainables: bool =
     pretrained_mm_path (the same shapes). A 4/8-bit LLM is traced with its quantized weights in the recipe's dtype
     (listed in model.quantized_weights; the plan replaces their bytes by bitsandbytes' layout)."""
     import model as mgm
-    tokenizer = step.load_tokenizer(model_args.llm) if model_args.mm_use_im_start_end else None
+    tokenizer = step.load_tokenizer(model_args.init_from or model_args.llm) if model_args.mm_use_im_start_end else None
     unquantized = dataclasses.replace(model_args, random_init=True, pretrained_mm_path=None, bits=16)
     with torch.device("meta"):
         model = mgm.build_model(unquantized, tokenizer)

@@ -106,7 +106,7 @@ def check_export(path, option: str = "") -> dict:
 def portable_refs(args: dict) -> dict:
     """An export's base references as absolute paths where they are local, so it loads from any working
     directory; hub names stay as they are."""
-    return {k: str(Path(v).expanduser().resolve()) if k in REF_SETTINGS and isinstance(v, str) and
+    return {k: str(Path(v).expanduser().resolve()) if k in (*REF_SETTINGS, "init_from") and isinstance(v, str) and
             not v.startswith("hf-hub:") and os.path.exists(os.path.expanduser(v)) else v for k, v in args.items()}
 
 

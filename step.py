@@ -26,12 +26,12 @@ STOP_REASONS = ("SIGTERM", "SIGUSR1", "SIGINT", "max_time")
 # ---- The model of a stage ------------------------------------------------------------------------------------------
 
 def load_tokenizer(path: str):
+    """The tokenizer of the LLM (or of the export a run starts from), with a pad token."""
     check_model_ref(path, "llm", kind="tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # Llama/Vicuna ship none; padding is masked out of attention and loss anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
-
 
 
 def build(model_args, args: TrainArguments, tokenizer, device=None, upcast_trainables=True):
@@ -106,7 +106,8 @@ def collate_fn(tokenizer, pairs: bool = False):
 
 def forward_backward(accelerator, model, window: list[dict], num_items: torch.Tensor,
                      stop=None, metrics: list | None = None) -> tuple[float, int, int, str | None]:
-    """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches).
+    """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches). `stop`: train.py's
+    StopRequests, whose votes() ride on the step's all-reduce (None: no votes, as in plan.py).
 
     Returns (loss of the step over all ranks, LLM tokens, samples, why the run stops after this step or None).
     Each micro-batch loss is its token-loss sum divided by the supervised tokens of the whole step on all ranks;
