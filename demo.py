@@ -29,7 +29,6 @@ import math
 import os
 import random
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -106,16 +105,10 @@ def preference_tuning(args: DemoArguments, data_dir: Path, out: Path) -> None:
          "shape")
     make_pairs(data_dir, args.seed)
     start = out / "finetune"
-    for name in os.listdir(start):   # the finetune export's LLM is the policy's: it needs the tokenizer beside it
-        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(start / name, start / "llm" / name)
-    base = Path(args.data_dir, "base")
     launch("recipes/demo_dpo.yaml", [
-        "--llm", str(start / "llm"), "--pretrained_mm_path", str(start / "model.safetensors"),
-        "--vision_tower", str(base / "clip"), "--vision_tower_aux", str(base / "convnext"),
-        "--data_path", str(data_dir / "dpo.jsonl"), "--eval_data_path", str(data_dir / "dpo_test.jsonl"),
-        "--image_folder", str(data_dir / "images"), "--output_dir", str(out / "dpo-run"), "--export_dir",
-        str(out / "dpo"), "--max_steps", str(args.dpo_steps), *seed(args)])
+        "--init_from", str(start), "--data_path", str(data_dir / "dpo.jsonl"), "--eval_data_path",
+        str(data_dir / "dpo_test.jsonl"), "--image_folder", str(data_dir / "images"), "--output_dir",
+        str(out / "dpo-run"), "--export_dir", str(out / "dpo"), "--max_steps", str(args.dpo_steps), *seed(args)])
     step(9, 9, "held-out pairs (reward accuracy against the finetuned model) and answers after preference tuning")
     run([sys.executable, "eval.py", "--model", str(out / "dpo"), "--reference", str(start), "--pairs",
          str(data_dir / "dpo_test.jsonl"), "--image_folder", str(data_dir / "images")])
