@@ -1023,7 +1023,7 @@ def _proc_status(key) -> float:
 # dpo: our DPO step vs TRL's DPOTrainer
 # =============================================================================================================
 def bench_dpo(args):
-    """A DPO step (sigmoid, beta 0.1, a frozen reference): ours (dpo.PreferenceModel) vs TRL's DPOTrainer on the same
+    """A DPO step (sigmoid, beta 0.1, a frozen reference): ours (train.py's dpo stage) vs TRL's DPOTrainer on the same
     plain-LLaVA model (ours converted with convert.py to-llava-hf) and the same pairs: the first batch's loss, the
     vision-tower forwards per pair (a forward hook counts the images each tower call takes), time per step. Both
     train the LLM alone (towers and projector frozen in both), fp32, AdamW."""

@@ -87,7 +87,8 @@ MISTAKES = [
 ]
 HELP = ["train.py", "eval.py", "convert.py from-mgm", "convert.py from-llava", "convert.py to-llava-hf",
         "data.py check", "model.py merge", "bench.py data", "bench.py index", "bench.py padding", "bench.py splice",
-        "bench.py mining", "bench.py train", "bench.py stop", "bench.py plan", "demo.py", "chat.py", "web.py"]
+        "bench.py mining", "bench.py train", "bench.py stop", "bench.py plan", "bench.py dpo", "demo.py", "chat.py",
+        "web.py"]
 GROUPS = ["convert.py", "data.py", "model.py", "bench.py"]    # commands of sub-commands: the list, then examples
 OTHER_RUNS = ("other_run", "other_run_no_lock")
 
