@@ -228,3 +228,20 @@ def inside_polygon(px, py, xs, ys):
             at = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
         inside ^= crosses & (px < at)
     return inside
+
+
+def test_preference_tuning_of_the_demo_model_prefers_the_right_answers(short_demo, capfd):
+    """demo.py --dpo_steps: pairs whose rejected answer names a wrong colour or shape, stage dpo from the demo's
+    finetune export (init_from), then eval.py --pairs: held-out reward accuracy well above its start (0: the policy
+    is its reference there), and the held-out answers still right."""
+    import demo
+    _, _, export = short_demo
+    root = export.parents[1]
+    args = demo.DemoArguments(data_dir=str(root / "data"), output_dir=str(root / "runs"), dpo_steps=60)
+    capfd.readouterr()
+    demo.preference_tuning(args, root / "data", root / "runs")
+    out = capfd.readouterr().out
+    reward, margin, n = re.search(r"^reward accuracy: ([\d.]+) margin: (-?[\d.]+) \(n=(\d+)\)$", out, re.M).groups()
+    assert int(n) == 120 and float(reward) > 0.6 and float(margin) > 0, out[-2000:]
+    accuracy = re.findall(r"^accuracy: ([\d.]+) \(n=120\)$", out, re.M)[-1]
+    assert float(accuracy) >= 0.5, out[-2000:]
