@@ -1108,7 +1108,7 @@ def bench_dpo(args):
           f"(difference {abs(later[0] - later[1]):.1e})")
     print(f"{'':48} {'TRL':>12} {'ours':>12} {'ours / TRL':>12}")
     print(f"{'vision-tower forwards per pair (policy + ref)':48} {forwards['trl']:>12.0f} {forwards['ours']:>12.0f} "
-          f"{forwards['ours'] / forwards['trl']:>11.2f}x")
+          f"{forwards['ours'] / forwards['trl']:>11.2f}x   (fewer is better)")
     print(f"{'seconds per step (CPU process time)':48} {times['trl']:>12.3f} {times['ours']:>12.3f} "
           f"{times['ours'] / times['trl']:>11.2f}x   (lower is better)")
 
