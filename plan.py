@@ -184,6 +184,8 @@ def plan(model_args, data_args, args, launch: Launch) -> Plan:
     if args.stage == "dpo":   # pairs: 2B rows sharing B images; the reference (a copy, or none) inside the model
         batch = dpo.pair_rows(worst_case_batch(model, data_args, 2 * args.per_device_batch_size, fake))
         model = dpo.PreferenceModel(model, beta=args.beta, loss_type=args.loss_type, reference=args.reference)
+        if model.reference == "precomputed":   # read from the data: two numbers per pair
+            batch["ref_logps"] = torch.zeros(len(batch["input_ids"]), dtype=torch.float64)
     with fsdp2_sharded(model, launch) as model:
         tracker = step_memory(model, args, batch, mixed_precision=launch.mixed_precision if plain else "no",
                               fake=fake)

@@ -382,7 +382,7 @@ def test_engines_give_the_losses_of_one_process(dpo_recipe, tmp_path, config, tu
                                    rtol=1e-5, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("tune,reference", [("full", "copy"), ("lora", "adapter")])
+@pytest.mark.parametrize("tune,reference", [("full", "copy"), ("lora", "adapter"), ("lora", "precomputed")])
 def test_plan_of_a_dpo_step_is_the_real_step(tok, tmp_path, tune, reference):
     """--plan traces the dpo step (2B rows sharing B images, the reference inside the model): its parameters
     (the frozen copy included) and peak are those of the same step on real tensors."""
@@ -401,6 +401,8 @@ def test_plan_of_a_dpo_step_is_the_real_step(tok, tmp_path, tune, reference):
     policy = train.build(dataclasses.replace(model_args, random_init=True), args, None)
     batch = dpo.pair_rows(plan.worst_case_batch(policy, data_args, 4, plan.PlanFakeMode()))
     batch["images"], batch["images_aux"] = torch.randn(batch["images"].shape), torch.randn(batch["images_aux"].shape)
+    if reference == "precomputed":
+        batch["ref_logps"] = torch.zeros(4, dtype=torch.float64)
     model = dpo.PreferenceModel(policy, reference=reference)
     assert planned.terms["parameters"].bytes == sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     real = plan.step_memory(model, args, batch, mixed_precision="no")
