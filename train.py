@@ -163,8 +163,8 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         count_skipped_samples(accelerator, state, window, say)
         check_skip_fraction(state, args.max_skip_fraction)
         num_items = dpo.step_normalizer(accelerator, window) if pairs else supervised_tokens(accelerator, window)
-        if int(num_items.flatten()[0]) == 0:  # every rank agrees (a global count): nothing to learn, so no update and no step
-            # (nor a stop vote: a stop request waits for the next step that trains)
+        if int(num_items.flatten()[0]) == 0:  # every rank agrees (a global count): nothing to learn, so no update
+            # and no step (nor a stop vote: a stop request waits for the next step that trains); dpo: no pair
             say(f"step {state.step + 1}: no supervised token in this step's batches, skipped")
             empty_steps += 1
             if empty_steps * G >= per_epoch:  # a whole epoch of batches: the data cannot train anything
@@ -213,8 +213,8 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
             mfu = (f"MFU {log['mfu_llm']:.1%} LLM-only, {log['mfu_all']:.1%} all" if "mfu_llm" in log
                    else "MFU unknown (--peak_tflops)")
             say(f"step {state.step}/{total_steps} | loss {loss:.4f}{rewards} | lr {lr:.3e} | "
-                f"grad norm {grad_norm or 0:.3f} | {log['tokens_per_s']:.0f} tok/s | {log['samples_per_s']:.2f} samples/s | "
-                f"peak mem {log['peak_mem_gb']:.2f} GB | {mfu}")
+                f"grad norm {grad_norm or 0:.3f} | {log['tokens_per_s']:.0f} tok/s | "
+                f"{log['samples_per_s']:.2f} samples/s | peak mem {log['peak_mem_gb']:.2f} GB | {mfu}")
             accelerator.log(log, step=state.step)
             metrics.write(state.step, log)
         if eval_loader is not None and (state.step == total_steps or
