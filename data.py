@@ -11,7 +11,6 @@ import bisect
 import ctypes
 import hashlib
 import inspect
-import io
 import json
 import os
 import re
@@ -23,31 +22,17 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
-from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 
 from cli import ArgumentParser, UserError, check_path, field_comments, int_at_least, relative, run
 from conversation import TEMPLATES, ConversationError, Segment, Template, get_template, normalize_messages
+from images import (ASPECT_RATIOS, CLIP_MEAN, CLIP_STD, BadSample, ImageProcessor, _bilinear,  # noqa: F401
+                    image_size, load_image, parse_pinpoints, to_rgb)
 
 IGNORE_INDEX = -100        # label value the loss ignores
 IMAGE_TOKEN_INDEX = -200   # one placeholder id per image; the model splices the image features there
 IMAGE_TAG = "<image>"
-
-
-class BadSample(ValueError):
-    """A record that cannot be trained on. `kind` is what summaries count ("image not found", "too long", ...),
-    `detail` says exactly what is wrong; str() is "record <id>: <kind>: <detail>" ("<kind>: <detail>" without an id),
-    so a skip reason sent from a dataloader worker as a string still starts with its kind (see reason_kind)."""
-
-    def __init__(self, kind: str, detail: str, record: str | None = None):
-        super().__init__(kind, detail, record)
-        self.kind, self.detail, self.record = kind, detail, record
-
-    def __str__(self) -> str:
-        reason = f"{self.kind}: {self.detail}"
-        return reason if self.record is None else f"record {self.record}: {reason}"
 
 
 # ---- Entry points: records, images, datasets, collator, sampler ----
@@ -64,7 +49,6 @@ class BadSample(ValueError):
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RECORD_EXTENSIONS = (".json", ".jsonl", ".parquet")                # besides saved `datasets` directories
-ASPECT_RATIOS = ("pad", "resize", "crop")                          # DataArguments.image_aspect_ratio
 
 RECORD_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -320,87 +304,6 @@ def converter_fingerprint() -> str:
 
 # ---- Images, the dataset, collator, samplers, the check CLI ----------------------------------------------------
 
-class ImageProcessor:
-    """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None): step 2 of ARCHITECTURE.md's flow.
-
-    The image is padded to a square with the mean colour ("pad"), stretched ("resize"), or its short side resized
-    and the center cut out ("crop", what MGM's image processor does by default). With an HR tower
-    (image_size_aux=A) the HR tensor is the normalized A x A image and the LR image is its bilinear downsample to
-    image_grid * S; without one (plain LLaVA) the LR image is resized directly. With image_grid=g > 1 the LR image is
-    cut into g*g tiles of S, row-major; image_global=True puts the LR image resized to S first:
-    views = [global, crop(0,0), crop(0,1), ..., crop(g-1,g-1)]."""
-
-    def __init__(self, image_size: int = 336, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 image_size_aux: int | None = None, image_grid: int = 1, image_global: bool = False,
-                 image_mean_aux=None, image_std_aux=None, aspect_ratio: str = "pad"):
-        # Both towers see the same normalized tensor (LR is a downsample of HR), so their mean/std must agree.
-        for name, mine, aux in (("mean", image_mean, image_mean_aux), ("std", image_std, image_std_aux)):
-            if aux is not None and not np.allclose(mine, aux, atol=1e-4):
-                raise ValueError(f"vision towers disagree on image {name}: {list(mine)} vs {list(aux)}")
-        if aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, not {aspect_ratio!r}")
-        self.image_size, self.image_size_aux = image_size, image_size_aux
-        self.grid, self.use_global, self.aspect_ratio = image_grid, image_global, aspect_ratio
-        self.mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
-        self.scale, self.shift = 1 / (255 * self.std), -self.mean / self.std
-        self.background = tuple(int(m * 255) for m in image_mean)   # the pad colour, as LLaVA/MGM use it
-
-    @property
-    def views(self) -> int:
-        return self.grid * self.grid + (1 if self.use_global and self.grid > 1 else 0)
-
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image = to_rgb(image, self.background)
-        if self.aspect_ratio == "pad":
-            image = self.pad_to_square(image)
-        lr_side = self.grid * self.image_size
-        if self.aspect_ratio == "crop":
-            image = self.center_crop(image, self.image_size_aux or lr_side)
-        if self.image_size_aux:
-            hr = self.resize_normalize(image, self.image_size_aux)
-            return self.split_views(_bilinear(hr, lr_side)), hr
-        return self.split_views(self.resize_normalize(image, lr_side)), None
-
-    def pad_to_square(self, image: Image.Image) -> Image.Image:
-        w, h = image.size
-        if w == h:
-            return image
-        canvas = Image.new("RGB", (max(w, h),) * 2, self.background)
-        canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-        return canvas
-
-    @staticmethod
-    def center_crop(image: Image.Image, side: int) -> Image.Image:
-        """The short side resized to `side` (PIL bicubic), then the central side x side square: CLIP's image
-        processor (resize shortest_edge + center_crop), which MGM applies when no image_aspect_ratio is given."""
-        w, h = image.size
-        size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
-        if size != image.size:
-            image = image.resize(size, Image.BICUBIC)
-        left, top = (size[0] - side) // 2, (size[1] - side) // 2
-        return image.crop((left, top, left + side, top + side))
-
-    def resize_normalize(self, image: Image.Image, side: int) -> torch.Tensor:
-        """RGB image -> normalized float [3, side, side] (a non-square image is stretched). The resize is torch's
-        antialiased bicubic on uint8, which equals PIL's BICUBIC to within 1/255 and is 2.5x faster; the normalize is
-        one fused pass ((x/255 - mean)/std = x*scale + shift). Together 3.5x faster than PIL resize + normalize."""
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
-        if pixels.shape[-2:] != (side, side):
-            pixels = F.interpolate(pixels, size=(side, side), mode="bicubic", antialias=True)
-        pixels = pixels[0].to(torch.float32, memory_format=torch.contiguous_format)
-        return pixels.mul_(self.scale).add_(self.shift)
-
-    def split_views(self, lr: torch.Tensor) -> torch.Tensor:
-        g, s = self.grid, self.image_size
-        if g == 1:
-            return lr[None]
-        crops = lr.reshape(3, g, s, g, s).permute(1, 3, 0, 2, 4).reshape(g * g, 3, s, s)   # row-major tiles
-        if self.use_global:
-            crops = torch.cat([_bilinear(lr, s)[None], crops])
-        return crops
-
-
 def reuse_freed_memory(worker_id: int | None = None) -> bool:
     """Make glibc keep freed large blocks for reuse (the DataLoader's worker_init_fn; train.py also calls it in the
     main process when it loads data itself). Every sample allocates fresh image tensors of many MB (28 MB for one HD
@@ -414,40 +317,6 @@ def reuse_freed_memory(worker_id: int | None = None) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3                          # from glibc's malloc.h
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 128 << 20))
-
-
-def to_rgb(image: Image.Image, background=(0, 0, 0)) -> Image.Image:
-    """Apply the EXIF orientation and convert any mode to RGB; transparency is composited on `background`."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        canvas = Image.new("RGB", image.size, background)
-        canvas.paste(image, mask=image.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
-
-
-def load_image(source: dict, image_folder: str = ".", max_pixels: int = 89_478_485) -> Image.Image:
-    """{"path" | "bytes"} -> a fully decoded PIL image; every way it can fail becomes BadSample naming the file."""
-    name = source.get("path") or "<image bytes>"
-    try:
-        fp = io.BytesIO(source["bytes"]) if source.get("bytes") else os.path.join(image_folder, source["path"])
-        image = Image.open(fp)
-        w, h = image.size
-        too_big = w * h > max_pixels
-        if not too_big:
-            image.load()   # decode now, so truncated and corrupt files fail here and not inside the model step
-    except FileNotFoundError:
-        raise BadSample("image not found", name) from None
-    except Image.DecompressionBombError:
-        raise BadSample("image too large", f"{name} (decompression bomb)") from None
-    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
-        raise BadSample("image unreadable", f"{name} ({type(e).__name__}: {e})") from None
-    if too_big:
-        raise BadSample("image too large", f"{name} is {w}x{h}, over max_image_pixels={max_pixels}")
-    if w == 0 or h == 0:
-        raise BadSample("image unreadable", f"{name} is {w}x{h}")
-    return image
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -850,13 +719,6 @@ class _Inspection(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.dataset.inspect(i)
-
-
-def _bilinear(image: torch.Tensor, side: int) -> torch.Tensor:
-    """[3, H, W] -> [3, side, side], bilinear (align_corners=False, as MGM). Channels-last in and out of the kernel:
-    2.4x faster on CPU than the planar layout at 768 -> 336."""
-    x = image[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)[0].contiguous()
 
 
 def _natural_key(name: str) -> list:
