@@ -67,8 +67,9 @@ class DataArguments:
     image_folder: str = "."             # image, frame and video-folder paths are relative to this
     template: str = "vicuna_v1"         # a name from conversation.py, or "auto" for the tokenizer's chat template
     image_aspect_ratio: str = "pad"     # pad: to square with the mean colour; resize: stretch to square;
-    #                                     crop: short side resized, center crop (MGM's stage-1 default, 'square')
-    max_length: int = 2048              # LLM positions per sample, each image counted as tokens_per_image
+    #                                     crop: short side resized, center crop (MGM's stage-1 default, 'square');
+    #                                     anyres: LLaVA-NeXT's tiles on the best grid of image_grid_pinpoints (model)
+    max_length: int = 2048              # LLM positions per sample, each image counted as its tokens (AnyRes: by size)
     num_frames: int = 8                 # frames sampled uniformly from each video
     bad_sample: str = "skip"            # skip: drop, count and log an unusable record; error: stop naming it
     group_by_modality_length: bool = True  # batches of one modality (image or text-only) and similar lengths
@@ -84,9 +85,11 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     """Records of data_args.data_path -> a map-style dataset of tokenized samples with image tensors.
 
     image_settings: model.image_settings() (image_size, image_size_aux, image_mean, image_std, image_grid,
-    image_global); None for a text-only model. tokens_per_image: LLM positions one image takes (max_length check).
-    With data_args.packing the exact length of every record is measured here (once; cached), so that under
-    accelerator.main_process_first() one process does the work and the others read the cache."""
+    image_global; an AnyRes model's also image_grid_pinpoints, anyres_max_tiles, patch_size); None for a text-only
+    model. tokens_per_image: LLM positions one image takes (AnyRes: the most any image takes; each image is counted
+    by its own size). With data_args.packing or AnyRes the exact length of every record is measured here (once;
+    cached), so that under accelerator.main_process_first() one process does the work and the others read the
+    cache: packs and length groups then use the true count of every image."""
     if data_args.bad_sample not in ("skip", "error"):
         raise UserError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
     if image_settings is not None and data_args.max_length <= tokens_per_image:
@@ -96,11 +99,21 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     records = load_records(data_args.data_path, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc)
     processor = None
     if image_settings is not None:
-        processor = ImageProcessor(**image_settings, aspect_ratio=data_args.image_aspect_ratio)
+        processor = image_processor(image_settings, data_args.image_aspect_ratio)
     dataset = SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
-    if data_args.packing:
+    if data_args.packing or dataset.anyres:
         dataset.measure_lengths()
     return dataset
+
+
+def image_processor(image_settings: dict, aspect_ratio: str) -> ImageProcessor:
+    """The ImageProcessor of a model's image_settings; AnyRes goes with an AnyRes model only (UserError)."""
+    if (aspect_ratio == "anyres") != bool(image_settings.get("image_grid_pinpoints")):
+        raise UserError("image_aspect_ratio anyres needs an AnyRes model (image_grid_pinpoints set, e.g. 'default'), "
+                        "and an AnyRes model needs image_aspect_ratio anyres" if aspect_ratio == "anyres" else
+                        f"image_aspect_ratio {aspect_ratio}: this model is an AnyRes one (image_grid_pinpoints): "
+                        "use image_aspect_ratio anyres")
+    return ImageProcessor(**image_settings, aspect_ratio=aspect_ratio)
 
 
 def check_data_path(data_path: str, setting: str = "data_path") -> None:
@@ -322,6 +335,8 @@ def reuse_freed_memory(worker_id: int | None = None) -> bool:
 class SupervisedDataset(torch.utils.data.Dataset):
     """Map-style dataset: index -> {"id", "input_ids", "labels", "images" [n, V, 3, S, S] | None,
     "images_aux" [n, 3, A, A] | None}, or, for a bad record under bad_sample="skip", {"id", "skipped": reason}.
+    AnyRes: "images" is every image's views back to back [sum of 1 + tiles, 3, S, S], "images_aux" the HR canvases
+    cut in A x A tiles [sum of tiles, 3, A, A] | None, and "image_sizes" [n, 2] the images' (height, width).
 
     A pack (list of indices, as PackedBatchSampler yields them) -> the list of its samples.
     Text-only records carry no image tensors at all. Records live in Arrow (self.records), never in a Python list."""
@@ -330,6 +345,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                  processor: ImageProcessor | None, tokens_per_image: int = 1):
         self.records, self.tokenizer, self.args = records, tokenizer, args
         self.processor, self.tokens_per_image = processor, tokens_per_image
+        self.anyres = processor is not None and processor.aspect_ratio == "anyres"
         self.measured_lengths: np.ndarray | None = None   # set by measure_lengths()
 
     def __len__(self) -> int:
@@ -349,15 +365,35 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def sample(self, record: dict) -> dict:
         """One record -> tensors; raises BadSample."""
         conversations, sources = self.parse(record)
-        sample = {"id": record["id"], **self.tokenize(conversations, len(sources)), "images": None,
-                  "images_aux": None}
+        if sources and self.processor is None:
+            raise BadSample("unsupported", "record has images but the model has no vision tower")
+        tokens = self.tokenize(conversations, len(sources), self.image_tokens(sources))
+        sample = {"id": record["id"], **tokens, "images": None, "images_aux": None}
         if sources:
-            if self.processor is None:
-                raise BadSample("unsupported", "record has images but the model has no vision tower")
-            views, aux = zip(*(self.processor(self.load(s)) for s in sources))
-            sample["images"] = torch.stack(views)
-            sample["images_aux"] = None if aux[0] is None else torch.stack(aux)
+            views, aux, sizes = zip(*(self.processor.process(self.load(s)) for s in sources))
+            if self.anyres:     # views differ in number per image: back to back, the sizes say how many
+                sample["images"] = torch.cat(views)
+                sample["images_aux"] = None if aux[0] is None else torch.cat([self.hr_tiles(a) for a in aux])
+                sample["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+            else:
+                sample["images"] = torch.stack(views)
+                sample["images_aux"] = None if aux[0] is None else torch.stack(aux)
         return sample
+
+    def image_tokens(self, sources: list[dict]) -> int | list[int]:
+        """LLM positions of each image: tokens_per_image, or for AnyRes each image's own count, from its size
+        (read from the file's header; the same size process() finds once the image is decoded)."""
+        if not self.anyres:
+            return self.tokens_per_image
+        return [self.processor.tokens(image_size(s, self.args.image_folder, self.args.max_image_pixels))
+                for s in sources]
+
+    def hr_tiles(self, hr: torch.Tensor) -> torch.Tensor:
+        """An AnyRes HR canvas [3, rows*A, cols*A] -> its A x A tiles, row-major [rows*cols, 3, A, A]: one tensor
+        for the batch whatever the grids (the model puts each canvas back together)."""
+        a = self.processor.image_size_aux
+        rows, cols = hr.shape[1] // a, hr.shape[2] // a
+        return hr.reshape(3, rows, a, cols, a).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, a, a)
 
     def inspect(self, i: int) -> tuple[str, int, int, str | None]:
         """What `data.py check` needs: (id, images, LLM length with images expanded, bad reason or None).
@@ -365,13 +401,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         record = self.records[int(i)]
         try:
             conversations, sources = self.parse(record)
-            tokens = self.tokenize(conversations, len(sources))
+            per_image = self.image_tokens(sources)
+            tokens = self.tokenize(conversations, len(sources), per_image)
             for source in sources:
                 self.load(source)
         except BadSample as e:
             return record["id"], 0, 0, str(e)
-        n = len(sources)
-        return record["id"], n, len(tokens["input_ids"]) + n * (self.tokens_per_image - 1), None
+        return record["id"], len(sources), expanded_length(tokens["input_ids"], per_image), None
 
     def parse(self, record: dict) -> tuple[list[dict], list[dict]]:
         """Record -> (conversations, image sources); a video becomes its sampled frames, its tag one tag each."""
@@ -405,16 +441,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
         picks = np.linspace(0, len(frames) - 1, min(self.args.num_frames, len(frames))).round().astype(int)
         return [frames[j] for j in picks]
 
-    def tokenize(self, conversations: list[dict], num_images: int) -> dict:
+    def tokenize(self, conversations: list[dict], num_images: int, image_tokens: int | list[int]) -> dict:
         return tokenize_conversation(conversations, self.tokenizer, self.args.template, self.args.max_length,
-                                     image_token_len=self.tokens_per_image, num_images=num_images)
+                                     image_token_len=image_tokens, num_images=num_images)
 
     def load(self, source: dict) -> Image.Image:
         return load_image(source, self.args.image_folder, self.args.max_image_pixels)
 
     def lengths(self) -> np.ndarray:
         """LLM length of every record, images expanded: exact once measure_lengths() ran (build_dataset runs it when
-        packing), else an estimate from the Arrow columns (words + images * tokens_per_image)."""
+        packing and for AnyRes), else an estimate from the Arrow columns (words + images * tokens_per_image)."""
         if self.measured_lengths is not None:
             return self.measured_lengths
         columns = self.records.select_columns(["n_words", "n_images"]).with_format("numpy")
@@ -424,17 +460,25 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def measure_lengths(self) -> np.ndarray:
         """Exact LLM length of every record as __getitem__ will build it (tokenized and truncated like training, each
-        image counted tokens_per_image); 0 for a record that tokenization rejects. Text only: no image is opened.
-        Runs as a datasets.map (data_args.num_proc processes) whose result is cached in Arrow next to the records,
+        image counted as its tokens); 0 for a record that tokenization rejects. No image is decoded: AnyRes reads
+        each image's size from its header, the other layouts open no image at all. Runs as a datasets.map (data_args.num_proc processes) whose result is cached in Arrow next to the records,
         keyed by the tokenizer and the settings that change a length; packs are built from these."""
         a = self.args
         settings = DataArguments("", image_folder=a.image_folder, template=a.template, max_length=a.max_length,
                                  num_frames=a.num_frames)
-        columns = self.records.select_columns(["id", "conversations", "video", "n_images", "problem"])  # no bytes
+        settings.max_image_pixels, anyres = a.max_image_pixels, None
+        names = ["id", "conversations", "video", "n_images", "problem"]    # no bytes, unless AnyRes needs sizes
+        if self.anyres:
+            p = self.processor
+            anyres = dict(image_size=p.image_size, image_grid_pinpoints=p.pinpoints, anyres_max_tiles=p.max_tiles,
+                          patch_size=p.patch_size)
+            names.append("images")
+        columns = self.records.select_columns(names)
         measured = columns.map(
             _measure_batch, batched=True, remove_columns=columns.column_names, num_proc=a.num_proc,
             features=datasets.Features({"length": datasets.Value("int32")}), desc="measuring token lengths",
-            fn_kwargs={"tokenizer": self.tokenizer, "args": settings, "tokens_per_image": self.tokens_per_image})
+            fn_kwargs={"tokenizer": self.tokenizer, "args": settings, "tokens_per_image": self.tokens_per_image,
+                       "anyres": anyres})
         self.measured_lengths = np.asarray(measured.with_format("numpy")["length"], dtype=np.int64)
         return self.measured_lengths
 
@@ -470,7 +514,8 @@ def collate_rows(packs: list[list[dict]], pad_token_id: int, packed: bool) -> di
     A row's padding tail is a sequence of its own (positions from 0 again). Each sample's first label is
     IGNORE_INDEX, so the previous sample's last token predicts nothing, as at the end of a padded row; the loss and
     the supervised-token count are then those of the same samples padded. image_counts are per row, images in
-    sample order, and ids name every packed sample (len(ids) = samples in the batch)."""
+    sample order, and ids name every packed sample (len(ids) = samples in the batch). AnyRes batches also carry
+    image_sizes [N, 2] (images and images_aux then hold every image's views / HR tiles back to back)."""
     skipped = [(s["id"], s["skipped"]) for pack in packs for s in pack if "skipped" in s]
     packs = [kept for pack in packs if (kept := [s for s in pack if "skipped" not in s])] or \
         [[_padding_sample(pad_token_id)]]
@@ -494,14 +539,22 @@ def collate_rows(packs: list[list[dict]], pad_token_id: int, packed: bool) -> di
         "attention_mask": (torch.arange(width)[None] < used[:, None]).long(),
         "images": torch.cat(images) if images else None,
         "images_aux": torch.cat(images_aux) if images_aux else None,
-        "image_counts": torch.tensor([sum(0 if s["images"] is None else len(s["images"]) for s in pack)
-                                      for pack in packs], dtype=torch.long),
+        "image_counts": torch.tensor([sum(_image_count(s) for s in pack) for pack in packs], dtype=torch.long),
         "ids": [s["id"] for s in samples if s["id"] is not None],
         "skipped": skipped,
     }
+    image_sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
+    if image_sizes:     # AnyRes: images / images_aux hold views / HR tiles back to back; the sizes say how many
+        batch["image_sizes"] = torch.cat(image_sizes)
     if packed:
         batch["position_ids"] = position_ids
     return batch
+
+
+def _image_count(sample: dict) -> int:
+    if sample.get("image_sizes") is not None:
+        return len(sample["image_sizes"])
+    return 0 if sample["images"] is None else len(sample["images"])
 
 
 def reason_kind(reason: str) -> str:
@@ -725,32 +778,46 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int) -> dict:
-    """SupervisedDataset.measure_lengths' map function: a batch of records (no image column) -> {"length"}."""
-    measurer = SupervisedDataset(None, tokenizer, args, None, tokens_per_image)
+def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int,
+                   anyres: dict | None = None) -> dict:
+    """SupervisedDataset.measure_lengths' map function: a batch of records (the image column only for AnyRes,
+    whose settings `anyres` holds) -> {"length"}."""
+    processor = ImageProcessor(**anyres, aspect_ratio="anyres") if anyres else None
+    measurer = SupervisedDataset(None, tokenizer, args, processor, tokens_per_image)
     lengths = []
     for j in range(len(batch["id"])):
         record = {k: v[j] for k, v in batch.items()}
-        record["images"] = [{}] * max(record["n_images"], 0)   # parse() only counts them
+        if not anyres:
+            record["images"] = [{}] * max(record["n_images"], 0)   # parse() only counts them
         try:
             conversations, sources = measurer.parse(record)
-            tokens = measurer.tokenize(conversations, len(sources))
-            lengths.append(len(tokens["input_ids"]) + len(sources) * (tokens_per_image - 1))
+            per_image = measurer.image_tokens(sources)
+            tokens = measurer.tokenize(conversations, len(sources), per_image)
+            lengths.append(expanded_length(tokens["input_ids"], per_image))
         except BadSample:
             lengths.append(0)
     return {"length": lengths}
 
 
+def expanded_length(input_ids: torch.Tensor, image_tokens: int | list[int]) -> int:
+    """LLM positions of a tokenized sample once each image placeholder becomes its image's tokens."""
+    n = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+    extra = sum(image_tokens[:n]) - n if isinstance(image_tokens, list) else n * (image_tokens - 1)
+    return len(input_ids) + extra
+
+
 # ---- Tokenization and label masking --------------------------------------------------------------------------------
 
 def tokenize_conversation(conversations: list[dict], tokenizer, template: str | Template, max_length: int | None = None,
-                          *, image_token_len: int = 1, num_images: int | None = None) -> dict[str, torch.Tensor]:
+                          *, image_token_len: int | list[int] = 1,
+                          num_images: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenize one conversation; labels are exact by construction.
 
     The template renders segments (text, trainable); each segment is tokenized on its own and the ids concatenated,
     so a token is supervised exactly when its segment is. Each `<image>` tag becomes one IMAGE_TOKEN_INDEX id.
     `num_images` (when known) is checked against the tags; a single image without a tag gets one in front of the first
-    user turn. `max_length` counts each image as `image_token_len` positions; a sample is cut at the end, never
+    user turn. `max_length` counts each image as `image_token_len` positions (or, a list, each image in order as
+    its own count: AnyRes); a sample is cut at the end, never
     inside or before an image, and a sample left with nothing to learn raises BadSample with the reason.
     """
     template = get_template(template) if isinstance(template, str) else template
@@ -856,8 +923,11 @@ def _place_image_tags(messages: list[dict], num_images: int | None) -> list[dict
     return messages
 
 
-def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_len: int):
-    lengths = [image_token_len if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
+def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_len: int | list[int]):
+    counts = iter(image_token_len) if isinstance(image_token_len, list) else None
+    lengths = [(next(counts) if counts else image_token_len) if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
+    each = (f"{image_token_len} each" if counts is None else
+            "their own counts, " + ", ".join(map(str, image_token_len)))
     total = sum(lengths)
     if total <= max_length:
         return ids, labels
@@ -866,11 +936,11 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_le
         used += lengths[keep]
         keep += 1
     if IMAGE_TOKEN_INDEX in ids[keep:]:
-        raise BadSample("too long", f"needs {total} positions (images count {image_token_len} each) but max_length is "
+        raise BadSample("too long", f"needs {total} positions (images count {each}) but max_length is "
                         f"{max_length}: an image would be cut")
     if all(label == IGNORE_INDEX for label in labels[:keep]):
         raise BadSample("too long", f"the prompt alone needs more than max_length={max_length} positions "
-                        f"(images count {image_token_len} each); nothing left to learn")
+                        f"(images count {each}); nothing left to learn")
     return ids[:keep], labels[:keep]
 
 

@@ -224,12 +224,12 @@ def unpadded_box(size: tuple[int, int], height: int, width: int) -> tuple[int, i
     return 0, height, pad, width - pad
 
 
-def anyres_feature_shape(size: tuple[int, int], pinpoints, tile: int, patches: int,
+def anyres_feature_shape(size: tuple[int, int], grid: tuple[int, int], patches: int,
                          max_tiles: int = 0) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
-    """(unpadded box of the grid's feature map, final (rows, cols) of features after the optional OneVision
-    budget: when the unpadded grid holds more than 1.1^2 * max_tiles tiles' worth, it is bilinearly shrunk)."""
-    rows, cols = anyres_grid(size, pinpoints, tile)
-    box = unpadded_box(size, rows * patches, cols * patches)
+    """For an image of size (h, w) on a grid of (rows, cols) tiles of patches x patches features: the unpadded box
+    of the grid's feature map (unpadded_box), and the final (rows, cols) of features, after the optional OneVision
+    budget (when the unpadded grid holds more than 1.1^2 * max_tiles tiles' worth, it is bilinearly shrunk)."""
+    box = unpadded_box(size, grid[0] * patches, grid[1] * patches)
     h, w = box[1] - box[0], box[3] - box[2]
     if max_tiles:
         ratio = math.sqrt(h * w / (max_tiles * patches ** 2))
@@ -241,7 +241,7 @@ def anyres_feature_shape(size: tuple[int, int], pinpoints, tile: int, patches: i
 def anyres_tokens(size: tuple[int, int], pinpoints, tile: int, patches: int, max_tiles: int = 0) -> int:
     """LLM positions of one AnyRes image: patches^2 (the base view) + H' * (W' + 1) (the unpadded grid, a newline
     after every row). 576 + H' * (W' + 1) for CLIP-L/336: 2,340 for 480x640, 1,948 for 1080x1920."""
-    _, (h, w) = anyres_feature_shape(size, pinpoints, tile, patches, max_tiles)
+    _, (h, w) = anyres_feature_shape(size, anyres_grid(size, pinpoints, tile), patches, max_tiles)
     return patches * patches + h * (w + 1)
 
 

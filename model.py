@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -39,8 +40,10 @@ from cli import ArgumentParser, UserError, check_new_dir, check_path, relative, 
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
+from images import anyres_grid, anyres_tokens, parse_pinpoints, worst_pinpoint
 from vision import (ConvNeXtTower, GridPool2x, PatchInfoMining, PerceiverProjector, TimmTrunkTower,  # noqa: F401
                     ViTProjector, VisionTower, _aux_kind, _close, _dtype, _interpolate_band, _open_clip_config,
+                    check_anyres, encode_anyres,
                     _resize_matrix, _support, _timm_model_args, build_projector, enable_checkpointing, hr_views,
                     hr_windows, projector_tokens, upsample_concat, view_matrices)
 
@@ -68,6 +71,10 @@ class ModelArguments:
     image_size_aux: int = 768            # high-res input side in pixels (1536 for HD)
     image_grid: int = 1                  # low-res crops per side: 2 for HD (2x2 crops)
     image_global: bool = False           # HD: add the whole image as a global view, first
+    image_grid_pinpoints: str = ""       # AnyRes (LLaVA-NeXT) grids as HxW,...: default = its five for the tower's
+    #   size; "": no AnyRes. The data then needs image_aspect_ratio anyres
+    anyres_max_tiles: int = 0            # AnyRes: shrink an image's grid features to about this many tiles'
+    #   worth (LLaVA-OneVision's anyres_max_N); 0: no limit
     attention: str = "sdpa"              # the LLM's attention: transformers' sdpa or eager, or mmca (DS-VisualChat)
     bits: int = 16                       # 8 or 4: the LLM alone is loaded quantized (QLoRA, needs tune: qlora)
     dtype: str = "bfloat16"              # the dtype the weights are loaded in (trainable ones train in float32)
@@ -118,6 +125,11 @@ class MiniGemini(nn.Module):
             vision_tower_aux.expect_input(vision_tower.mean, vision_tower.std)
         self.projector = build_projector(config.projector, d, llm.config.get_text_config().hidden_size,
                                          heads=config.projector_heads, queries=config.perceiver_queries).to(dtype)
+        self.pinpoints = parse_pinpoints(config.image_grid_pinpoints, vision_tower.image_size)
+        if self.pinpoints:       # LLaVA-NeXT's row end: a learned LLM-space vector after every row of grid features
+            check_anyres(config, im_start_end_ids)
+            h = llm.config.get_text_config().hidden_size
+            self.image_newline = nn.Parameter(torch.randn(h, dtype=dtype) * h ** -0.5)
         self.stage = None
         self.tune_towers = (False, False)
         self._row_hook = None
@@ -130,15 +142,26 @@ class MiniGemini(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
+        """LLM positions of one image; AnyRes: the most any image takes (the data counts each by its size)."""
+        if self.pinpoints:
+            patches = math.isqrt(self.vision_tower.num_patches)
+            size = worst_pinpoint(self.pinpoints, self.vision_tower.image_size, patches, self.config.anyres_max_tiles)
+            return anyres_tokens(size, self.pinpoints, self.vision_tower.image_size, patches,
+                                 self.config.anyres_max_tiles)
         per_view = projector_tokens(self.config.projector, self.vision_tower.num_tokens,
                                     queries=self.config.perceiver_queries)
         return self.num_views * per_view + (2 if self.im_start_end_ids else 0)
 
     def image_settings(self) -> dict:
         aux = self.config.image_size_aux if self.vision_tower_aux is not None else None   # plain LLaVA: no HR input
-        return dict(image_size=self.vision_tower.image_size, image_size_aux=aux,
-                    image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
-                    image_grid=self.config.image_grid, image_global=self.config.image_global)
+        settings = dict(image_size=self.vision_tower.image_size, image_size_aux=aux,
+                        image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
+                        image_grid=self.config.image_grid, image_global=self.config.image_global)
+        if self.pinpoints:
+            settings.update(image_grid_pinpoints=[list(p) for p in self.pinpoints], patch_size=(
+                self.vision_tower.image_size // math.isqrt(self.vision_tower.num_patches)),
+                anyres_max_tiles=self.config.anyres_max_tiles)
+        return settings
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -158,7 +181,8 @@ class MiniGemini(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, images_aux=None, image_counts=None,
-                position_ids=None, num_items_in_batch=None, ids=None, **kw) -> CausalLMOutputWithPast:
+                position_ids=None, num_items_in_batch=None, ids=None, image_sizes=None,
+                **kw) -> CausalLMOutputWithPast:
         """Loss = summed token cross-entropy / num_items_in_batch when given (train.py passes the supervised-token
         count of the whole optimizer step), else the mean. position_ids given = packed rows (restart per sample):
         the LLM then isolates the samples itself (transformers detects packing from position ids).
@@ -167,12 +191,15 @@ class MiniGemini(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         pad_left = bool((attention_mask[:, 0] == 0).any())
         inputs = self.prepare_inputs(input_ids, attention_mask, labels, images, images_aux, image_counts,
-                                     position_ids=position_ids, pad_left=pad_left)
+                                     position_ids=position_ids, pad_left=pad_left, image_sizes=image_sizes)
         kw.setdefault("use_cache", False)     # a cache here would also hide packing from transformers' mask code
         return self.llm(**inputs, num_items_in_batch=num_items_in_batch, **kw)
 
-    def encode_images(self, images, images_aux=None) -> torch.Tensor:
-        """[N, V, 3, S, S] (+ [N, 3, A, A]) -> [N, tokens_per_image, hidden]."""
+    def encode_images(self, images, images_aux=None, image_sizes=None) -> torch.Tensor | list[torch.Tensor]:
+        """[N, V, 3, S, S] (+ [N, 3, A, A]) -> [N, tokens_per_image, hidden]. AnyRes (image_sizes [N, 2]): every
+        image's views back to back [sum V_i, 3, S, S] (+ HR tiles) -> a list of [tokens of image i, hidden]."""
+        if image_sizes is not None:
+            return encode_anyres(self, images, images_aux, image_sizes)
         n, v = images.shape[:2]
         feats = self.vision_tower(images.flatten(0, 1))                              # [N*V, P(+1), d]
         if self.vision_tower_aux is not None:
@@ -192,15 +219,16 @@ class MiniGemini(nn.Module):
         return feats
 
     def prepare_inputs(self, input_ids, attention_mask, labels=None, images=None, images_aux=None, image_counts=None,
-                       *, position_ids=None, pad_left=False) -> dict:
+                       *, position_ids=None, pad_left=False, image_sizes=None) -> dict:
         """Token ids with placeholders -> the keyword arguments of the LLM's forward (inputs_embeds, mask, ...)."""
         embed = self.llm.get_input_embeddings()
         text = embed(input_ids.clamp(min=0))
         feats = None
         if images is not None:
-            feats = self.encode_images(images, images_aux).to(text.dtype)
+            feats = self.encode_images(images, images_aux, image_sizes)
         elif self.training:
-            text = text + 0 * self.encode_images(*self.dummy_images(text.device)).sum().to(text.dtype)
+            dummy = self.encode_images(*self.dummy_images(text.device))
+            text = text + 0 * sum(f.sum() for f in dummy).to(text.dtype)
         if image_counts is not None and int(image_counts.sum()) != int((input_ids == IMAGE_TOKEN_INDEX).sum()):
             raise ValueError("image_counts disagree with the number of image placeholders in input_ids")
         out = splice(input_ids, text, feats, attention_mask, labels, position_ids=position_ids, pad_left=pad_left)
@@ -217,22 +245,28 @@ class MiniGemini(nn.Module):
         """One black image: a text-only training batch still runs the vision path (its output times 0), so every
         rank runs the same modules (FSDP/ZeRO-3 gather collectives) and the image modules get zero gradients (DDP)."""
         s = self.image_settings()
-        images = torch.zeros(1, self.num_views, 3, s["image_size"], s["image_size"], device=device)
+        side, aux_side = s["image_size"], s["image_size_aux"]
+        if self.pinpoints:      # AnyRes: a square image of one tile (its grid: the first pinpoint that holds it)
+            sizes = torch.tensor([[side, side]], device=device)
+            views = 1 + math.prod(anyres_grid((side, side), self.pinpoints, side))
+            aux = None if aux_side is None else torch.zeros(views - 1, 3, aux_side, aux_side, device=device)
+            return torch.zeros(views, 3, side, side, device=device), aux, sizes
+        images = torch.zeros(1, self.num_views, 3, side, side, device=device)
         aux = None
         if self.vision_tower_aux is not None:
-            aux = torch.zeros(1, 3, s["image_size_aux"], s["image_size_aux"], device=device)
+            aux = torch.zeros(1, 3, aux_side, aux_side, device=device)
         return images, aux
 
     # ---- generation -----------------------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, images=None, images_aux=None, image_counts=None,
                  max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-                 pad_token_id=None, generator=None) -> torch.LongTensor:
+                 pad_token_id=None, generator=None, image_sizes=None) -> torch.LongTensor:
         """Batched generation with a KV cache; any padding is moved to the left first.
         Returns only the new tokens [B, <= max_new_tokens]; rows that finished early are filled with pad."""
         return torch.stack(list(self.generate_steps(
             input_ids, attention_mask, images, images_aux, image_counts, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, generator=generator)), 1)
+            pad_token_id=pad_token_id, generator=generator, image_sizes=image_sizes)), 1)
 
     def stream(self, input_ids, images=None, images_aux=None, image_counts=None, **generation) -> Iterator[int]:
         """One conversation's new tokens, each handed out as soon as it is produced: the tokens of generate()'s
@@ -247,14 +281,15 @@ class MiniGemini(nn.Module):
     @torch.no_grad()
     def generate_steps(self, input_ids, attention_mask=None, images=None, images_aux=None, image_counts=None, *,
                        max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-                       pad_token_id=None, generator=None) -> Iterator[torch.LongTensor]:
+                       pad_token_id=None, generator=None, image_sizes=None) -> Iterator[torch.LongTensor]:
         """The decoding loop generate() and stream() share: yields each step's new tokens [B] until every row has
         produced a stop token or max_new_tokens are out; a finished row gets pad."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         order = torch.sort(attention_mask, dim=1, stable=True).indices          # zeros first = left padding
         input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
-        inputs = self.prepare_inputs(input_ids, attention_mask, None, images, images_aux, image_counts, pad_left=True)
+        inputs = self.prepare_inputs(input_ids, attention_mask, None, images, images_aux, image_counts, pad_left=True,
+                                     image_sizes=image_sizes)
         inputs.pop("labels")
         if eos_token_id is None:     # generation_config may list several (Llama-3: <|eot_id|> and <|end_of_text|>)
             gen = getattr(self.llm, "generation_config", None)
@@ -609,18 +644,19 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     """Replace each IMAGE_TOKEN_INDEX position by its image's K rows, for the whole batch at once (no sample loop).
 
     input_ids [B, T]; text_embeds [B, T, H] (rows at placeholders unused); image_features [N, K, H] in placeholder
-    order (row-major) or None. Rows grow by (K-1) per image; shorter rows are padded at the right, or at the left
-    with pad_left. Returns inputs_embeds, attention_mask, labels (IGNORE_INDEX at image and pad positions),
-    image_mask (True at image positions) and position_ids (from the mask, or restarted per packed sample when
-    position_ids are given)."""
+    order (row-major), a list of N [K_i, H] (AnyRes: each image its own K), or None. Rows grow by (K-1) per image;
+    shorter rows are padded at the right, or at the left with pad_left. Returns inputs_embeds, attention_mask,
+    labels (IGNORE_INDEX at image and pad positions), image_mask (True at image positions) and position_ids (from
+    the mask, or restarted per packed sample when position_ids are given)."""
     b, t = input_ids.shape
+    dev = input_ids.device
     is_img = input_ids == IMAGE_TOKEN_INDEX
     n_img = int(is_img.sum())
-    k = 0 if image_features is None else image_features.shape[1]
-    if n_img != (0 if image_features is None else len(image_features)):
-        raise ValueError(f"{n_img} image placeholders but {0 if image_features is None else len(image_features)} "
-                         f"images")
-    width = torch.where(is_img, k, 1)                           # positions each token occupies after the splice
+    feats = [] if image_features is None else list(image_features)
+    if n_img != len(feats):
+        raise ValueError(f"{n_img} image placeholders but {len(feats)} images")
+    k = torch.tensor([len(f) for f in feats], dtype=torch.long, device=dev)   # positions of each image
+    width = torch.ones_like(input_ids).masked_scatter(is_img, k)   # positions each token occupies after the splice
     if not pad_left:  # right padding takes no position: rows are as wide as the longest real row, so a row that
         width = width * (attention_mask != 0)   # grows by its images does not widen the batch by its padding too
     end = width.cumsum(1)
@@ -631,19 +667,20 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     is_text = ~is_img & (width > 0)
     text_rows, text_cols = is_text.nonzero(as_tuple=True)[0], start[is_text]
     img_row, img_col = is_img.nonzero(as_tuple=True)                          # row-major = image_features' order
-    img_rows = img_row[:, None].expand(-1, k)
-    img_cols = start[img_row, img_col][:, None] + torch.arange(k, device=input_ids.device)
+    owner = torch.repeat_interleave(torch.arange(n_img, device=dev), k)       # the image of each image position
+    img_rows = img_row[owner]
+    img_cols = start[img_row, img_col][owner] + torch.arange(len(owner), device=dev) - (k.cumsum(0) - k)[owner]
+    image_rows = torch.cat(feats) if feats else None
 
-    def place(per_token, fill, image_rows=None):
+    def place(per_token, fill, rows=None):
         """[B, T, ...] -> [B, length, ...]; positions no token reaches (padding) hold `fill`."""
-        out = torch.full((b, length, *per_token.shape[2:]), fill, dtype=per_token.dtype, device=input_ids.device)
+        out = torch.full((b, length, *per_token.shape[2:]), fill, dtype=per_token.dtype, device=dev)
         out[text_rows, text_cols] = per_token[is_text]
         if n_img:
-            out[img_rows, img_cols] = (per_token[img_row, img_col][:, None] if image_rows is None
-                                       else image_rows.to(out.dtype))
+            out[img_rows, img_cols] = per_token[img_row, img_col][owner] if rows is None else rows.to(out.dtype)
         return out
 
-    out = dict(inputs_embeds=place(text_embeds, 0, image_features), attention_mask=place(attention_mask, 0),
+    out = dict(inputs_embeds=place(text_embeds, 0, image_rows), attention_mask=place(attention_mask, 0),
                image_mask=place(is_img, False), labels=None)
     if labels is not None:
         out["labels"] = place(labels.masked_fill(is_img, IGNORE_INDEX), IGNORE_INDEX)
