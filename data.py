@@ -373,7 +373,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             views, aux, sizes = zip(*(self.processor.process(self.load(s)) for s in sources))
             if self.anyres:     # views differ in number per image: back to back, the sizes say how many
                 sample["images"] = torch.cat(views)
-                sample["images_aux"] = None if aux[0] is None else torch.cat([self.hr_tiles(a) for a in aux])
+                sample["images_aux"] = None if aux[0] is None else torch.cat(aux)
                 sample["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
             else:
                 sample["images"] = torch.stack(views)
@@ -388,12 +388,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return [self.processor.tokens(image_size(s, self.args.image_folder, self.args.max_image_pixels))
                 for s in sources]
 
-    def hr_tiles(self, hr: torch.Tensor) -> torch.Tensor:
-        """An AnyRes HR canvas [3, rows*A, cols*A] -> its A x A tiles, row-major [rows*cols, 3, A, A]: one tensor
-        for the batch whatever the grids (the model puts each canvas back together)."""
-        a = self.processor.image_size_aux
-        rows, cols = hr.shape[1] // a, hr.shape[2] // a
-        return hr.reshape(3, rows, a, cols, a).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, a, a)
 
     def inspect(self, i: int) -> tuple[str, int, int, str | None]:
         """What `data.py check` needs: (id, images, LLM length with images expanded, bad reason or None).

@@ -53,7 +53,9 @@ class ImageProcessor:
     views = [global, crop(0,0), crop(0,1), ..., crop(g-1,g-1)].
 
     "anyres" (needs image_grid_pinpoints, [(h, w), ...] in pixels): LLaVA-NeXT's tiles (anyres_views); the number
-    of views, and of LLM positions (tokens), depends on the image's size. process() also returns that size."""
+    of views, and of LLM positions (tokens), depends on the image's size. process() also returns that size.
+    The HR canvas comes as its A x A tiles, so that a batch of any grids is one tensor (the model puts each canvas
+    back together before the HR tower)."""
 
     def __init__(self, image_size: int = 336, image_mean=CLIP_MEAN, image_std=CLIP_STD,
                  image_size_aux: int | None = None, image_grid: int = 1, image_global: bool = False,
@@ -113,8 +115,9 @@ class ImageProcessor:
                              self.max_tiles)
 
     def anyres_views(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """RGB image -> ([base, tile(0,0), tile(0,1), ...] [1 + rows*cols, 3, S, S], HR [3, rows*A, cols*A] or
-        None). LlavaNextImageProcessor's pixel_values for this image (within one uint8 level of its backends)."""
+        """RGB image -> ([base, tile(0,0), tile(0,1), ...] [1 + rows*cols, 3, S, S], the HR canvas
+        [3, rows*A, cols*A] cut in tiles [rows*cols, 3, A, A], or None). The views are LlavaNextImageProcessor's
+        pixel_values for this image (its torchvision backend's exactly, its PIL backend's within a level or two)."""
         s = self.image_size
         rows, cols = self.anyres_grid((image.height, image.width))
         canvas = self.anyres_canvas(image, rows * s, cols * s)                         # uint8 [3, rows*S, cols*S]
@@ -126,8 +129,7 @@ class ImageProcessor:
             lr = _bilinear(hr, (rows * s, cols * s))
         else:
             lr = self.normalize(canvas)
-        tiles = lr.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
-        return torch.cat([base[None], tiles]), hr
+        return torch.cat([base[None], _tiles(lr, s)]), None if hr is None else _tiles(hr, self.image_size_aux)
 
     @staticmethod
     def anyres_canvas(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -315,6 +317,12 @@ def _open(source: dict, image_folder: str, max_pixels: int, decode: bool):
     if w == 0 or h == 0:
         raise BadSample("image unreadable", f"{name} is {w}x{h}")
     return image, (w, h)
+
+
+def _tiles(canvas: torch.Tensor, side: int) -> torch.Tensor:
+    """[3, rows*side, cols*side] -> its side x side tiles, row-major [rows*cols, 3, side, side]."""
+    rows, cols = canvas.shape[1] // side, canvas.shape[2] // side
+    return canvas.reshape(3, rows, side, cols, side).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, side, side)
 
 
 def _uint8(image: Image.Image) -> torch.Tensor:

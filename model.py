@@ -51,6 +51,7 @@ IM_START, IM_END = "<im_start>", "<im_end>"
 CONFIG_NAME = "mgm_config.json"
 MM_WEIGHTS = "mm_weights.safetensors"      # pretrain / LoRA exports: projector, mining, other non-LLM trainables
 FULL_WEIGHTS = "model.safetensors"         # full exports: towers, mining, projector (the LLM lives in llm/)
+MM_PARTS = ("projector.", "mining.", "image_newline")   # what a pretrain export always holds
 
 
 @dataclass
@@ -397,7 +398,7 @@ class MiniGemini(nn.Module):
         what pretrain and LoRA exports hold besides adapters."""
         state = state if state is not None else self.state_dict()
         tuned = {n for n, p in self.named_parameters() if p.requires_grad and n.startswith("vision_tower")}
-        out = {k: v for k, v in state.items() if k.startswith(("projector.", "mining.")) or k in tuned}
+        out = {k: v for k, v in state.items() if k.startswith(MM_PARTS) or k in tuned}
         if self.im_start_end_ids:
             embed_name = next(n for n, p in self.named_parameters()
                               if p is self.llm.get_input_embeddings().weight)
@@ -409,7 +410,7 @@ class MiniGemini(nn.Module):
         state = load_file(path / MM_WEIGHTS if path.is_dir() else path)
         rows = state.pop("llm_image_token_rows", None)
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k.startswith(("projector.", "mining."))]
+        missing = [k for k in missing if k.startswith(MM_PARTS)]
         if missing or unexpected:
             raise ValueError(f"{path}: projector/mining weights do not fit this model ({missing=}, {unexpected=})")
         if rows is not None and self.im_start_end_ids:
@@ -427,6 +428,8 @@ def set_stage(model: MiniGemini, stage: str, *, tune_vision_tower=False, tune_vi
         raise ValueError(f"unknown stage {stage!r}")
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.pinpoints:      # AnyRes' row-end vector trains with the projector (LLaVA-NeXT's stage 1 and 2)
+        model.image_newline.requires_grad_(True)
     if model.mining is not None:
         model.mining.requires_grad_(True)
     if stage == "finetune":

@@ -233,3 +233,72 @@ def test_truncation_never_cuts_an_anyres_image(anyres_data, converted):
     assert all("skipped" in s or s["images"] is None or
                len(s["input_ids"]) + sum(dataset.processor.tokens(tuple(x)) - 1 for x in s["image_sizes"].tolist())
                <= 60 for s in kept)
+
+
+# ---- Mini-Gemini on AnyRes: the HR canvas at the grid's aspect, mined tile by tile ---------------------------------
+def test_mgm_anyres_trains_with_both_towers_and_exports(tmp_path, root, tok):
+    """CLIP 28 px (2x2 patches per tile) + a timm ConvNeXt at 32 px per tile (8x8 map per tile: 4x4 windows)."""
+    from model import set_stage
+    from tests.tiny_models import build
+    model = build(root, tok, hr="timm", image_size_aux=32, image_grid_pinpoints="default")
+    assert model.pinpoints == [(28, 56), (56, 28), (56, 56), (84, 28), (28, 84)]
+    assert model.tokens_per_image == 4 + 4 * 5                           # the worst grid, 2x2: 4 + 4 * (4 + 1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sizes = [(30, 60), (60, 30), (80, 80), (100, 40), (40, 100), (20, 20)]
+    for j, (h, w) in enumerate(sizes):
+        image(h, w, seed=j).save(folder / f"{j}.png")
+    records = [{"id": f"r{i}", "image": [f"{i % 6}.png"] + ([f"{(i + 1) % 6}.png"] if i % 2 else []),
+                "conversations": [{"from": "human", "value": "<image> " * (1 + i % 2) + "what color is it ?"},
+                                  {"from": "gpt", "value": "red ."}]} for i in range(6)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = DataArguments(str(folder / "data.jsonl"), image_folder=str(folder), template="vicuna_v1",
+                         image_aspect_ratio="anyres", cache_dir=str(tmp_path / "cache"), max_length=256)
+    dataset = build_dataset(args, tok, model.image_settings(), model.tokens_per_image)
+    batch = collate([dataset[i] for i in range(6)], pad_token_id=tok.pad_token_id)
+    grids = [anyres_grid(tuple(s), model.pinpoints, 28) for s in batch["image_sizes"].tolist()]
+    assert len(batch["images"]) == sum(1 + r * c for r, c in grids)
+    assert batch["images_aux"].shape == (sum(r * c for r, c in grids), 3, 32, 32)   # HR canvases as A x A tiles
+    set_stage(model, "finetune", tune_vision_tower=True, tune_vision_tower_aux=True, print_fn=None)
+    model.train()
+    inputs = {k: v for k, v in batch.items() if k not in ("ids", "skipped")}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss = model(**inputs).loss
+        loss.backward()
+        for name in ("image_newline", "mining.key.1.weight", "projector.0.weight"):
+            assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_tower_aux.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    model.save_pretrained(tmp_path / "export", tok, weights="full")
+    loaded = MiniGemini.from_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+    model.stage = "pretrain"
+    model.save_pretrained(tmp_path / "pretrain", tok)             # projector + mining + image_newline
+    assert torch.equal(MiniGemini.from_pretrained(tmp_path / "pretrain").image_newline, model.image_newline)
+
+
+def test_anyres_tiles_mine_as_mgm_hd_crops(root, tok):
+    """An image exactly on the 2x2 grid (no padding): tile (i, j)'s tokens mine HR block (i, j) exactly as MGM-HD's
+    crop (i, j) mines its quadrant, the same weights and pixels."""
+    from tests.tiny_models import build
+    from vision import mine_anyres
+    anyres = build(root, tok, hr="timm", image_size_aux=32, image_grid_pinpoints="default")
+    hd = build(root, tok, hr="timm", image_size_aux=64, image_grid=2, image_global=True)
+    hd.load_state_dict(anyres.state_dict(), strict=False)
+    hd.mining.load_state_dict(anyres.mining.state_dict())
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.randn(3, 64, 64, generator=g)
+    tiles = canvas.reshape(3, 2, 32, 2, 32).permute(1, 3, 0, 2, 4).reshape(4, 3, 32, 32)
+    lr = torch.randn(5, 4, 32, generator=g)                           # [base, 4 tiles] x 2x2 patches x width 32
+    with torch.no_grad():
+        ours = mine_anyres(anyres.mining, anyres.vision_tower_aux, lr, tiles, [(2, 2)], [(56, 56)])
+        theirs = hd.mining(lr, hd.vision_tower_aux.stage_maps(canvas[None]), grid=2, image_global=True)
+    torch.testing.assert_close(ours[1:], theirs[1:])
+    assert not torch.allclose(ours[0], lr[0])                         # the base view mines the whole image too

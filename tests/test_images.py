@@ -92,7 +92,7 @@ def test_hr_canvas_with_an_hr_tower():
         "default", 42), patch_size=14)
     views, hr, _ = p.process(image)
     assert p.anyres_grid((480, 640)) == (2, 2)
-    assert views.shape == (5, 3, 42, 42) and hr.shape == (3, 192, 192)
+    assert views.shape == (5, 3, 42, 42) and hr.shape == (4, 3, 96, 96)
 
 
 def test_image_size_reads_the_header_with_exif_orientation(tmp_path):
