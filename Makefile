@@ -1,5 +1,8 @@
-# make test: create .venv if missing, install runtime + test dependencies, run the test suite.
-# make demo: train the tiny embedded Mini-Gemini end to end on CPU (see README.md);
+# make install: create .venv if missing and install requirements.txt + requirements-test.txt (pytest, deepspeed,
+#   playwright); then `source .venv/bin/activate` in each shell where you type the commands of README.md.
+# make test: make install, then lmms-eval (~85 packages) and gradio: with deepspeed and playwright about 1 GB of
+#   test extras, installed on first use only; then the test suite (CPU only; no weights or data are downloaded).
+# make demo: train the tiny embedded Mini-Gemini end to end on CPU (README.md; docs/demo.md for its steps);
 #   make demo DEMO_ARGS="--seed 1" for another draw of its data and weights.
 # make web: install the web chat's requirements and serve the demo's model on http://127.0.0.1:7860
 #   (make web WEB_MODEL=path/to/export for another export).

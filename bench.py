@@ -7,14 +7,14 @@
     python bench.py mining    # peak memory and time: memory-light vs reference patch info mining at MGM(-HD) shapes
     python bench.py train     # tokens/s and peak memory of training steps (CPU: tiny, ~100M; CUDA: MGM-7B(-HD), QLoRA)
     python bench.py stop      # per-step cost of the ranks' stop agreement: the step's collectives before / with it
-    python bench.py plan      # train.py --plan's memory plan against the same step run for real (CPU: StepMemory, RSS)
-    python bench.py plan --recipe recipes/mgm_7b_finetune.yaml   # README's table row: planned peak, largest batches
+    python bench.py plan      # train.py --plan's memory plan against the same step run for real (CPU: tracked, RSS)
+    python bench.py plan --recipe recipes/mgm_7b_finetune.yaml   # docs/plan.md's table: planned peak, largest batches
 
 Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
-seconds (see clock()), wall seconds on CUDA. Each variant whose memory is measured runs in a fresh process; on CPU
-its peak is the peak RSS (Linux VmHWM, reset with /proc/self/clear_refs just before the measured work), on CUDA
-torch.cuda.max_memory_allocated. `mining` counts the peak above the memory in use at the reset (inputs and weights
-excluded); `train` counts everything (weights and optimizer state included); `index` reads PSS from /proc.
+seconds (all threads of the measuring process), wall seconds on CUDA. Each variant whose memory is measured runs in
+a fresh process; on CPU its peak is the peak RSS (Linux VmHWM, reset with /proc/self/clear_refs just before the
+measured work), on CUDA torch.cuda.max_memory_allocated. `mining` counts the peak above the memory in use at the
+reset (inputs and weights excluded); `train` counts everything (weights and optimizer state included); `index` reads PSS from /proc.
 Generated inputs (1M-record JSON, images, its Arrow cache) live in .cache/bench/ and are reused between runs.
 BENCHMARKS.md records the figures and the commands that produced them.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import multiprocessing as mp
@@ -56,7 +57,9 @@ def main(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
-        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__)
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=inspect.cleandoc(fn.__doc__),
+                           epilog=f"examples:\n  python bench.py {name}\n  python bench.py {name} --quick    "
+                                  "# seconds: checks the code path, not a figure")
         p.add_argument("--quick", action="store_true", help="tiny settings: checks the code path, not a figure")
         p.set_defaults(fn=fn)
     sub.choices["data"].add_argument("--passes", type=int_at_least(1), default=3,
@@ -415,7 +418,7 @@ LLAVA_665K_MIX = [
 
 
 def bench_padding(args):
-    """Real / computed tokens for random, modality-grouped (data.GroupedBatchSampler) and packed batches."""
+    """Real / computed tokens for random, modality-grouped (train.py's default) and packed batches."""
     from data import GroupedBatchSampler, PackedBatchSampler
     lengths, multimodal = llava_like_lengths(scale=0.05 if args.quick else 1.0)
     b, max_len = args.batch_size, 2048
@@ -469,7 +472,7 @@ def _packed_efficiency(lengths, batches) -> float:
 # splice: vectorized scatter vs a per-sample loop
 # =============================================================================================================
 def bench_splice(args):
-    """Vectorized splice (model.splice) vs LLaVA's per-sample loop at 7B shapes (batch 16, 2048 tokens, hidden 4096)."""
+    """Vectorized splice (ours) vs LLaVA's per-sample loop at 7B shapes (batch 16, 2048 tokens, hidden 4096)."""
     b, t, h, k = (5, 256, 256, 16) if args.quick else (16, 2048, 4096, IMAGE_TOKENS)
     embed = torch.nn.Embedding(32000, h).requires_grad_(False)
     print(f"batch {b}, longest row {t} positions after the splice, hidden {h}, fp32, images of {k} tokens, "
@@ -571,7 +574,7 @@ def _time(fn, repeats=5) -> float:
 # mining: memory-light vs reference
 # =============================================================================================================
 def bench_mining(args):
-    """Peak memory and time of memory-light (PatchInfoMining.forward) vs reference mining, MGM and MGM-HD shapes."""
+    """Peak memory and time of memory-light (ours) vs reference patch info mining, MGM and MGM-HD shapes."""
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda and args.dtype == "float32" else args.dtype
     print(f"one image, LR d=1024 (24x24 grid), HR ConvNeXt-L stage maps 192/384/768/1536 ch (2880), {dtype}, "
@@ -916,7 +919,7 @@ def _plan_run(name, variant):
 
 
 def _plan_recipes(recipes):
-    """One README row per recipe: its intended launch, the planned peak per GPU at the recipe's batch, the largest
+    """One row of docs/plan.md's table per recipe: its intended launch, the planned peak per GPU at the recipe's batch, the largest
     per_device_batch_size that fits 24 / 40 / 80 GB (each checked by planning it and the next size up)."""
     print("| recipe | launch | batch x max_length | planned peak per GPU | largest batch on 24 / 40 / 80 GB |")
     print("|---|---|---|---|---|")

@@ -1,23 +1,25 @@
 """Talk to an exported model in the terminal: a conversation about images, each answer streamed as it is generated.
 
-    python chat.py --model runs/demo/finetune --image demo_data/images/test_00000.png "What shape is this?"
-    python chat.py --model runs/demo/finetune --image demo_data/images/test_00000.png     # a conversation
+examples:
+  python chat.py --model runs/demo/finetune --image demo_data/images/test_00000.png "What shape is this?"
+  python chat.py --model runs/demo/finetune --image demo_data/images/test_00000.png     # a conversation
+  python chat.py --model runs/mgm-7b-yours-qlora/merged --temperature 0.7 --top_p 0.9 --seed 1   # sampled, repeatable
 
 With a question on the command line it answers once and exits. Without one it holds a conversation: type a
 question per line, or a command:
-    /image PATH   attach an image to the next question (several allowed; --image attaches to the first question)
-    /clear        start a new conversation
-    /exit         quit (so does the end of the input; Ctrl-C stops an answer that is being written)
-Each question is asked with the whole conversation so far, rendered by the template the model was trained with:
-the prompt is data.tokenize_prompt of those turns, the ids training saw. Answers are greedy unless --temperature is
+  /image PATH   attach an image to the next question (several allowed; --image attaches to the first question)
+  /clear        start a new conversation
+  /exit         quit (so does the end of the input; Ctrl-C stops an answer that is being written)
+Each question is asked with the whole conversation so far, rendered by the chat template the model was trained
+with: the prompt is exactly the tokens training saw for those turns. Answers are greedy unless --temperature is
 above 0 (then sampled within --top_p, repeatable with --seed); a single question's greedy answer is eval.py's.
 
 The model's length is the LLM's max_position_embeddings (or --max_length), each image counting the positions its
 features take. Before a question whose prompt would leave no room for --max_new_tokens, the oldest turns are dropped
 with a notice; a question that leaves no room even on its own is refused. Answers go to stdout, notices and errors
-to stderr. Works for full, pretrain-only and LoRA exports; a pretrain-only export (template `plain`) only captions,
+to stderr. Works for full, pretrain-only and LoRA exports; a pretrain-only export (template plain) only captions,
 so there each question is answered on its own, about its images or, without any, those of the question before.
-The web page (web.py) holds its conversations with this file's Conversation.
+web.py holds the same conversations on a web page.
 """
 from __future__ import annotations
 
@@ -38,12 +40,13 @@ from eval import Answerer, load_for_inference
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.ArgumentParser(prog="chat.py", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="chat.py", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[],
                         help="an image file for the (first) question; repeat for several")
     add_sampling_arguments(parser)
-    parser.add_argument("--seed", type=int, default=None, help="makes sampled answers repeatable")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="makes sampled answers repeatable (default: none, a new draw each time)")
     parser.add_argument("question", nargs="?", help="answer this once and exit; without it, hold a conversation")
     a = parser.parse_args(argv)
     check_sampling(a.temperature, a.top_p, a.max_new_tokens)
@@ -234,18 +237,22 @@ def note(message: str) -> None:
 # ---- Options and loading (shared with web.py) -----------------------------------------------------------------
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="an export directory (full, pretrain or LoRA)")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="an export directory (full, pretrain or LoRA): train.py's <output_dir>/export, "
+                             "model.py merge's or convert.py's output")
     parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
-                        help="default: the template the model was trained with")
+                        help="the chat template (default: the one the model was trained with)")
     parser.add_argument("--max_length", type=cli.int_at_least(1), default=None,
                         help="positions a conversation may take (default: the LLM's max_position_embeddings)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy; above 0 samples (default: %(default)s)")
     parser.add_argument("--top_p", type=float, default=1.0, help="sample among the likeliest tokens holding this "
-                        "much probability (with --temperature above 0)")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="the longest answer, in tokens")
+                        "much probability (with --temperature above 0; default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=int, default=64,
+                        help="the longest answer, in tokens (default: %(default)s)")
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:

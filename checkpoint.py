@@ -43,7 +43,8 @@ RESUMABLE = ("output_dir", "export_dir", "overwrite_output_dir", "resume", "max_
              "report_to", "eval_data_path", "eval_steps", "save_steps", "save_total_limit", "max_bad_steps",
              "max_skip_fraction", "num_workers", "cache_dir", "num_proc", "gradient_checkpointing",
              "ddp_find_unused_parameters", "max_time", "plan", "device_memory_gb", "plan_config", "plan_processes")
-PATH_SETTINGS = ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path", "data_path", "image_folder")
+PATH_SETTINGS = ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path", "init_from", "data_path",
+                 "image_folder")
 _LOCKS: dict = {}   # lock files this process holds, by path (kept open: the lock lasts as long as the process)
 
 

@@ -51,10 +51,12 @@ def run(main, command: str, argv: list[str] | None = None):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors (unknown option, missing or malformed value) are UserErrors: one line, status 2,
-    instead of the usage block with the error at its end. Its sub-command parsers are of this class too."""
+    instead of the usage block with the error at its end. Its sub-command parsers are of this class too.
+    A description or epilog keeps its own line breaks (examples stay one per line); option help is wrapped."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", lambda prog: argparse.HelpFormatter(prog, max_help_position=36))
+        kwargs.setdefault("formatter_class",
+                          lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=36))
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

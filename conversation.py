@@ -19,6 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+# The ids that tokens and labels share with every room above this one (data, model, plan, train); data.py
+# re-exports them.
+IGNORE_INDEX = -100        # label value the loss ignores
+IMAGE_TOKEN_INDEX = -200   # one placeholder id per image; the model splices the image features there
+IMAGE_TAG = "<image>"      # where an image goes in a message's text
+
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")

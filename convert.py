@@ -6,6 +6,14 @@
     python convert.py from-llava-next SRC DST [--template NAME]
     python convert.py to-llava-next SRC DST
 
+examples:
+  hf download YanweiLi/MGM-7B --local-dir ckpt/MGM-7B
+  python convert.py from-mgm ckpt/MGM-7B runs/mgm-7b                  # a full export
+  python convert.py from-mgm ckpt/MGM-Pretrain/MGM-7B runs/mgm-7b-pretrain/export --llm lmsys/vicuna-7b-v1.5
+  python convert.py from-llava ckpt/llava-v1.5-7b runs/llava-1.5-7b
+  python convert.py to-llava-hf runs/llava-1.5-7b runs/llava-1.5-7b-hf
+`python convert.py COMMAND --help` says more about each.
+
 from-mgm / from-llava: SRC is either a full checkpoint directory (config.json with the `mm_*` fields; the LLM's
 weights plus `model.mm_projector.*`, MGM's `model.vlm_uni_{query,aux,val}_projector.*` and, optionally, the towers'
 weights) or a stage-1 directory holding `mm_projector.bin` (or that file itself). DST becomes a full export, or a
@@ -37,8 +45,8 @@ from transformers.utils import logging
 from cli import ArgumentParser, UserError, check_new_dir, relative, run
 from conversation import TEMPLATES, VICUNA_SYSTEM
 from images import CLIP_MEAN, CLIP_STD, LLAVA_NEXT_GRIDS
-from model import (CONFIG_NAME, IM_END, IM_START, MiniGemini, ModelArguments, TimmTrunkTower, VisionTower,
-                   check_export, check_model_ref, merge_lora)
+from model import CONFIG_NAME, IM_END, IM_START, MiniGemini, ModelArguments, TimmTrunkTower, VisionTower, merge_lora
+from refs import check_export, check_model_ref
 
 # MGM's released configs name towers and LLMs by local `model_zoo/...` paths; these are the checkpoints they hold.
 MODEL_ZOO = {
@@ -606,6 +614,56 @@ CHAT_TEMPLATES = {
 }
 
 
+# convert.py COMMAND --help: what each command reads, which kind of export it writes, and an example.
+COMMAND_HELP = {
+    "from-mgm": """\
+A released Mini-Gemini checkpoint (MGM-2B/7B/13B/8B/8x7B/34B and their HD variants) -> a full export of this
+repo: eval.py, chat.py and web.py take it as --model, train.py as --init_from (a finetune starting from it).
+MGM's stage-1 weights (a directory holding mm_projector.bin, or the file) on their base LLM (--llm) -> a pretrain
+export (projector + patch info mining only), for train.py's --pretrained_mm_path. The towers and LLM its config names
+by MGM's local model_zoo/ paths are mapped to their hub names (--vision_tower, --vision_tower_aux, --llm override);
+tower weights the checkpoint holds replace the tower checkpoint's. DST must be a new or empty directory.
+
+examples:
+  hf download YanweiLi/MGM-7B --local-dir ckpt/MGM-7B
+  python convert.py from-mgm ckpt/MGM-7B runs/mgm-7b
+  python convert.py from-mgm ckpt/MGM-Pretrain/MGM-7B runs/mgm-7b-pretrain/export --llm lmsys/vicuna-7b-v1.5""",
+    "from-llava": """\
+A released LLaVA-1.5 checkpoint (no high-res tower) -> a full export of this repo: eval.py, chat.py and web.py take
+it as --model, train.py as --init_from, to-llava-hf turns it into transformers' Llava. Its stage-1 weights
+(mm_projector.bin, with --llm) -> a pretrain export, for train.py's --pretrained_mm_path. DST must be a new or empty
+directory.
+
+examples:
+  hf download liuhaotian/llava-v1.5-7b --local-dir ckpt/llava-v1.5-7b
+  python convert.py from-llava ckpt/llava-v1.5-7b runs/llava-1.5-7b""",
+    "to-llava-hf": """\
+An export of this repo without a high-res tower (plain LLaVA: vision_tower_aux none, e.g. from from-llava) -> a
+transformers Llava directory (not an export of this repo): LlavaForConditionalGeneration weights, the tokenizer with
+an <image> token, the image processor and a chat template, which AutoModelForImageTextToText / AutoProcessor load
+(vLLM and SGLang read the same layout). Exports it cannot express are refused with the reason: a high-res tower with
+patch info mining, HD grids, perceiver / vit / mlp3x_gelu projectors, <im_start>/<im_end>, mmca attention.
+
+example:
+  python convert.py to-llava-hf runs/llava-1.5-7b runs/llava-1.5-7b-hf""",
+    "from-llava-next": """\
+A transformers LlavaNext directory (llava-hf/llava-v1.6-*: LlavaNextForConditionalGeneration) -> a full AnyRes
+export of this repo (image_grid_pinpoints and image_newline kept, image_aspect_ratio anyres recorded), computing
+transformers' logits: eval.py, chat.py and web.py take it as --model, train.py as --init_from. DST must be a new or
+empty directory.
+
+example:
+  hf download llava-hf/llava-v1.6-vicuna-7b-hf --local-dir ckpt/llava-v1.6-vicuna-7b-hf
+  python convert.py from-llava-next ckpt/llava-v1.6-vicuna-7b-hf runs/llava-next-7b""",
+    "to-llava-next": """\
+An AnyRes export of this repo without a high-res tower (image_grid_pinpoints set, projector mlp2x_gelu) -> a
+transformers LlavaNext directory: LlavaNextForConditionalGeneration weights with image_newline, the tokenizer with an
+<image> token, a LlavaNextProcessor (pinpoints, bicubic, mean/std) and a chat template.
+
+example:
+  python convert.py to-llava-next runs/llava-next-7b-finetune/export runs/llava-next-7b-hf""",
+}
+
 # =============================================================================================================
 # transformers' LlavaNext <-> our AnyRes export
 # =============================================================================================================
@@ -718,28 +776,33 @@ def llava_next_processor(model, tokenizer, cls: int, chat_template: str):
 
 # =============================================================================================================
 def main(argv=None):
-    parser = ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="convert.py", description="\n\n".join(__doc__.split("\n\n")[:3]))
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("from-mgm", "an MGM checkpoint or mm_projector.bin -> our export"),
-                            ("from-llava", "a LLaVA-1.5 checkpoint or mm_projector.bin -> our export")):
-        p = sub.add_parser(name, help=help_text)
+    for name, help_text in (("from-mgm", "an MGM checkpoint -> a full export (mm_projector.bin: pretrain)"),
+                            ("from-llava", "a LLaVA-1.5 checkpoint -> a full export (mm_projector.bin: pretrain)")):
+        p = sub.add_parser(name, help=help_text, description=COMMAND_HELP[name])
         p.add_argument("src", help="the checkpoint directory (config.json + weights), or its mm_projector.bin")
         p.add_argument("dst", help="a new (or empty) directory for the export")
-        p.add_argument("--vision_tower", help="LR tower (hub id or dir); default: from config.json")
+        p.add_argument("--vision_tower",
+                       help="the low-res tower (hub name or directory); default: the one config.json names")
         if name == "from-mgm":
-            p.add_argument("--vision_tower_aux", help="HR tower (hf-hub:... or dir); default: from config.json")
-        p.add_argument("--llm", help="the base LLM of an mm_projector.bin (hub id or dir)")
+            p.add_argument("--vision_tower_aux",
+                           help="the high-res tower (hf-hub:... or directory); default: the one config.json names")
+        p.add_argument("--llm", help="the base LLM an mm_projector.bin was trained on (hub name or directory)")
         p.add_argument("--template", choices=sorted(TEMPLATES),
                        help="chat template recorded for eval/chat (default: the family's)")
-    p = sub.add_parser("to-llava-hf", help="our export without an HR tower -> transformers' Llava directory")
+    p = sub.add_parser("to-llava-hf", help="an export without an HR tower -> a transformers Llava directory",
+                       description=COMMAND_HELP["to-llava-hf"])
     p.add_argument("src", help="an export of this repo without an HR tower (vision_tower_aux: null)")
     p.add_argument("dst", help="a new (or empty) directory for the Llava model")
-    p = sub.add_parser("from-llava-next", help="a transformers LlavaNext directory -> our AnyRes export")
+    p = sub.add_parser("from-llava-next", help="a transformers LlavaNext directory -> an AnyRes full export",
+                       description=COMMAND_HELP["from-llava-next"])
     p.add_argument("src", help="a LlavaNextForConditionalGeneration directory (llava-hf/llava-v1.6-*)")
     p.add_argument("dst", help="a new (or empty) directory for the export")
     p.add_argument("--template", choices=sorted(TEMPLATES),
                    help="chat template recorded for eval/chat (default: the tokenizer's own, else vicuna_v1)")
-    p = sub.add_parser("to-llava-next", help="our AnyRes export without an HR tower -> transformers' LlavaNext")
+    p = sub.add_parser("to-llava-next", help="an AnyRes export without an HR tower -> a transformers LlavaNext "
+                       "directory", description=COMMAND_HELP["to-llava-next"])
     p.add_argument("src", help="an AnyRes export of this repo without an HR tower, projector mlp2x_gelu")
     p.add_argument("dst", help="a new (or empty) directory for the LlavaNext model")
     a = parser.parse_args(argv)

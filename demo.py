@@ -1,7 +1,9 @@
 """make demo: a tiny Mini-Gemini trained end to end on CPU, through the same commands as a real run.
 
-    python demo.py             # data -> tokenizer + tiny base models -> stage 0 -> pretrain -> finetune -> eval -> chat
-    python demo.py --seed 1    # another draw of everything: data, initial weights, training order
+examples:
+  make demo                  # the same as python demo.py, in .venv (made and filled on first use)
+  python demo.py             # data -> tokenizer + tiny base models -> stage 0 -> pretrain -> finetune -> eval -> chat
+  python demo.py --seed 1    # another draw of everything: data, initial weights, training order
 
 1. A synthetic visual question answering set drawn with Pillow: one shape (circle, square, triangle, star) in one
    colour (red, green, blue, yellow, purple, orange) on a light background, images of varied size and aspect ratio.
@@ -10,13 +12,14 @@
    (so the model also answers a second question in a conversation). A held-out split is kept for eval.py.
 2. A word-level tokenizer trained on that corpus with `tokenizers` (a normal Hugging Face tokenizer directory with
    special tokens and a chat template) and tiny random Llama and CLIP ViT checkpoints saved as normal checkpoint
-   directories, so the real loading code (model.build_model) runs.
+   directories, so the real loading code runs.
 3. Stage 0: the tiny timm ConvNeXt (the HR tower) trained as an ordinary image classifier (colour + shape) on images
    of its own, then saved as the base ConvNeXt checkpoint. Real Mini-Gemini's towers come pretrained; this one is
    pretrained here, since nothing is downloaded. The recipes keep it frozen, as real MGM does.
 4. `accelerate launch train.py recipes/demo_pretrain.yaml`, then recipes/demo_finetune.yaml, then eval.py on the
    held-out split, then one chat.py answer. The finetuned export is left in runs/demo/finetune/; the last lines
-   give the commands to talk to it (chat.py in the terminal, `make web` for the web page).
+   give the commands to talk to it (chat.py in the terminal, `make web` for the web page), written with the Python
+   that ran the demo (.venv/bin/python under make demo), so that they run as printed in a fresh shell.
 Everything generated goes under demo_data/ and runs/ (both ignored by git). Everything random follows --seed.
 """
 from __future__ import annotations
@@ -59,7 +62,7 @@ class DemoArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="demo.py", description=__doc__)
     cli.add_settings(parser, DemoArguments, "demo")
     args = cli.settings_from(parser.parse_args(argv), DemoArguments)
     check_args(args)
@@ -86,8 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(held-out answer in {data_dir / 'test.jsonl'}: {held_out_answer(data_dir, 'test-0-shape')})")
     web = "make web" + ("" if out / "finetune" == Path("runs/demo/finetune") else f" WEB_MODEL={out / 'finetune'}")
     print(f"\ndemo done in {time.time() - start:.0f} s; the finetuned model is in {out / 'finetune'}/\n"
-          f"  python chat.py --model {out / 'finetune'} --image {image}     # a conversation in the terminal\n"
+          f"  {python_shown()} chat.py --model {out / 'finetune'} --image {image}     # a conversation\n"
           f"  {web}     # the web chat: open http://127.0.0.1:7860 (installs requirements-web.txt)")
+
+
+def python_shown() -> str:
+    """The Python running the demo, as a command typed in the repository reaches it (.venv/bin/python under make
+    demo): the printed commands run in a fresh shell, without activating the virtual environment first."""
+    exe = os.path.abspath(sys.executable)
+    return os.path.relpath(exe, REPO) if exe.startswith(str(REPO) + os.sep) else shlex.quote(exe)
 
 
 def held_out_answer(data_dir: Path, record_id: str) -> str:

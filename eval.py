@@ -1,12 +1,16 @@
 """Evaluate an export on single-turn questions: batched greedy answers, normalized exact match.
 
-    python eval.py --model runs/demo/finetune --data demo_data/test.jsonl --image_folder demo_data/images
+examples:
+  python eval.py --model runs/demo/finetune --data demo_data/test.jsonl --image_folder demo_data/images
+  python eval.py --model runs/mgm-7b-yours-qlora/merged --data data/mine_test.json --image_folder data/images \\
+      --limit 100
 
 --data is any LLaVA-format JSON/JSONL: each record's first human turn is the question (with or without an <image>
 tag), the gpt turn after it the reference answer. Answers and references are compared after normalization (case,
 punctuation, articles, spaces). Writes one JSON line per answered question (--output) and ends with the line
-`accuracy: <float> (n=<int>)`, n being the questions answered. chat.py uses the same loading and answering code
-(load_for_inference, Answerer).
+`accuracy: <float> (n=<int>)`, n being the questions answered. chat.py and web.py load and answer with the same
+code. For the standard benchmarks (TextVQA, MMBench, MME, ...) use lmms-eval with --model mini_gemini
+(docs/evaluation.md).
 
 A record that cannot be asked (a broken JSON line, no question/answer pair, an unreadable or missing image, <image>
 tags that do not match its images) is skipped and named by id, with a count at the end; the predictions already made
@@ -37,12 +41,13 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")   # stop 
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="an export directory (full, pretrain or LoRA)")
+    parser = ArgumentParser(prog="eval.py", description=__doc__)
+    parser.add_argument("--model", required=True, metavar="DIR", help="an export directory (full, pretrain or LoRA)")
     parser.add_argument("--data", required=True, help="LLaVA JSON/JSONL with single-turn questions and answers")
     parser.add_argument("--image_folder", default=".", help="image paths are relative to this (default: %(default)s)")
     parser.add_argument("--output", default=None, help="predictions JSONL (default: MODEL/predictions_<data>.jsonl)")
-    parser.add_argument("--template", default=None, help="default: the template the model was trained with")
+    parser.add_argument("--template", default=None, help=f"the chat template: {' | '.join(sorted(TEMPLATES))} "
+                        "(default: the one the model was trained with)")
     parser.add_argument("--batch_size", type=int_at_least(1), default=32,
                         help="questions answered together (default: %(default)s)")
     parser.add_argument("--max_new_tokens", type=int_at_least(1), default=16,
@@ -167,7 +172,8 @@ def load_for_inference(model_dir: str, template: str | None = None, device: str 
     model itself (model.image_settings()), so the input is prepared exactly as in training."""
     from transformers import AutoTokenizer
 
-    from model import MiniGemini, check_export, check_model_ref
+    from model import MiniGemini
+    from refs import check_export, check_model_ref
     check_export(model_dir, "--model")
     check_model_ref(model_dir, "--model", kind="tokenizer")
     if template is not None and template not in TEMPLATES:

@@ -5,22 +5,18 @@
     mining: each LR token attends over its own MxM window of HR positions, output added   (skipped without HR)
     projector -> [N, tokens_per_image, hidden] -> spliced at IMAGE_TOKEN_INDEX placeholders -> AutoModelForCausalLM
 
-This file is the composition: MiniGemini (encode, splice, forward, generate, export/load), set_stage and LoRA, the
-MMCA attention, model FLOPs. The parts and their contracts live in vision.py (their names are importable from here
-too); ARCHITECTURE.md says where to change what. No class per LLM family: the LLM is whatever
-`AutoModelForCausalLM` builds from its config. The optional MMCA attention (DeepSpeed-VisualChat) is registered
-with transformers' AttentionInterface under the name "mmca".
+This file is the composition: MiniGemini (encode, splice, forward, generate, export/load), set_stage and LoRA.
+The parts and their contracts live in vision.py, the attention extras (packed rows, MMCA) in attention.py, model
+FLOPs in flops.py (their names are importable from here too); ARCHITECTURE.md says where to change what. No class
+per LLM family: the LLM is whatever `AutoModelForCausalLM` builds from its config.
 
 Public entry points first (ModelArguments, build_model, MiniGemini, set_stage, apply_lora, merge_lora,
 merge_lora_export); building blocks below; `python model.py merge SRC DST` merges a LoRA export.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import json
-import math
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -28,28 +24,26 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from huggingface_hub import is_offline_mode
 from safetensors.torch import load_file, save_file
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           DynamicCache)
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from cli import ArgumentParser, UserError, check_new_dir, check_path, relative, run
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from attention import _masked_softmax, mmca_attention, packed_attention_kwargs  # noqa: F401 - registers mmca
+from cli import ArgumentParser, UserError, check_new_dir, run
+from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
-from images import anyres_grid, anyres_tokens, parse_pinpoints, worst_pinpoint
+from images import parse_pinpoints
+from refs import (CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS, check_export, check_model_ref,  # noqa: F401 - re-exported
+                  check_tokenizer_dir, portable_refs)
 from vision import (ConvNeXtTower, GridPool2x, PatchInfoMining, PerceiverProjector, TimmTrunkTower,  # noqa: F401
                     ViTProjector, VisionTower, _aux_kind, _close, _dtype, _interpolate_band, _open_clip_config,
-                    check_anyres, encode_anyres,
+                    anyres_dummy_images, anyres_image_settings, anyres_newline, encode_anyres,
                     _resize_matrix, _support, _timm_model_args, build_projector, enable_checkpointing, hr_views,
                     hr_windows, projector_tokens, upsample_concat, view_matrices)
 
 IM_START, IM_END = "<im_start>", "<im_end>"
-CONFIG_NAME = "mgm_config.json"
-MM_WEIGHTS = "mm_weights.safetensors"      # pretrain / LoRA exports: projector, mining, other non-LLM trainables
 FULL_WEIGHTS = "model.safetensors"         # full exports: towers, mining, projector (the LLM lives in llm/)
 MM_PARTS = ("projector.", "mining.", "image_newline")   # what a pretrain export always holds
 
@@ -63,7 +57,7 @@ class ModelArguments:
     #   with stem + stages or ResNet's layers (a directory with config.json, or hf-hub:timm/...); none: plain LLaVA
     #   (no high-res tower, no patch info mining)
     random_init: bool = False            # build every part from its config alone, no weights (tests, benchmarks)
-    projector: str = "mlp2x_gelu"        # maps image features to the LLM's width (vision.py)
+    projector: str = "mlp2x_gelu"        # maps image features to the LLM's width (mlp2x_gelu: MGM's and LLaVA-1.5's)
     perceiver_queries: int = 64          # perceiver projector: image tokens per view
     projector_heads: int = 8             # perceiver / vit projector: attention heads
     mm_vision_select_layer: int = -2     # the low-res tower's hidden layer that feeds the projector
@@ -76,16 +70,28 @@ class ModelArguments:
     #   size; "": no AnyRes. The data then needs image_aspect_ratio anyres
     anyres_max_tiles: int = 0            # AnyRes: shrink an image's grid features to about this many tiles'
     #   worth (LLaVA-OneVision's anyres_max_N); 0: no limit
-    attention: str = "sdpa"              # the LLM's attention: transformers' sdpa or eager, or mmca (DS-VisualChat)
+    attention: str = "sdpa"              # the LLM's attention kernel, one of those allowed below (flash_*: needs the
+    #   flash-attn package; mmca: DeepSpeed-VisualChat's multi-modal causal attention)
     bits: int = 16                       # 8 or 4: the LLM alone is loaded quantized (QLoRA, needs tune: qlora)
     dtype: str = "bfloat16"              # the dtype the weights are loaded in (trainable ones train in float32)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     pretrained_mm_path: str | None = None    # a pretrain export to take projector + mining weights from
+    init_from: str | None = None         # start from an export (full, LoRA, converted MGM / LLaVA): its own model
+    #   settings, weights, tokenizer and template; a LoRA export is merged into its base first
 
 
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
-    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it)."""
+    The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it). With args.init_from the
+    model is that export (settings.py has already made args its settings), a LoRA export merged into its base."""
+    if args.init_from:
+        model = MiniGemini.from_pretrained(args.init_from, bits=args.bits, dtype=args.dtype, attention=args.attention,
+                                           device=device, random_init=args.random_init)
+        model = merge_lora(model) if _is_peft(model.llm) else model
+        model.config = args
+        if args.gradient_checkpointing:
+            enable_checkpointing(model.llm)
+        return model.train()
     for setting in (*REF_SETTINGS, "pretrained_mm_path"):
         check_model_ref(getattr(args, setting), setting)
     dtype = getattr(torch, args.dtype)
@@ -128,9 +134,7 @@ class MiniGemini(nn.Module):
                                          heads=config.projector_heads, queries=config.perceiver_queries).to(dtype)
         self.pinpoints = parse_pinpoints(config.image_grid_pinpoints, vision_tower.image_size)
         if self.pinpoints:       # LLaVA-NeXT's row end: a learned LLM-space vector after every row of grid features
-            check_anyres(config, im_start_end_ids)
-            h = llm.config.get_text_config().hidden_size
-            self.image_newline = nn.Parameter(torch.randn(h, dtype=dtype) * h ** -0.5)
+            self.image_newline = anyres_newline(config, llm, im_start_end_ids, dtype)
         self.stage = None
         self.tune_towers = (False, False)
         self._row_hook = None
@@ -145,24 +149,17 @@ class MiniGemini(nn.Module):
     def tokens_per_image(self) -> int:
         """LLM positions of one image; AnyRes: the most any image takes (the data counts each by its size)."""
         if self.pinpoints:
-            patches = math.isqrt(self.vision_tower.num_patches)
-            size = worst_pinpoint(self.pinpoints, self.vision_tower.image_size, patches, self.config.anyres_max_tiles)
-            return anyres_tokens(size, self.pinpoints, self.vision_tower.image_size, patches,
-                                 self.config.anyres_max_tiles)
+            return anyres_image_settings(self)["tokens_per_image"]
         per_view = projector_tokens(self.config.projector, self.vision_tower.num_tokens,
                                     queries=self.config.perceiver_queries)
         return self.num_views * per_view + (2 if self.im_start_end_ids else 0)
 
     def image_settings(self) -> dict:
         aux = self.config.image_size_aux if self.vision_tower_aux is not None else None   # plain LLaVA: no HR input
-        settings = dict(image_size=self.vision_tower.image_size, image_size_aux=aux,
-                        image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
-                        image_grid=self.config.image_grid, image_global=self.config.image_global)
-        if self.pinpoints:
-            settings.update(image_grid_pinpoints=[list(p) for p in self.pinpoints], patch_size=(
-                self.vision_tower.image_size // math.isqrt(self.vision_tower.num_patches)),
-                anyres_max_tiles=self.config.anyres_max_tiles)
-        return settings
+        anyres = {k: v for k, v in anyres_image_settings(self).items() if k != "tokens_per_image"}
+        return dict(image_size=self.vision_tower.image_size, image_size_aux=aux,
+                    image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
+                    image_grid=self.config.image_grid, image_global=self.config.image_global, **anyres)
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -246,16 +243,12 @@ class MiniGemini(nn.Module):
         """One black image: a text-only training batch still runs the vision path (its output times 0), so every
         rank runs the same modules (FSDP/ZeRO-3 gather collectives) and the image modules get zero gradients (DDP)."""
         s = self.image_settings()
-        side, aux_side = s["image_size"], s["image_size_aux"]
-        if self.pinpoints:      # AnyRes: a square image of one tile (its grid: the first pinpoint that holds it)
-            sizes = torch.tensor([[side, side]], device=device)
-            views = 1 + math.prod(anyres_grid((side, side), self.pinpoints, side))
-            aux = None if aux_side is None else torch.zeros(views - 1, 3, aux_side, aux_side, device=device)
-            return torch.zeros(views, 3, side, side, device=device), aux, sizes
-        images = torch.zeros(1, self.num_views, 3, side, side, device=device)
+        if self.pinpoints:
+            return anyres_dummy_images(s, self.pinpoints, device)
+        images = torch.zeros(1, self.num_views, 3, s["image_size"], s["image_size"], device=device)
         aux = None
         if self.vision_tower_aux is not None:
-            aux = torch.zeros(1, 3, aux_side, aux_side, device=device)
+            aux = torch.zeros(1, 3, s["image_size_aux"], s["image_size_aux"], device=device)
         return images, aux
 
     # ---- generation -----------------------------------------------------------------------------------------
@@ -358,33 +351,42 @@ class MiniGemini(nn.Module):
             tokenizer.save_pretrained(path)
 
     @classmethod
-    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False):
+    def from_pretrained(cls, path, *, bits=None, dtype=None, attention=None, device=None, trainable=False,
+                        random_init=False):
         """Load an export. Full exports need nothing else; pretrain / LoRA exports also load their base
-        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings."""
+        checkpoints (recorded in mgm_config.json). bits/dtype/attention override the saved settings; random_init
+        builds the same model from the configs alone, no weights (--plan)."""
         path = Path(path)
         meta = check_export(path)
         if meta["export"] != "full":  # the base checkpoints a pretrain / LoRA export builds on must be reachable
-            for setting in ("llm", "vision_tower", "vision_tower_aux"):
+            if meta["args"].get("init_from"):   # an export built on another export: that one is its base
+                check_export(meta["args"]["init_from"], f"{path / CONFIG_NAME} refers to it: init_from")
+            for setting in ("llm", "vision_tower", "vision_tower_aux") if not meta["args"].get("init_from") else ():
                 check_model_ref(meta["args"].get(setting), setting, f"{path / CONFIG_NAME} refers to it: ")
         known = {f.name for f in fields(ModelArguments)}
         args = ModelArguments(**{k: v for k, v in meta["args"].items() if k in known})
         args.bits, args.dtype = bits or args.bits, dtype or args.dtype
         args.attention, args.pretrained_mm_path, args.gradient_checkpointing = attention or args.attention, None, False
+        args.random_init = random_init
         if meta["export"] == "full":
             torch_dtype = getattr(torch, args.dtype)
-            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention, device=device)
+            llm = load_llm(str(path / "llm"), dtype=torch_dtype, bits=args.bits, attention=args.attention,
+                           random_init=random_init, device=device)
             vt = VisionTower.from_config(meta["vision_config"], meta["image_settings"], dtype=torch_dtype,
                                          select_layer=args.mm_vision_select_layer,
                                          select_feature=args.mm_vision_select_feature)
             aux = TimmTrunkTower.from_spec(meta["vision_aux_config"], dtype=torch_dtype) \
                 if meta["vision_aux_config"] else None
             model = cls(args, llm, vt, aux, im_start_end_ids=meta["im_start_end_ids"])
-            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False)
+            missing, unexpected = model.load_state_dict(load_file(path / FULL_WEIGHTS), strict=False) \
+                if not random_init else ([], [])
             if unexpected or any(not k.startswith("llm.") for k in missing):
                 raise ValueError(f"{path}: weights do not match the config ({missing=}, {unexpected=})")
         else:
             tokenizer = AutoTokenizer.from_pretrained(path) if meta["im_start_end_ids"] else None
             model = build_model(args, tokenizer, device=device)
+            if random_init:
+                return model.eval()
             if meta["export"] == "lora":
                 from peft import PeftModel, prepare_model_for_kbit_training
                 if trainable and args.bits < 16:
@@ -489,106 +491,6 @@ def merge_lora_export(src, dst, dtype=None):
     model.stage = None
     merge_lora(model).save_pretrained(dst, AutoTokenizer.from_pretrained(src), weights="full")
     return dst
-
-
-# =============================================================================================================
-# Checkpoint references: local paths or hub names
-# =============================================================================================================
-REF_SETTINGS = ("llm", "vision_tower", "vision_tower_aux")   # the base checkpoints an export refers to
-TOKENIZER_VOCABULARY = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-# What a local checkpoint must hold for each use (one of these files) and what it then is; the loaders read them.
-CHECKPOINT_KINDS = {
-    "llm": (("config.json",), "a transformers causal LM checkpoint"),
-    "vision_tower": (("config.json",), "a transformers CLIP / SigLIP checkpoint"),
-    "vision_tower_aux": (("open_clip_config.json", "config.json"), "an OpenCLIP or timm checkpoint"),
-    "pretrained_mm_path": ((MM_WEIGHTS,), "a pretrain export"),
-    "tokenizer": (TOKENIZER_VOCABULARY, "a tokenizer: copy the tokenizer files of the base LLM there"),
-}
-
-
-def is_local_path(ref: str) -> bool:
-    """A reference that can only mean a local path: absolute, ./ ../ ~, or more than the one "/" of org/name."""
-    return not ref.startswith("hf-hub:") and (ref.startswith(("/", ".", "~")) or ref.count("/") > 1)
-
-
-def check_model_ref(ref: str | None, setting: str, context: str = "", kind: str | None = None) -> None:
-    """A checkpoint reference is an existing local path holding what `kind` (default: the setting) needs, or a hub
-    name; offline (HF_HUB_OFFLINE=1), one in the cache. Anything else is a UserError naming the setting, never the
-    hub client's "Repo id must be in the form ..." or a failed connection."""
-    if not ref:
-        return
-    kind = kind or setting
-    files, what = CHECKPOINT_KINDS[kind]
-    path = os.path.expanduser(ref)
-    if os.path.isdir(path):
-        if not any(os.path.exists(os.path.join(path, name)) for name in files):
-            raise UserError(f"{context}{setting}: {ref} holds no {' / '.join(files[:3])}, so it is not {what}")
-    elif os.path.exists(path):
-        if kind != "pretrained_mm_path":   # the one that may name its weights file itself
-            raise UserError(f"{context}{setting}: {ref} is a file; name a checkpoint directory or a hub name")
-    elif is_local_path(ref):
-        raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}")
-    elif setting == "vision_tower_aux" and "/" not in ref:
-        return      # a timm / OpenCLIP architecture name: timm resolves it
-    elif not in_hub_cache(ref.removeprefix("hf-hub:")):
-        problem = "not a hub name in the cache (HF_HUB_OFFLINE=1)" if is_offline_mode() else \
-            hub_problem(ref.removeprefix("hf-hub:"))
-        if problem:
-            raise UserError(f"{context}{setting}: {ref}: no such directory{relative(ref)}, and {problem}")
-
-
-@functools.lru_cache(maxsize=None)
-def hub_problem(name: str) -> str | None:
-    """Why the Hugging Face hub cannot give the model `name`, which is not in the cache: no connection, or no such
-    model; None when it can (or answers with anything else, left to the loader). Asked once, before anything loads,
-    so that a misspelt name or a machine without internet stops the run with one line, not a loader's traceback."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-    try:
-        HfApi().model_info(name, timeout=30)     # HF_ENDPOINT (a mirror) as the loaders will use it
-    except GatedRepoError:
-        return None         # it exists; the loader says how to be granted access
-    except RepositoryNotFoundError:
-        return "no model of that name on the Hugging Face hub (a private one needs `hf auth login`)"
-    except HfHubHTTPError:
-        return None         # the hub answered (rate limit, server error, ...): the loader retries and says so
-    except ValueError as e:  # huggingface_hub's HFValidationError
-        return f"not a valid hub name ({e})"
-    except Exception as e:  # noqa: BLE001 - the HTTP client's connection / DNS / timeout errors (its classes vary)
-        return (f"the Hugging Face hub cannot be reached to download it ({type(e).__name__}: {e}); connect, or "
-                "download it beforehand (`hf download NAME`) and set HF_HUB_OFFLINE=1")
-    return None
-
-
-def in_hub_cache(name: str) -> bool:
-    """Whether the hub model `name` has a snapshot in the local Hugging Face cache (what offline loading reads)."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-    snapshots = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type="model"), "snapshots")
-    return snapshots.is_dir() and any(snapshots.iterdir())
-
-
-def check_export(path, option: str = "") -> dict:
-    """An export of this repo: its mgm_config.json; anything else is a UserError naming `option`."""
-    check_path(str(path), option, "dir")
-    config = Path(path, CONFIG_NAME)
-    if not config.exists():
-        raise UserError(f"{option + ': ' if option else ''}{path} is not a Mini-Gemini export (no {CONFIG_NAME}): "
-                        "train.py writes one to <output_dir>/export, convert.py makes one from an MGM / LLaVA "
-                        "checkpoint")
-    return json.loads(config.read_text())
-
-
-def portable_refs(args: dict) -> dict:
-    """An export's base references as absolute paths where they are local, so it loads from any working
-    directory; hub names stay as they are."""
-    return {k: str(Path(v).expanduser().resolve()) if k in REF_SETTINGS and isinstance(v, str) and
-            not v.startswith("hf-hub:") and os.path.exists(os.path.expanduser(v)) else v for k, v in args.items()}
-
-
-def check_tokenizer_dir(path) -> None:
-    """A local directory without tokenizer vocabulary fails naming it (transformers would ask for sentencepiece)."""
-    check_model_ref(str(path), "tokenizer")
 
 
 # =============================================================================================================
@@ -700,67 +602,6 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
 
 
 # =============================================================================================================
-# MMCA attention (DeepSpeed-VisualChat), registered for every model that uses transformers' attention interface
-# =============================================================================================================
-def packed_attention_kwargs(position_ids, attn_implementation: str) -> dict:
-    """Packed rows: position ids restart at 0 for each sample. With no attention mask, transformers builds a
-    per-sample (block-diagonal) causal mask for sdpa / eager / mmca / flex from the position ids. Flash-attention
-    gets the sample boundaries explicitly (transformers 5 finds them itself only at batch size 1). Any other
-    implementation might silently attend across samples: refuse it."""
-    if "flash" in attn_implementation:
-        pos = position_ids.flatten()
-        starts = (pos == 0).nonzero().flatten()
-        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).int()
-        longest = int(cu.diff().max())
-        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    if attn_implementation not in ("sdpa", "eager", "mmca", "flex_attention"):
-        raise ValueError(f"packed rows need an attention that isolates samples; {attn_implementation!r} is not "
-                         "known to: use sdpa, eager, mmca, flex_attention or flash_attention_2")
-    return {}
-
-
-def mmca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mm_image_mask=None, **kw):
-    """Two softmaxes per query, one over image keys and one over text keys, their weights summed.
-    An image query sees only itself among image keys (and earlier text); a text query sees all earlier tokens.
-    query [B, h, q, d], key/value [B, h_kv, k, d]; attention_mask: bool [B, 1, q, k] (True = may attend), which
-    carries causality, padding, sliding windows and packing; mm_image_mask [B, k]: True at image positions."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    q_len, k_len = query.shape[2], key.shape[2]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
-    if attention_mask is None:
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    elif attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask == 0
-    attention_mask = attention_mask.to(scores.device)
-    if mm_image_mask is None:
-        mm_image_mask = torch.zeros(query.shape[0], k_len, dtype=torch.bool, device=query.device)
-    key_img = mm_image_mask[:, None, None, -k_len:]
-    query_img = mm_image_mask[:, None, -q_len:, None]
-    itself = torch.arange(k_len, device=query.device) == torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
-    image_keys = attention_mask & key_img & (~query_img | itself)
-    text_keys = attention_mask & ~key_img
-    weights = _masked_softmax(scores, image_keys) + _masked_softmax(scores, text_keys)
-    weights = F.dropout(weights, p=dropout, training=module.training).to(value.dtype)
-    return (weights @ value).transpose(1, 2).contiguous(), weights
-
-
-def _masked_softmax(scores, allowed):
-    """Softmax over the allowed keys; rows with none allowed give zeros (not NaN)."""
-    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1) * allowed
-
-
-def _mmca_mask(*args, **kw):
-    """Boolean mask (True = may attend), never skipped: mmca always needs it."""
-    return sdpa_mask(*args, **{**kw, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
-
-
-AttentionInterface.register("mmca", mmca_attention)
-AttentionMaskInterface.register("mmca", _mmca_mask)
-
-
-# =============================================================================================================
 # Small helpers
 # =============================================================================================================
 def cache_keyword(llm) -> str:
@@ -848,9 +689,15 @@ def _jsonable(obj):
 
 
 def _main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="model.py", description="Mini-Gemini model tools")
+    parser = ArgumentParser(prog="model.py", description="Tools for exports. One command: merge.\n\nexample:\n"
+                            "  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("merge", help="fold a LoRA export's adapters into its LLM: a plain full export")
+    merge = commands.add_parser(
+        "merge", help="fold a LoRA export's adapters into its LLM: a plain full export",
+        description="Fold a LoRA or QLoRA export's adapters into its base LLM, loaded unquantized (after QLoRA the\n"
+                    "merged model is close to, not equal to, the 4-bit one the adapters trained on). The result is a\n"
+                    "full export: eval.py, chat.py, web.py and train.py --init_from take it as it is.\n\n"
+                    "example:\n  python model.py merge runs/mgm-7b-yours-qlora/export runs/mgm-7b-yours-qlora/merged")
     merge.add_argument("src", help="a LoRA export (train.py with tune: lora or qlora)")
     merge.add_argument("dst", help="a new (or empty) directory for the full export")
     a = parser.parse_args(argv)

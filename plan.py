@@ -8,11 +8,11 @@
 
 How the figures are obtained (each printed line says which way):
 - traced: the model is built from its configs on the meta device (no weight is read), given fake tensors (torch's
-  FakeTensorMode: shapes and dtypes, no storage) and set up by train.py's own code (train.set_trainables: LoRA /
+  FakeTensorMode: shapes and dtypes, no storage) and set up by train.py's own code (step.set_trainables: LoRA /
   QLoRA, the stage, the switches, fp32 trainables). The batch is the recipe's worst case: per_device_batch_size rows
   of max_length positions, one image per sample (packed rows: as many one-image samples as fit), every text token
   supervised. The step runs in the state of a later step (Adam's state exists; with accumulation, so do the gradients
-  of the earlier micro-batches): train.forward_backward under accelerate's autocast, gradient clipping, AdamW with
+  of the earlier micro-batches): step.forward_backward under accelerate's autocast, gradient clipping, AdamW with
   foreach updates (as torch runs it on CUDA). StepMemory counts the bytes of every tensor storage by what holds it
   (parameters, gradients, optimizer state, the rest: activations and temporaries) and their peak. The model's
   decisions on token ids and masks (where the images go, how long a row is) are taken on the batch's real, small
@@ -55,8 +55,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+import step
 from cli import UserError
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 GiB = 2 ** 30
 USABLE = 0.9                 # of a device's memory a plan may use
@@ -475,10 +476,9 @@ def _real_mask(index) -> bool:
 def step_memory(model, args, batch: dict, *, mixed_precision: str, fake=None) -> StepMemory:
     """The memory of a later training step of train.py, real tensors or fake ones: the optimizer state exists (an
     update has been made) and, with gradient accumulation, so do the gradients of the earlier micro-batches; then the
-    last micro-batch of a step runs through train.forward_backward, gradient clipping and AdamW under StepMemory.
-    AdamW is train.make_optimizer's with foreach updates, as torch runs it on CUDA (all temporaries at once)."""
-    import train
-    optimizer = train.make_optimizer(model, args)
+    last micro-batch of a step runs through step.forward_backward, gradient clipping and AdamW under StepMemory.
+    AdamW is step.make_optimizer's with foreach updates, as torch runs it on CUDA (all temporaries at once)."""
+    optimizer = step.make_optimizer(model, args)
     for group in optimizer.param_groups:
         group["foreach"] = True
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -497,7 +497,7 @@ def step_memory(model, args, batch: dict, *, mixed_precision: str, fake=None) ->
         with tracker:
             prepared.train()
             window = [batch]
-            train.forward_backward(accelerator, prepared, window, train.supervised_tokens(accelerator, window))
+            step.forward_backward(accelerator, prepared, window, step.supervised_tokens(accelerator, window))
             tracker.backward_activations = tracker.peak_activations   # before the update's temporaries
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else
                                         float("inf"))
@@ -534,12 +534,11 @@ def planning_accelerator(mixed_precision: str):
 # ---- The model and the batch on fake tensors ------------------------------------------------------------------------
 
 def build_fake(model_args, args, fake: FakeTensorMode, upcast_trainables: bool = True):
-    """The model of this recipe on fake tensors, set up by train.set_trainables. Configs only: random_init, no
+    """The model of this recipe on fake tensors, set up by step.set_trainables. Configs only: random_init, no
     pretrained_mm_path (the same shapes). A 4/8-bit LLM is traced with its quantized weights in the recipe's dtype
     (listed in model.quantized_weights; the plan replaces their bytes by bitsandbytes' layout)."""
     import model as mgm
-    import train
-    tokenizer = train.load_tokenizer(model_args.llm) if model_args.mm_use_im_start_end else None
+    tokenizer = step.load_tokenizer(model_args.init_from or model_args.llm) if model_args.mm_use_im_start_end else None
     unquantized = dataclasses.replace(model_args, random_init=True, pretrained_mm_path=None, bits=16)
     with torch.device("meta"):
         model = mgm.build_model(unquantized, tokenizer)
@@ -552,7 +551,7 @@ def build_fake(model_args, args, fake: FakeTensorMode, upcast_trainables: bool =
         quantized = [m.weight for m in model.llm.modules() if isinstance(m, torch.nn.Linear) and m is not head]
         for weight in quantized:       # fp32 for a moment: peft's prepare_model_for_kbit_training then leaves them
             weight.data = weight.data.float()   # alone, as it leaves bitsandbytes' packed weights
-    model = train.set_trainables(model, args, upcast_trainables)
+    model = step.set_trainables(model, args, upcast_trainables)
     for module in model.modules():     # what set_trainables added (LoRA adapters) is real: make it fake too
         for name, p in module.named_parameters(recurse=False):
             if not isinstance(p, FakeTensor):
@@ -606,12 +605,11 @@ def deepspeed_layout(model, args, launch: Launch) -> dict[str, Term]:
     """Per-rank parameters, gradients and optimizer state of rank 0 (the largest share) under ZeRO-2/3, computed from
     DeepSpeed's layout, plus what a rank holds only for a while: `gathered` (parameters gathered for compute, next
     to the activations) and `step` (the optimizer step's temporaries)."""
-    import train
     n = launch.processes
     low = 2 if launch.mixed_precision in ("bf16", "fp16") else 4       # bytes of the compute dtype
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    groups = [[p for p in g["params"]] for g in train.param_groups(model, args)]
+    groups = [[p for p in g["params"]] for g in step.param_groups(model, args)]
     buffers = sum(b.nbytes for b in model.buffers())         # DeepSpeed leaves them in their own dtype
     if launch.engine == "zero2":
         def partition(group):       # each flat group padded to a multiple of 2 x processes, split evenly

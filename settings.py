@@ -26,13 +26,14 @@ import images
 import model as mgm
 import vision
 from cli import UserError
+from refs import check_export, check_model_ref, portable_refs
 
 @dataclass
 class TrainArguments:
-    output_dir: str = "runs/mgm"         # checkpoints, metrics.jsonl, tracker logs: one run's (checkpoint.py)
+    output_dir: str = "runs/mgm"         # this run's checkpoints, metrics.jsonl, tracker logs and (by default) export
     overwrite_output_dir: bool = False   # delete another run's files in output_dir first (else: refuse to start)
     export_dir: str = ""                 # the final export; "": <output_dir>/export
-    stage: str = "finetune"              # pretrain: projector + mining train; finetune: the LLM too (model.set_stage)
+    stage: str = "finetune"              # pretrain: projector + mining train (LLM, towers frozen); finetune: LLM too
     tune: str = "full"                   # finetune trains the LLM (full) or LoRA adapters on it (lora; qlora: 4/8 bits)
     lora_r: int = 64                     # LoRA rank
     lora_alpha: int = 16                 # LoRA scale numerator: adapters are scaled by lora_alpha / lora_r
@@ -61,19 +62,21 @@ class TrainArguments:
     num_workers: int = 4                 # dataloader processes per training process (0: load in the main one)
     # Logging, evaluation, checkpoints.
     logging_steps: int = 1               # a log line (and metrics.jsonl / tracker entry) every this many steps
-    peak_tflops: float = 0.0             # one device's dense bf16 peak for MFU; 0: by GPU name (flops.PEAK_BF16_TFLOPS)
+    peak_tflops: float = 0.0             # one device's dense bf16 peak for MFU; 0: known by the GPU's name (A100, H100,
+    #   H200, L40S, A10, RTX 4090 / 3090, ...; a CPU or another GPU: MFU unknown)
     report_to: str = "tensorboard"       # comma list of accelerate trackers (tensorboard, wandb), or "none"
     eval_data_path: str = ""             # held-out records (same format as data_path): eval loss every eval_steps
     eval_steps: int = 0                  # evaluate every this many steps; 0: only at the end
     save_steps: int = 500                # a resume checkpoint every this many steps (and at the end)
     save_total_limit: int = 2            # resume checkpoints kept; older ones of this run are deleted
     resume: str = ""                     # "auto": newest complete checkpoint in output_dir; or a checkpoint dir.
-    #   A resumed run may change only the settings in checkpoint.RESUMABLE (length, reporting, saving); the rest
-    #   must match.
+    #   A resumed run may change only how long it runs and what it reports or saves (max_steps, num_epochs,
+    #   logging / eval / save steps, max_time, ...); any other setting must match.
     max_bad_steps: int = 3               # stop after this many non-finite steps in a row
     max_skip_fraction: float = 0.1       # stop when more of the records seen so far were unusable (checked from 50)
     max_time: str = ""                   # stop with a checkpoint before this much time since start has passed:
-    #   seconds or [D-]HH:MM:SS as SLURM writes it (23:30:00 in a 24-hour job); "" = no limit. See train.StopRequests.
+    #   seconds or [D-]HH:MM:SS as SLURM writes it (23:30:00 in a 24-hour job); "" = no limit. Stops as SIGTERM
+    #   does: exit status 75, continue with --resume auto.
     ddp_find_unused_parameters: bool = True  # text-only batches leave projector and mining without gradients
     # Memory plan (plan.py): one worst-case step traced on fake tensors, per device, then exit; nothing is written.
     plan: bool = False                   # print the memory plan of this recipe under its launch instead of training
@@ -83,9 +86,30 @@ class TrainArguments:
 
 
 # The settings, grouped as --help shows them: model (model.py), data (data.py), training (above).
-SETTINGS = (("model (model.py ModelArguments)", mgm.ModelArguments),
-            ("data (data.py DataArguments)", data.DataArguments),
-            ("training (settings.py TrainArguments)", TrainArguments))
+SETTINGS = (("model: the LLM, the two vision towers, the projector", mgm.ModelArguments),
+            ("data: records, images, chat template", data.DataArguments),
+            ("training: stage, what trains, optimizer, checkpoints, --plan", TrainArguments))
+
+
+# train.py --help: what it does, then (after the settings) examples and the exit statuses.
+TRAIN_HELP = """\
+Train one Mini-Gemini stage (pretrain or finetune), on one process or under accelerate launch (one GPU, DDP,
+DeepSpeed, FSDP: the accelerate config decides). The recipe (YAML: `setting: value` lines) comes first; every
+setting below can follow it and wins. Booleans take true / false, optional settings none."""
+TRAIN_EXAMPLES = """\
+examples:
+  accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py \\
+      recipes/mgm_7b_finetune_yours_qlora.yaml --data_path data/mine.json --image_folder data/images
+  accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train.py recipes/mgm_7b_finetune_yours.yaml \\
+      --init_from runs/mgm-7b-yours/export --data_path data/more.json --output_dir runs/round-2   # from any export
+  python train.py recipes/demo_finetune.yaml --max_steps 20 --learning_rate 1e-4   # one process, a few steps
+  python train.py recipes/mgm_7b_finetune.yaml --plan --plan_config accelerate_configs/deepspeed_zero3.yaml \\
+      --plan_processes 8 --device_memory_gb 80       # will it fit? memory of one step, nothing trained
+  accelerate launch ... train.py RECIPE --resume auto   # continue a stopped run from its newest checkpoint
+
+exit status: 0 done; 75 stopped early by SIGTERM / SIGUSR1 / Ctrl-C / --max_time with a checkpoint (continue with
+--resume auto); 2 a settings or path mistake (one line says which); 1 a crash; 130 a second Ctrl-C.
+The export lands in <output_dir>/export: eval.py, chat.py and web.py take it as --model."""
 
 
 def parse_args(argv: list[str] | None = None):
@@ -99,7 +123,49 @@ def parse_args(argv: list[str] | None = None):
     if unknown:  # no prefix abbreviations either: --max_step is not --max_steps
         raise UserError(f"unknown setting(s) {' '.join(unknown)}: the fields are listed by train.py --help "
                         "(a recipe, a .yaml file, comes first)")
-    return tuple(cli.settings_from(namespace, cls) for _, cls in SETTINGS)
+    model_args, data_args, args = (cli.settings_from(namespace, cls) for _, cls in SETTINGS)
+    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    start_from_export(model_args, data_args, given)
+    return model_args, data_args, args
+
+
+# How the model runs, not what it is: the settings a run may change when it starts from an export.
+RUNTIME_MODEL_SETTINGS = ("init_from", "random_init", "attention", "bits", "dtype", "gradient_checkpointing",
+                          "pretrained_mm_path")
+
+
+def start_from_export(model_args, data_args, given: set[str]) -> None:
+    """init_from: every model setting that says what the model is (LLM, towers, projector, image sizes, ...) becomes
+    the export's own, and the template / image_aspect_ratio it was trained with unless the recipe names them (a
+    pretrain export's `plain` template is not taken: a finetune follows it). A recipe naming a different LLM,
+    tower or shape is refused with one line instead of loading weights into the wrong model."""
+    if not model_args.init_from:
+        return
+    meta = check_export(model_args.init_from, "init_from")
+    export = model_args.init_from
+    if model_args.pretrained_mm_path:
+        raise UserError(f"init_from and pretrained_mm_path both name weights to start from: {export} already holds "
+                        "its projector and mining; drop pretrained_mm_path")
+    if meta["export"] == "lora" and model_args.bits < 16:
+        raise UserError(f"init_from: {export} is a LoRA export, and a {model_args.bits}-bit LLM cannot take its "
+                        f"adapters merged in: merge it first (python model.py merge {export} {export}-merged) "
+                        "and start from the merged export")
+    saved = meta["args"]
+    for f in dataclasses.fields(model_args):
+        if f.name in RUNTIME_MODEL_SETTINGS or f.name not in saved:
+            continue
+        ours, theirs = getattr(model_args, f.name), saved[f.name]
+        if f.name in given and portable_refs({f.name: ours}) != portable_refs({f.name: theirs}):
+            raise UserError(f"init_from: {export} was built with {f.name}: {theirs}, but the recipe says "
+                            f"{f.name}: {ours}; leave {f.name} out (init_from brings the export's own)")
+        setattr(model_args, f.name, theirs)
+    train_config = os.path.join(export, "train_config.yaml")
+    trained = (yaml.safe_load(open(train_config)) or {}) if os.path.exists(train_config) else {}
+    if meta["export"] == "pretrain":
+        trained.pop("template", None)
+    for name in ("template", "image_aspect_ratio"):
+        if name not in given and trained.get(name):
+            setattr(data_args, name, trained[name])
 
 
 def settings_parser() -> cli.ArgumentParser:
@@ -107,9 +173,7 @@ def settings_parser() -> cli.ArgumentParser:
     help, followed by its default and the range check_args allows."""
     parser = cli.ArgumentParser(
         prog="train.py", allow_abbrev=False, usage="accelerate launch [--config_file CONFIG] train.py "
-        "[RECIPE.yaml] [--setting VALUE ...]", description="Train one Mini-Gemini stage. The recipe (YAML: "
-        "setting: value lines) comes first; every setting below can follow it and wins. Booleans take true / "
-        "false, optional settings none.")
+        "[RECIPE.yaml] [--setting VALUE ...]", description=TRAIN_HELP, epilog=TRAIN_EXAMPLES)
     allowed = {name: rule for name, _, _, rule in setting_ranges(mgm.ModelArguments(), TrainArguments(),
                                                                  data.DataArguments(data_path=""))}
     for title, cls in SETTINGS:
@@ -279,10 +343,13 @@ def parse_lr_multi(text: str) -> list[tuple[str, float]]:
 
 def check_paths(model_args, data_args, args: TrainArguments) -> None:
     """The files a run reads exist and are what they are meant to be, checked before anything is loaded; a hub
-    name must be in the cache when offline (model.check_model_ref)."""
-    for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
-        mgm.check_model_ref(getattr(model_args, setting), setting)
-    mgm.check_model_ref(model_args.llm, "llm", kind="tokenizer")   # the tokenizer comes with the LLM
+    name must be in the cache when offline (refs.check_model_ref)."""
+    if model_args.init_from:   # the export's own base checkpoints, if it has any, are checked as it loads
+        check_model_ref(model_args.init_from, "init_from", kind="tokenizer")   # the export's tokenizer
+    else:
+        for setting in ("llm", "vision_tower", "vision_tower_aux", "pretrained_mm_path"):
+            check_model_ref(getattr(model_args, setting), setting)
+        check_model_ref(model_args.llm, "llm", kind="tokenizer")   # the tokenizer comes with the LLM
     data.check_data_path(data_args.data_path, "data_path")
     if args.eval_data_path:
         data.check_data_path(args.eval_data_path, "eval_data_path")

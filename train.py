@@ -32,16 +32,16 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, In
                               gather_object, is_tensorboard_available, is_wandb_available,
                               parse_flag_from_env, set_seed)
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 import checkpoint
 import data
 import model as mgm
 from cli import UserError, run
-from data import IGNORE_INDEX
+from conversation import IGNORE_INDEX
 from flops import Throughput, peak_flops
-from settings import (TrainArguments, check_args, check_paths, duration_seconds, parse_args, parse_lr_multi,
-                      resolved_config)
+from settings import TrainArguments, check_args, check_paths, duration_seconds, parse_args, resolved_config
+from step import (STOP_REASONS, build, collate_fn, forward_backward, load_tokenizer,  # noqa: F401 - train.X
+                  make_optimizer, model_inputs, param_groups, sample_lengths, set_trainables, supervised_tokens)
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -80,7 +80,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
     run, ckpt = checkpoint.start_run(accelerator, args, config)  # output_dir is this run's; the checkpoint to resume from
 
     # Model, trainable parameters, data.
-    tokenizer = load_tokenizer(model_args.llm)
+    tokenizer = load_tokenizer(model_args.init_from or model_args.llm)  # an export holds its own tokenizer
     quantized = model_args.bits in (4, 8)  # each process loads its 4/8-bit LLM straight onto its own device
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     with full_weights_at_build(accelerator):
@@ -306,14 +306,6 @@ def has_accelerator() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
-def load_tokenizer(path: str):
-    mgm.check_model_ref(path, "llm", kind="tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:  # Llama/Vicuna ship none; padding is masked out of attention and loss anyway
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
-
-
 def trackers(report_to: str) -> list[str]:
     wanted = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
     available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
@@ -329,7 +321,7 @@ def flat_scalars(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
 
 
-# ---- Parameters and schedule ---------------------------------------------------------------------------------------
+# ---- Schedule ------------------------------------------------------------------------------------------------------
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
     """Linear warmup, then cosine decay to zero."""
@@ -339,71 +331,7 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
-def build(model_args, args: TrainArguments, tokenizer, device=None, upcast_trainables=True):
-    """The model with exactly this run's parameters trainable (stage table, LoRA, switches), trainables in fp32
-    (upcast_trainables): the optimizer updates fp32 weights, and compute precision is accelerate's business.
-    FSDP2 upcasts trainables itself and DeepSpeed keeps its own fp32 master copy: there, upcasting here would only
-    cost host memory (28 GB for a 7B LLM, per process)."""
-    return set_trainables(mgm.build_model(model_args, tokenizer, device=device), args, upcast_trainables)
-
-
-def set_trainables(model, args: TrainArguments, upcast_trainables=True):
-    """LoRA / QLoRA adapters, the stage table, the switches, trainables in fp32 (see build)."""
-    if args.tune in ("lora", "qlora"):
-        model = mgm.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    mgm.set_stage(model, args.stage, tune_vision_tower=args.tune_vision_tower,
-                  tune_vision_tower_aux=args.tune_vision_tower_aux, print_fn=None)
-    apply_switches(model, args)
-    for p in model.parameters() if upcast_trainables else []:
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-    return model
-
-
-def apply_switches(model, args: TrainArguments) -> None:
-    """What trains beyond model.set_stage's table: the MGM / DeepSpeed-VisualChat switches."""
-    if args.freeze_projector:
-        model.projector.requires_grad_(False)
-    if args.train_embeddings:  # the LLM's blocks stay frozen; its token embeddings and output head train
-        model.llm.requires_grad_(False)
-        for emb in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings()):
-            emb.weight.requires_grad_(True)
-    if args.tune_vision_tower:  # the last half of the CLIP layers that feed the selected hidden state
-        model.vision_tower.tune_last_layers()
-    if args.tune_vision_tower_aux:  # the HR tower's last stage
-        model.vision_tower_aux.tune_last_stage()
-
-
-def make_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, args), betas=(args.adam_beta1, args.adam_beta2))
-
-
-def param_groups(model, args: TrainArguments) -> list[dict]:
-    """AdamW groups: projector, mining and towers get their own lr; norms and biases no weight decay."""
-    projector_lr = args.projector_lr or args.learning_rate
-    own_lr = {}
-    for module, lr in [(model.projector, projector_lr), (model.mining, args.mining_lr or projector_lr),
-                       (model.vision_tower, args.vision_tower_lr), (model.vision_tower_aux, args.vision_tower_lr)]:
-        for p in module.parameters() if module is not None and lr else []:
-            own_lr[id(p)] = lr
-    multipliers = parse_lr_multi(args.lr_multi)
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = own_lr.get(id(p), args.learning_rate)
-        for key, factor in multipliers:
-            lr *= factor if key in name else 1.0
-        decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else args.weight_decay
-        groups.setdefault((lr, decay), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-
-
 # ---- Data ----------------------------------------------------------------------------------------------------------
-
-def collate_fn(tokenizer):
-    return partial(data.collate, pad_token_id=tokenizer.pad_token_id)
-
 
 def train_loader(dataset, data_args, args: TrainArguments, tokenizer, accelerator) -> torch.utils.data.DataLoader:
     """This rank's batches. data.py's sampler is rank-aware (so accelerate must not shard it again) and each epoch's
@@ -478,7 +406,7 @@ class StopRequests:
     --max_time counts from the start of main(); a step is estimated as the longest so far, a checkpoint write as the
     longest so far (before the first: 1 s plus its size at 100 MB/s)."""
 
-    REASONS = ("SIGTERM", "SIGUSR1", "SIGINT", "max_time")
+    REASONS = STOP_REASONS
     WRITE_RATE = 100e6   # bytes/s assumed for a checkpoint write before one has been timed
     SAME_CTRL_C = 1.0    # seconds: a SIGINT this soon after the first is the same Ctrl-C, delivered twice
 
@@ -538,44 +466,7 @@ def init_data_worker(worker_id: int) -> None:
     data.reuse_freed_memory(worker_id)
 
 
-# ---- One optimizer step --------------------------------------------------------------------------------------------
-
-def forward_backward(accelerator, model, window: list[dict], num_items: torch.Tensor,
-                     stop: StopRequests | None = None) -> tuple[float, int, int, str | None]:
-    """Accumulate the gradient of one optimizer step over `window` (this rank's micro-batches).
-
-    Returns (loss of the step over all ranks, LLM tokens, samples, why the run stops after this step or None).
-    Each micro-batch loss is its token-loss sum divided by the supervised tokens of the whole step on all ranks;
-    `accelerator.backward` divides by G and DDP/FSDP average over ranks, so scaling by G * world size makes the
-    gradient exactly that of one big batch. The step's totals and every rank's stop requests travel in one
-    all-reduce, so a signal that reached one rank stops all of them after this same step, at no extra collective.
-    """
-    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
-    per_image = accelerator.unwrap_model(model).tokens_per_image
-    step_loss = torch.zeros((), device=accelerator.device)
-    tokens = samples = 0
-    for batch in window:
-        with accelerator.accumulate(model):  # every rank runs every micro-batch: data.py never hands an empty
-            # one, and the model runs its vision path on text-only batches too (DDP / FSDP stay in step)
-            loss = model(**model_inputs(batch, accelerator.device), num_items_in_batch=num_items).loss
-            accelerator.backward(loss * scale)
-        step_loss += loss.detach().float()
-        tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
-        samples += len(batch["ids"])  # packed rows hold several samples
-    assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
-    # One all-reduce for the step's totals and every rank's stop votes (float64 holds these counts exactly).
-    votes = stop.votes() if stop is not None else [0] * len(StopRequests.REASONS)
-    local = torch.tensor([tokens, samples, *votes], dtype=torch.float64, device=accelerator.device)
-    loss, tokens, samples, *votes = accelerator.reduce(torch.cat([step_loss.double()[None], local]), "sum").tolist()
-    reason = next((why for why, n in zip(StopRequests.REASONS, votes) if n), None)
-    return loss, int(tokens), int(samples), reason
-
-
-def supervised_tokens(accelerator, window: list[dict]) -> torch.Tensor:
-    """Supervised tokens of one optimizer step, all micro-batches and ranks: the loss normalizer."""
-    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)  # the LLM loss shifts by one
-    return accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
-
+# ---- Around the step: skips, bad steps, evaluation -----------------------------------------------------------------
 
 def check_skip_fraction(state: TrainState, limit: float) -> None:
     """A wrong image_folder or template makes every record unusable: stop instead of training on nothing."""
@@ -600,23 +491,6 @@ def count_skipped_samples(accelerator, state: TrainState, window: list[dict], sa
         kind = data.reason_kind(reason)
         state.skipped_samples[kind] = state.skipped_samples.get(kind, 0) + 1
         say(f"skipped record {record_id}: {reason}")
-
-
-def sample_lengths(batch: dict, tokens_per_image: int) -> torch.Tensor:
-    """LLM positions of every sample of a batch after the splice (an image placeholder becomes tokens_per_image
-    positions): one sample per padded row; packed rows split where their position ids restart (the padding tail
-    is a sample of length 0)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    weight = (1 + (tokens_per_image - 1) * (ids == data.IMAGE_TOKEN_INDEX).long()) * mask
-    starts = batch["position_ids"] == 0 if "position_ids" in batch else torch.zeros_like(ids, dtype=torch.bool)
-    starts[:, 0] = True
-    sample = starts.flatten().cumsum(0) - 1
-    return torch.zeros(int(sample[-1]) + 1, dtype=torch.long).index_add_(0, sample, weight.flatten())
-
-
-def model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-            if k not in ("ids", "skipped")}
 
 
 @torch.no_grad()

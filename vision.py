@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from images import anyres_feature_shape, anyres_grid, unpadded_box
+from images import anyres_feature_shape, anyres_grid, anyres_tokens, unpadded_box, worst_pinpoint
 
 
 # =============================================================================================================
@@ -436,6 +436,34 @@ def pack_anyres(feats, sizes, grids, newline, max_tiles: int = 0) -> list[torch.
         grid = torch.cat([grid, newline.to(grid.dtype).expand(h, 1, -1)], 1)
         out.append(torch.cat([base, grid.reshape(h * (w + 1), -1)]))
     return out
+
+
+def anyres_newline(config, llm, im_start_end_ids, dtype) -> nn.Parameter:
+    """An AnyRes model's image_newline (after checking the model fits AnyRes), drawn as LlavaNext draws it."""
+    check_anyres(config, im_start_end_ids)
+    h = llm.config.get_text_config().hidden_size
+    return nn.Parameter(torch.randn(h, dtype=dtype) * h ** -0.5)
+
+
+def anyres_image_settings(model) -> dict:
+    """What an AnyRes model adds to image_settings (the data pipeline's ImageProcessor takes them), and its
+    tokens_per_image: the most one image takes (the pinpoint with the most tokens); {} for another model."""
+    if not model.pinpoints:
+        return {}
+    tile, patches = model.vision_tower.image_size, math.isqrt(model.vision_tower.num_patches)
+    most = worst_pinpoint(model.pinpoints, tile, patches, model.config.anyres_max_tiles)
+    return dict(image_grid_pinpoints=[list(p) for p in model.pinpoints], patch_size=tile // patches,
+                anyres_max_tiles=model.config.anyres_max_tiles,
+                tokens_per_image=anyres_tokens(most, model.pinpoints, tile, patches, model.config.anyres_max_tiles))
+
+
+def anyres_dummy_images(settings: dict, pinpoints, device) -> tuple:
+    """One black square image of one tile as an AnyRes batch (views, HR tiles or None, image_sizes): what a
+    text-only training batch runs through the vision path (MiniGemini.dummy_images)."""
+    side, aux = settings["image_size"], settings["image_size_aux"]
+    tiles = math.prod(anyres_grid((side, side), pinpoints, side))
+    hr = None if aux is None else torch.zeros(tiles, 3, aux, aux, device=device)
+    return torch.zeros(1 + tiles, 3, side, side, device=device), hr, torch.tensor([[side, side]], device=device)
 
 
 def check_anyres(config, im_start_end_ids) -> None:

@@ -1,20 +1,24 @@
 """A web page to talk to an exported model: one command, one process, no internet needed.
 
-    python web.py --model runs/demo/finetune        # then open http://127.0.0.1:7860
+examples:
+  make web                                         # the demo's model (installs requirements-web.txt first)
+  python web.py --model runs/demo/finetune         # then open http://127.0.0.1:7860
+  python web.py --model runs/mgm-7b-yours-qlora/merged --port 8080
+
+Needs gradio (>= 6.17): pip install -r requirements-web.txt (make web does it). Listens on 127.0.0.1:7860 by
+default, so only this machine reaches it. The page has no login: --host 0.0.0.0 opens it to everyone on your
+network (or use an SSH tunnel: ssh -L 7860:127.0.0.1:7860 HOST). No share link is made, analytics are off, and
+gradio serves the page's scripts, styles and fonts itself (HF_HUB_OFFLINE=1).
 
 The model is loaded once and writes one answer at a time: other requests wait in a queue, and their page shows its
-place in it. Each browser tab holds its own conversation, kept as chat.py keeps one (chat.Conversation: the same
-prompts, the same length rule, greedy at temperature 0). The page shows the export's name and template, the
-conversation with its images, a box for the question with image upload (any number per question), Send (or
-Enter), Stop (ends the answer at once; what was written stays), Regenerate (the last answer again, with the current
-settings), Clear (a new conversation), and sliders for temperature, top-p and max new tokens. A question that cannot
-be asked (no text, an upload that is not a readable image, a conversation past the model's length) gets a message in
-the conversation instead. For the demo's export the demo's held-out images and questions are there as examples.
-
-gradio (>= 6.17, requirements-web.txt) serves the page's scripts, styles and fonts itself; analytics are off, no
-share link is made, and HF_HUB_OFFLINE=1. It binds 127.0.0.1:7860 unless --host / --port say otherwise (the page has
-no login: --host 0.0.0.0 opens it to your network). The same functions answer gradio_client: /send, /regenerate,
-/clear.
+place in it. Each browser tab holds its own conversation, kept as chat.py keeps one (the same prompts, the same
+length rule, greedy at temperature 0). The page shows the export's name and template, the conversation with its
+images, a box for the question with image upload (any number per question), Send (or Enter), Stop (ends the answer
+at once; what was written stays), Regenerate (the last answer again, with the current settings), Clear (a new
+conversation), and sliders for temperature, top-p and max new tokens. A question that cannot be asked (no text, an
+upload that is not a readable image, a conversation past the model's length) gets a message in the conversation
+instead. For the demo's export the demo's held-out images and questions are there as examples. gradio_client can
+call it too: /send, /regenerate, /clear.
 """
 from __future__ import annotations
 
@@ -46,9 +50,10 @@ REPO = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None, *, block: bool = True) -> gr.Blocks:
-    parser = cli.ArgumentParser(prog="web.py", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="web.py", description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s, "
+                        "this machine only; 0.0.0.0: every interface, and the page has no login)")
     parser.add_argument("--port", type=cli.int_at_least(1), default=7860, help="the port to listen on (default: 7860)")
     a = parser.parse_args(argv)
     answerer = load_answerer(a.model, a.template)

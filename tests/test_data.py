@@ -230,16 +230,16 @@ def test_an_edited_file_is_reloaded_not_served_from_the_cache(tmp_path):
 
 
 def test_a_changed_converter_is_not_served_the_old_cache(tmp_path, monkeypatch):
-    import data
+    import records
     path = write_jsonl(tmp_path / "data.jsonl", [{"id": "a", "conversations": turns()}])
     datasets.Dataset.from_list([{"id": "a", "conversations": turns()}]).to_parquet(str(tmp_path / "data.parquet"))
     sources = f"{path},{tmp_path / 'data.parquet'}"
     assert list(load_records(sources, cache_dir=str(tmp_path / "cache"))["id"]) == ["a", "a"]
-    original = data._normalize_record
+    original = records._normalize_record
 
     def renamed(record, fallback_id):     # a fork's edit of the converter; the files stay unchanged
         return {**original(record, fallback_id), "id": "converted again"}
-    monkeypatch.setattr(data, "_normalize_record", renamed)
+    monkeypatch.setattr(records, "_normalize_record", renamed)
     assert list(load_records(sources, cache_dir=str(tmp_path / "cache"))["id"]) == ["converted again"] * 2
     monkeypatch.undo()
     assert list(load_records(sources, cache_dir=str(tmp_path / "cache"))["id"]) == ["a", "a"]

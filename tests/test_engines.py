@@ -43,6 +43,7 @@ RECIPES = {  # on top of the tiny recipe: 4 steps of 2 micro-batches of 4 sample
     "finetune": dict(stage="finetune", template="vicuna_v1", mm_use_im_start_end=True),   # + 2 new token rows
     "lora": dict(stage="finetune", template="vicuna_v1", tune="lora"),
     "moe": dict(stage="finetune", template="vicuna_v1"),                                  # a Mixtral LLM
+    "init_from": dict(stage="finetune"),          # from a full export: its model, tokenizer and template (vicuna_v1)
 }
 # Weights whose true gradient is exactly 0: Adam turns float noise there into moves of up to ~1e-4, which depend on
 # the order of the sums. mining.key biases (softmax ignores a shift shared by all keys); the router of a top-1 MoE
@@ -52,7 +53,7 @@ TORCH_EXTENSIONS = ROOT / ".cache" / "torch_extensions"   # DeepSpeed's compiled
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
+def reference(tiny, tiny_export, tmp_path_factory):
     """name -> (recipe path, output dir of its 1-process run with per_device_batch_size 4), each run once."""
     done = {}
 
@@ -64,7 +65,11 @@ def reference(tiny, tmp_path_factory):
                 tok = tiny["root"] / "tok"
                 overrides["llm"] = save_tiny_checkpoints(tiny["root"] / "ckpt", family="mixtral",
                                                          tokenizer=_tokenizer(tok)).llm
-            recipe = write_recipe(folder / "recipe.yaml", tiny["recipe"], **overrides)
+            base = tiny["recipe"]
+            if name == "init_from":
+                from tests.test_init_from import user_recipe
+                base = user_recipe(tiny, tiny_export, Path(tiny["recipe"]["data_path"]))
+            recipe = write_recipe(folder / "recipe.yaml", base, **overrides)
             run_in_process([str(recipe), "--output_dir", str(folder / "run"), "--per_device_batch_size", "4"])
             done[name] = recipe, folder / "run"
         return done[name]
@@ -73,7 +78,8 @@ def reference(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("engine,recipe,resume", [  # one resume per engine, where frozen weights stay out of it
     ("zero2", "pretrain", False), ("zero2", "finetune", False), ("zero2", "lora", True),
-    ("zero3", "pretrain", True), ("zero3", "finetune", False), ("zero3_moe", "moe", False),
+    ("zero3", "pretrain", True), ("zero3", "finetune", False), ("zero3", "init_from", False),
+    ("zero3_moe", "moe", False),
     ("fsdp2", "pretrain", False), ("fsdp2", "finetune", False), ("fsdp2", "lora", True)])
 def test_two_processes_equal_one(reference, tmp_path, engine, recipe, resume):
     recipe_path, ref = reference(recipe)

@@ -465,7 +465,8 @@ def test_an_uncached_hub_name_is_asked_of_the_hub_once_before_loading(monkeypatc
     import threading
 
     import huggingface_hub.constants
-    import model as mgm
+
+    import refs
 
     class Hub(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -484,24 +485,24 @@ def test_an_uncached_hub_name_is_asked_of_the_hub_once_before_loading(monkeypatc
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(mgm, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(refs, "is_offline_mode", lambda: False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     try:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-        mgm.hub_problem.cache_clear()
-        mgm.check_model_ref("test-org/known", "llm")
-        with pytest.raises(mgm.UserError, match=r"^llm: runs/nope: no such directory \(relative to .*\), and no "
+        refs.hub_problem.cache_clear()
+        refs.check_model_ref("test-org/known", "llm")
+        with pytest.raises(refs.UserError, match=r"^llm: runs/nope: no such directory \(relative to .*\), and no "
                                                 r"model of that name on the Hugging Face hub"):
-            mgm.check_model_ref("runs/nope", "llm")
+            refs.check_model_ref("runs/nope", "llm")
     finally:
         server.shutdown()
         server.server_close()
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")   # closed
-    mgm.hub_problem.cache_clear()
-    with pytest.raises(mgm.UserError, match=r"^vision_tower_aux: hf-hub:test-org/known: no such directory .*, and "
+    refs.hub_problem.cache_clear()
+    with pytest.raises(refs.UserError, match=r"^vision_tower_aux: hf-hub:test-org/known: no such directory .*, and "
                                             r"the Hugging Face hub cannot be reached to download it"):
-        mgm.check_model_ref("hf-hub:test-org/known", "vision_tower_aux")
-    mgm.hub_problem.cache_clear()
+        refs.check_model_ref("hf-hub:test-org/known", "vision_tower_aux")
+    refs.hub_problem.cache_clear()
 
 
 # ---- export / load / merge -------------------------------------------------------------------------------------
