@@ -302,3 +302,24 @@ def test_anyres_tiles_mine_as_mgm_hd_crops(root, tok):
         theirs = hd.mining(lr, hd.vision_tower_aux.stage_maps(canvas[None]), grid=2, image_global=True)
     torch.testing.assert_close(ours[1:], theirs[1:])
     assert not torch.allclose(ours[0], lr[0])                         # the base view mines the whole image too
+
+
+def test_plan_takes_the_pinpoint_with_the_most_tokens(root, tok):
+    """--plan: every image of the worst-case batch has the size of the worst pinpoint (2x2: 4 + 4 * 5 tokens)."""
+    import dataclasses
+
+    import plan
+    import settings
+    from tests.tiny_models import save_tiny_checkpoints
+    model_args = dataclasses.replace(save_tiny_checkpoints(root, tokenizer=tok), image_size_aux=32,
+                                     image_grid_pinpoints="default")
+    data_args = DataArguments(data_path="-", max_length=64, image_aspect_ratio="anyres")
+    args = settings.TrainArguments(per_device_batch_size=2)
+    settings.check_args(model_args, args, data_args)
+    result = plan.plan(model_args, data_args, args, plan.Launch("single", 1, "no", plan.GiB))
+    assert "24 positions each" in result.batch and result.peak.bytes > 0
+    fake = plan.PlanFakeMode()
+    built = plan.build_fake(model_args, args, fake)
+    batch = plan.worst_case_batch(built, data_args, 2, fake)
+    assert batch["image_sizes"].tolist() == [[56, 56], [56, 56]]
+    assert batch["images"].shape[0] == 2 * 5 and batch["images_aux"].shape[0] == 2 * 4
