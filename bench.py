@@ -963,8 +963,8 @@ def mgm_7b_configs(root: Path) -> dict:
 # =============================================================================================================
 # anyres: our AnyRes forward beside transformers' LlavaNext on the same weights
 # =============================================================================================================
-ANYRES_SIZES = ((480, 640), (1080, 1920), (1920, 1080), (400, 1200), (1200, 400), (336, 336), (900, 900),
-                (200, 300))          # (h, w): 2x2, 1x2, 2x1, 1x3, 3x1, 1x2 (one tile), 2x2, 1x2 (smaller than a tile)
+ANYRES_SIZES = ((480, 640), (500, 1000), (1000, 500), (400, 1200), (1200, 400), (336, 336), (1080, 1920),
+                (200, 300))          # (h, w): grids 2x2, 1x2, 2x1, 1x3, 3x1, 1x2 (one tile), 2x2, 1x2 (under a tile)
 
 
 def bench_anyres(args):
@@ -972,7 +972,7 @@ def bench_anyres(args):
 
     A random LlavaNextForConditionalGeneration with LLaVA-NeXT's geometry (CLIP 336 px / patch 14, so 576 tokens
     per view and the real token counts; LLaVA-NeXT's five pinpoints) and narrow widths (CLIP 256 x 4 layers, LLM 512 x
-    4 layers; --quick: 42 px tiles, tinier), converted with convert.from_llava_next; 4 samples of 2 images each of
+    4 layers; --quick: 42 px tiles, tinier), converted by convert.py from-llava-next; 4 samples of 2 images each of
     eight sizes (grids 2x2, 1x2, 2x1, 1x3, 3x1). Both get the same pixel_values / image_sizes (transformers'
     processor's). Forward without gradients, fp32, median of 3 after a warm-up."""
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor

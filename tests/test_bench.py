@@ -9,7 +9,8 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("command,rows", [("splice", 4), ("padding", 2), ("data", 8), ("index", 2), ("stop", 1)])
+@pytest.mark.parametrize("command,rows", [("splice", 4), ("padding", 2), ("data", 8), ("index", 2), ("stop", 1),
+                                          ("anyres", 1)])
 def test_bench_command_runs_quick_and_reports_ratios(command, rows):
     done = subprocess.run([sys.executable, "bench.py", command, "--quick"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
