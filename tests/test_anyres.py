@@ -323,3 +323,28 @@ def test_plan_takes_the_pinpoint_with_the_most_tokens(root, tok):
     batch = plan.worst_case_batch(built, data_args, 2, fake)
     assert batch["image_sizes"].tolist() == [[56, 56], [56, 56]]
     assert batch["images"].shape[0] == 2 * 5 and batch["images_aux"].shape[0] == 2 * 4
+
+
+def test_eval_answers_from_an_anyres_export_as_transformers_generates(llava_next, converted):
+    """eval.py / chat.py's Answerer on the converted export: its greedy tokens are LlavaNext's generate() on the same
+    prompt ids (the placeholder expanded to the image's tokens) and pixels."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    from eval import Answerer, load_for_inference
+    hf = LlavaNextForConditionalGeneration.from_pretrained(llava_next).eval()
+    processor = LlavaNextProcessor.from_pretrained(llava_next)
+    model, tokenizer, image_processor, template = load_for_inference(str(converted), device="cpu")
+    answerer = Answerer(model, tokenizer, image_processor, template)
+    question, picture = "what color is the shape ?", image(57, 131, seed=3)
+    prompt = answerer.prompt([{"role": "user", "content": question}], 1)
+    n = image_processor.tokens((57, 131))
+    at = int((prompt == IMAGE_TOKEN_INDEX).nonzero()[0])
+    ids = torch.cat([prompt[:at], torch.full((n,), hf.config.image_token_id), prompt[at + 1:]])[None]
+    pixels = processor.image_processor(picture, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             min_new_tokens=5, **pixels)[0, ids.shape[1]:].tolist()
+        kw = answerer.image_inputs([[picture]])
+        ours = model.generate(prompt[None], max_new_tokens=5, do_sample=False, eos_token_id=[], **kw)[0].tolist()
+    assert kw["image_sizes"].tolist() == [[57, 131]] and ours == theirs
+    assert isinstance(answerer([question], [[picture]], max_new_tokens=3)[0], str)
