@@ -66,10 +66,9 @@ class ModelArguments:
     image_size_aux: int = 768            # high-res input side in pixels (1536 for HD)
     image_grid: int = 1                  # low-res crops per side: 2 for HD (2x2 crops)
     image_global: bool = False           # HD: add the whole image as a global view, first
-    image_grid_pinpoints: str = ""       # AnyRes (LLaVA-NeXT) grids as HxW,...: default = its five for the tower's
-    #   size; "": no AnyRes. The data then needs image_aspect_ratio anyres
-    anyres_max_tiles: int = 0            # AnyRes: shrink an image's grid features to about this many tiles'
-    #   worth (LLaVA-OneVision's anyres_max_N); 0: no limit
+    image_grid_pinpoints: str = ""       # AnyRes (LLaVA-NeXT) grids HxW,...; default: its five for the tower's size;
+    #   "": no AnyRes. The data then needs image_aspect_ratio anyres
+    anyres_max_tiles: int = 0            # AnyRes: shrink an image's grid to ~this many tiles (OneVision); 0: no limit
     attention: str = "sdpa"              # the LLM's attention kernel, one of those allowed below (flash_*: needs the
     #   flash-attn package; mmca: DeepSpeed-VisualChat's multi-modal causal attention)
     bits: int = 16                       # 8 or 4: the LLM alone is loaded quantized (QLoRA, needs tune: qlora)
@@ -194,8 +193,8 @@ class MiniGemini(nn.Module):
         return self.llm(**inputs, num_items_in_batch=num_items_in_batch, **kw)
 
     def encode_images(self, images, images_aux=None, image_sizes=None) -> torch.Tensor | list[torch.Tensor]:
-        """[N, V, 3, S, S] (+ [N, 3, A, A]) -> [N, tokens_per_image, hidden]. AnyRes (image_sizes [N, 2]): every
-        image's views back to back [sum V_i, 3, S, S] (+ HR tiles) -> a list of [tokens of image i, hidden]."""
+        """[N, V, 3, S, S] (+ [N, 3, A, A]) -> [N, tokens_per_image, hidden]. AnyRes (image_sizes [N, 2]): views
+        back to back [sum V_i, 3, S, S] (+ HR tiles) -> a list of [tokens of image i, hidden] (vision.encode_anyres)."""
         if image_sizes is not None:
             return encode_anyres(self, images, images_aux, image_sizes)
         n, v = images.shape[:2]
@@ -553,14 +552,15 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     shorter rows are padded at the right, or at the left with pad_left. Returns inputs_embeds, attention_mask,
     labels (IGNORE_INDEX at image and pad positions), image_mask (True at image positions) and position_ids (from
     the mask, or restarted per packed sample when position_ids are given)."""
-    b, t = input_ids.shape
-    dev = input_ids.device
+    (b, t), dev = input_ids.shape, input_ids.device
     is_img = input_ids == IMAGE_TOKEN_INDEX
     n_img = int(is_img.sum())
-    feats = [] if image_features is None else list(image_features)
+    feats = [] if image_features is None else image_features
     if n_img != len(feats):
         raise ValueError(f"{n_img} image placeholders but {len(feats)} images")
-    k = torch.tensor([len(f) for f in feats], dtype=torch.long, device=dev)   # positions of each image
+    fixed = torch.is_tensor(feats)      # [N, K, H]; else AnyRes' list of [K_i, H]
+    k = torch.tensor([len(f) for f in feats] if not fixed else [feats.shape[1]] * n_img, dtype=torch.long,
+                     device=dev)        # positions of each image
     width = torch.ones_like(input_ids).masked_scatter(is_img, k)   # positions each token occupies after the splice
     if not pad_left:  # right padding takes no position: rows are as wide as the longest real row, so a row that
         width = width * (attention_mask != 0)   # grows by its images does not widen the batch by its padding too
@@ -572,17 +572,25 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     is_text = ~is_img & (width > 0)
     text_rows, text_cols = is_text.nonzero(as_tuple=True)[0], start[is_text]
     img_row, img_col = is_img.nonzero(as_tuple=True)                          # row-major = image_features' order
-    owner = torch.repeat_interleave(torch.arange(n_img, device=dev), k)       # the image of each image position
-    img_rows = img_row[owner]
-    img_cols = start[img_row, img_col][owner] + torch.arange(len(owner), device=dev) - (k.cumsum(0) - k)[owner]
-    image_rows = torch.cat(feats) if feats else None
+    if fixed:        # [N, K] index grids: broadcasting, no per-position gather
+        owner, offset, image_rows = None, torch.arange(feats.shape[1] if n_img else 0, device=dev), feats
+    else:            # flat: each position knows its image
+        owner = torch.repeat_interleave(torch.arange(n_img, device=dev), k)
+        offset = torch.arange(len(owner), device=dev) - (k.cumsum(0) - k)[owner]
+        image_rows = torch.cat(list(feats)) if n_img else None
+
+    def spread(per_image):
+        """A value per image -> one per image position."""
+        return per_image[:, None] if owner is None else per_image[owner]
+
+    img_rows, img_cols = spread(img_row), spread(start[img_row, img_col]) + offset
 
     def place(per_token, fill, rows=None):
         """[B, T, ...] -> [B, length, ...]; positions no token reaches (padding) hold `fill`."""
         out = torch.full((b, length, *per_token.shape[2:]), fill, dtype=per_token.dtype, device=dev)
         out[text_rows, text_cols] = per_token[is_text]
         if n_img:
-            out[img_rows, img_cols] = per_token[img_row, img_col][owner] if rows is None else rows.to(out.dtype)
+            out[img_rows, img_cols] = spread(per_token[img_row, img_col]) if rows is None else rows.to(out.dtype)
         return out
 
     out = dict(inputs_embeds=place(text_embeds, 0, image_rows), attention_mask=place(attention_mask, 0),
