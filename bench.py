@@ -855,7 +855,9 @@ def _free_port() -> int:
 # Each recipe's intended launch (its header comment): accelerate config, processes.
 RECIPE_LAUNCH = {"mgm_7b_pretrain.yaml": ("multi_gpu.yaml", 8), "mgm_7b_finetune.yaml": ("deepspeed_zero2.yaml", 8),
                  "mgm_7b_hd_finetune.yaml": ("deepspeed_zero2.yaml", 8),
-                 "mgm_7b_qlora_finetune.yaml": ("single_gpu.yaml", 1)}
+                 "mgm_7b_qlora_finetune.yaml": ("single_gpu.yaml", 1),
+                 "mgm_7b_anyres_finetune.yaml": ("deepspeed_zero2.yaml", 8),
+                 "llava_next_7b_finetune.yaml": ("deepspeed_zero3.yaml", 8)}
 PLAN_SHAPES = {  # name: (LLM config changes from Vicuna-7B, or a TRAIN_SHAPES size), tune, batch, max_length, mixed prec.
     "tiny": ("tiny", "full", 4, 128, "no"),
     "100m": ("100m", "full", 4, 448, "no"),
@@ -865,7 +867,8 @@ PLAN_SHAPES = {  # name: (LLM config changes from Vicuna-7B, or a TRAIN_SHAPES s
 
 def bench_plan(args):
     """Planned memory (train.py --plan, fake tensors) against the same step run for real on CPU; or --recipe: the
-    planned peak and the largest per_device_batch_size that fits 24 / 40 / 80 GB for MGM-7B recipes."""
+    planned peak and the largest per_device_batch_size that fits 24 / 40 / 80 GB for MGM-7B (and LLaVA-NeXT-7B)
+    recipes."""
     if args.recipe:
         return _plan_recipes(args.recipe)
     print("CPU: one step in the state of a later step (optimizer state present), finetune stage, gradient "
@@ -935,9 +938,12 @@ def _plan_recipe(recipe) -> str:
     import settings
     configs = mgm_7b_configs(CACHE / "mgm-7b-configs")
     config, processes = RECIPE_LAUNCH[Path(recipe).name]
+    plain_llava = "vision_tower_aux" in settings.read_recipe(recipe) and not settings.read_recipe(recipe)[
+        "vision_tower_aux"]                       # LLaVA(-NeXT): no HR tower to stand in for
     model_args, data_args, args = settings.parse_args(
-        [recipe, "--llm", configs["llm"], "--vision_tower", configs["vision_tower"], "--vision_tower_aux",
-         configs["vision_tower_aux"], "--plan_config", f"accelerate_configs/{config}", "--device_memory_gb", "80"])
+        [recipe, "--llm", configs["llm"], "--vision_tower", configs["vision_tower"],
+         *([] if plain_llava else ["--vision_tower_aux", configs["vision_tower_aux"]]),
+         "--plan_config", f"accelerate_configs/{config}", "--device_memory_gb", "80"])
     launch = plan.launch_for(args)
     peak = plan.plan(model_args, data_args, args, launch)
     print(plan.report(peak), flush=True)

@@ -4,7 +4,8 @@
                                            HR image [3, A, A] (LR = its bilinear downsample)
     anyres (LLaVA-NeXT)                    LR views [1 + rows*cols, 3, S, S]: the image squashed to S x S first,
                                            then the tiles of the image resized (aspect kept) and padded onto the
-                                           best grid of pinpoints; HR [3, rows*A, cols*A] of the same padded canvas
+                                           best grid of pinpoints; with an HR tower the canvas is made at A per tile
+                                           (HR, as A x A tiles) and the LR tiles are its bilinear downsample
 
 AnyRes follows transformers' LlavaNext exactly (what the hub's llava-v1.6 checkpoints are served with): the grid
 choice (select_best_resolution), the aspect-keeping resize (ceil, clipped), the centred black padding (the odd
@@ -120,15 +121,14 @@ class ImageProcessor:
         pixel_values for this image (its torchvision backend's exactly, its PIL backend's within a level or two)."""
         s = self.image_size
         rows, cols = self.anyres_grid((image.height, image.width))
-        canvas = self.anyres_canvas(image, rows * s, cols * s)                         # uint8 [3, rows*S, cols*S]
         base = self.resize_normalize(image, s)
         hr = None
-        if self.image_size_aux:    # MGM: both towers see one canvas; HR at A per tile, LR its bilinear downsample
+        if self.image_size_aux:    # MGM: the canvas at A per tile for the HR tower, the LR tiles its bilinear downsample
             a = self.image_size_aux
-            hr = self.normalize(_resize_uint8(canvas, (rows * a, cols * a)))
+            hr = self.normalize(self.anyres_canvas(image, rows * a, cols * a))
             lr = _bilinear(hr, (rows * s, cols * s))
         else:
-            lr = self.normalize(canvas)
+            lr = self.normalize(self.anyres_canvas(image, rows * s, cols * s))     # LlavaNext's canvas
         return torch.cat([base[None], _tiles(lr, s)]), None if hr is None else _tiles(hr, self.image_size_aux)
 
     @staticmethod

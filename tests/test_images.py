@@ -93,6 +93,9 @@ def test_hr_canvas_with_an_hr_tower():
     views, hr, _ = p.process(image)
     assert p.anyres_grid((480, 640)) == (2, 2)
     assert views.shape == (5, 3, 42, 42) and hr.shape == (4, 3, 96, 96)
+    canvas = hr.reshape(2, 2, 3, 96, 96).permute(2, 0, 3, 1, 4).reshape(3, 192, 192)     # the tiles put back
+    lr = torch.nn.functional.interpolate(canvas[None], size=(84, 84), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(views[1:], lr.reshape(3, 2, 42, 2, 42).permute(1, 3, 0, 2, 4).reshape(4, 3, 42, 42))
 
 
 def test_image_size_reads_the_header_with_exif_orientation(tmp_path):
