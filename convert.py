@@ -25,8 +25,10 @@ to-llava-hf: an export without an HR tower (plain LLaVA) becomes a directory tha
 AutoModelForImageTextToText / AutoProcessor (and vLLM / SGLang, which read the same layout) load.
 
 from-llava-next / to-llava-next: transformers' LlavaNext directories (llava-hf/llava-v1.6-*: AnyRes tiles, an
-image_newline) in and out; in, the export is an AnyRes one (image_aspect_ratio anyres) computing the same logits;
-out, an AnyRes export without an HR tower becomes a LlavaNextForConditionalGeneration + LlavaNextProcessor directory.
+image_newline) in and out; in, also the original llava-v1.6 layout (a LLaVA checkpoint with image_aspect_ratio
+anyres, spatial_unpad; its pinpoints read as (h, w), as transformers reads them), the export is an AnyRes one
+(image_aspect_ratio anyres) computing the same logits; out, an AnyRes export without an HR tower becomes a
+LlavaNextForConditionalGeneration + LlavaNextProcessor directory.
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ RENAMES = (
     ("model.vision_tower.vision_tower.", "vision_tower.model."),      # CLIPVisionTower wraps a CLIPVisionModel
     ("model.vision_tower_aux.vision_stem.", "vision_tower_aux.stem."),
     ("model.vision_tower_aux.vision_stages.", "vision_tower_aux.stages."),
+    ("model.image_newline", "image_newline"),                 # LLaVA-NeXT (anyres, spatial_unpad)
 )
 # Multimodal prefixes that nothing above maps: a source holding them is not one this script understands.
 MM_PREFIXES = ("model.mm_projector", "model.vlm_uni", "model.vision_tower", "model.vision_resampler",
@@ -104,10 +107,13 @@ def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision
     args = model_arguments(config, src_dir, vision_tower=vision_tower, vision_tower_aux=vision_tower_aux)
     for setting in ("vision_tower", "vision_tower_aux"):   # before any weights load
         check_model_ref(getattr(args, setting), setting)
-    aspect = {"pad": "pad", "square": "crop", None: "crop"}.get(config.get("image_aspect_ratio"))
+    aspect = {"pad": "pad", "square": "crop", None: "crop", "anyres": "anyres"}.get(config.get("image_aspect_ratio"))
     if aspect is None:
         raise UserError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
-                        "supported (pad, or square/absent for MGM's short-side resize and center crop)")
+                        "supported (pad, anyres, or square/absent for MGM's short-side resize and center crop)")
+    if aspect == "anyres" and config.get("mm_patch_merge_type") != "spatial_unpad":
+        raise UserError(f"{src_dir / 'config.json'}: image_aspect_ratio anyres with mm_patch_merge_type "
+                        f"{config.get('mm_patch_merge_type')!r}: only LLaVA-NeXT's spatial_unpad is supported")
     files = weight_files(src_dir, pretrain)
     keys = source_keys(files)
     summary = {"source": str(src_dir), "export": "pretrain" if pretrain else "full"}
@@ -158,6 +164,7 @@ def model_arguments(config: dict, src_dir: Path, *, vision_tower=None, vision_to
     if aux_ref and not (config.get("image_size_aux") and config.get("mm_hidden_size_aux")):
         raise UserError(f"{where}: mm_vision_tower_aux is set but image_size_aux / mm_hidden_size_aux are missing")
     image_grid, image_global = int(config.get("image_grid", 1)), bool(config.get("image_global", False))
+    pins = config.get("image_grid_pinpoints") if config.get("image_aspect_ratio") == "anyres" else None
     return ModelArguments(
         llm="", vision_tower=vision_tower or hub_id(config["mm_vision_tower"], "mm_vision_tower", where),
         vision_tower_aux=aux_ref, projector=projector,
@@ -166,6 +173,7 @@ def model_arguments(config: dict, src_dir: Path, *, vision_tower=None, vision_to
         mm_use_im_start_end=bool(config.get("mm_use_im_start_end", False)),
         image_size_aux=int(config.get("image_size_aux") or 768), image_grid=image_grid,
         image_global=image_global and image_grid > 1,
+        image_grid_pinpoints=",".join(f"{h}x{w}" for h, w in pins or []),   # read as (h, w), as transformers does
         dtype=str(config.get("torch_dtype") or config.get("dtype") or "float16").removeprefix("torch."))
 
 
@@ -265,7 +273,7 @@ def assemble(args, llm, mm: dict, files, dtype, im_ids, src_dir, summary, towers
                 continue
             towers_from_source += 1
         new[ours] = tensor.to(dtype)
-    missing = [k for k in own if k.startswith(("projector.", "mining.")) and k not in new]
+    missing = [k for k in own if k.startswith(("projector.", "mining.", "image_newline")) and k not in new]
     if missing:
         raise UserError(f"{src_dir}: {source_name(missing[0])} is missing (needed for {missing[0]})")
     model.load_state_dict(new, strict=False)
@@ -647,7 +655,8 @@ patch info mining, HD grids, perceiver / vit / mlp3x_gelu projectors, <im_start>
 example:
   python convert.py to-llava-hf runs/llava-1.5-7b runs/llava-1.5-7b-hf""",
     "from-llava-next": """\
-A transformers LlavaNext directory (llava-hf/llava-v1.6-*: LlavaNextForConditionalGeneration) -> a full AnyRes
+A transformers LlavaNext directory (llava-hf/llava-v1.6-*: LlavaNextForConditionalGeneration), or an original
+llava-v1.6 checkpoint (liuhaotian/llava-v1.6-*: image_aspect_ratio anyres, spatial_unpad) -> a full AnyRes
 export of this repo (image_grid_pinpoints and image_newline kept, image_aspect_ratio anyres recorded), computing
 transformers' logits: eval.py, chat.py and web.py take it as --model, train.py as --init_from. DST must be a new or
 empty directory.
@@ -676,10 +685,11 @@ def from_llava_next(src, dst, *, template: str | None = None) -> dict:
 
     src = Path(src)
     config = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else None
+    if config and config.get("mm_vision_tower") and config.get("image_aspect_ratio") == "anyres":
+        return from_source(src, dst, source="llava", template=template)     # the original llava-v1.6 layout
     if not config or config.get("model_type") != "llava_next":
-        raise UserError(f"src: {src} is not a transformers LlavaNext directory (config.json with model_type "
-                        "llava_next; the original llava-v1.6 layout: convert it with transformers' "
-                        "convert_llava_next_weights_to_hf.py first)")
+        raise UserError(f"src: {src} is neither a transformers LlavaNext directory (config.json with model_type "
+                        "llava_next) nor an original llava-v1.6 one (mm_vision_tower, image_aspect_ratio anyres)")
     problems = []
     if config.get("vision_feature_select_strategy", "default") != "default":
         problems.append("vision_feature_select_strategy 'full' (the CLS token on the grid)")

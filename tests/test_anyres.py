@@ -348,3 +348,33 @@ def test_eval_answers_from_an_anyres_export_as_transformers_generates(llava_next
         ours = model.generate(prompt[None], max_new_tokens=5, do_sample=False, eos_token_id=[], **kw)[0].tolist()
     assert kw["image_sizes"].tolist() == [[57, 131]] and ours == theirs
     assert isinstance(answerer([question], [[picture]], max_new_tokens=3)[0], str)
+
+
+def test_original_llava_v1_6_layout_converts_to_the_same_model(tmp_path, root, tok):
+    """liuhaotian/llava-v1.6-*'s layout (a LLaVA checkpoint with image_aspect_ratio anyres, spatial_unpad and
+    model.image_newline) -> the same AnyRes model."""
+    from safetensors.torch import load_file, save_file
+
+    from images import ImageProcessor
+    from tests.test_convert import write_source
+    from tests.tiny_models import build
+    model = build(root, tok, hr=None, image_grid_pinpoints="default").eval()
+    with torch.no_grad():
+        model.image_newline.normal_()
+    src = tmp_path / "llava-v1.6"
+    write_source(model, tok, src, model_type="llava_llama", architecture="LlavaLlamaForCausalLM")
+    tensors = load_file(src / "model.safetensors")
+    save_file({**tensors, "model.image_newline": model.image_newline.detach().clone()}, src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                  image_grid_pinpoints=[list(p) for p in model.pinpoints])
+    (src / "config.json").write_text(json.dumps(config))
+    summary = from_llava_next(src, tmp_path / "export")
+    assert summary["image_aspect_ratio"] == "anyres"
+    loaded = MiniGemini.from_pretrained(tmp_path / "export")
+    processor = ImageProcessor(**model.image_settings(), aspect_ratio="anyres")
+    views, _, size = processor.process(image(40, 100, seed=1))
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7]])
+    batch = dict(input_ids=ids, images=views, image_sizes=torch.tensor([size]))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
