@@ -378,3 +378,14 @@ def test_original_llava_v1_6_layout_converts_to_the_same_model(tmp_path, root, t
     batch = dict(input_ids=ids, images=views, image_sizes=torch.tensor([size]))
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_each_llava_direction_refuses_the_other_kind_of_export(converted, tiny_export, tmp_path):
+    from cli import UserError
+    from convert import to_llava_hf
+    with pytest.raises(UserError, match="AnyRes export .*use to-llava-next"):
+        to_llava_hf(converted, tmp_path / "a")
+    with pytest.raises(UserError, match="not an AnyRes export .*use to-llava-hf"):
+        to_llava_next(tiny_export, tmp_path / "b")
+    with pytest.raises(UserError, match="neither a transformers LlavaNext directory"):
+        from_llava_next(tiny_export, tmp_path / "c")
