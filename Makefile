@@ -38,8 +38,11 @@ $(WEB_STAMP): $(STAMP) requirements-web.txt
 	$(PIP) install -q -r requirements-web.txt
 	touch $(WEB_STAMP)
 
+# Two pytest workers, each taking whole test files (module fixtures are built once); TEST_ARGS= for one process.
+TEST_ARGS ?= -n 2 --dist loadfile
+
 test: $(STAMP) $(EVAL_STAMP) $(WEB_STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(TEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) demo.py $(DEMO_ARGS)

@@ -15,8 +15,12 @@ merge_lora_export); building blocks below; `python model.py merge SRC DST` merge
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+import logging
+import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -35,8 +39,9 @@ from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
 from images import parse_pinpoints
-from refs import (CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS, check_export, check_model_ref,  # noqa: F401 - re-exported
-                  check_tokenizer_dir, portable_refs)
+from refs import (CHECKPOINT_KINDS, CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS,  # noqa: F401 - re-exported
+                  TOKENIZER_VOCABULARY, check_export, check_model_ref, check_tokenizer_dir, hub_problem, in_hub_cache,
+                  is_local_path, portable_refs)
 from vision import (ConvNeXtTower, GridPool2x, PatchInfoMining, PerceiverProjector, TimmTrunkTower,  # noqa: F401
                     ViTProjector, VisionTower, _aux_kind, _close, _dtype, _interpolate_band, _open_clip_config,
                     anyres_dummy_images, anyres_image_settings, anyres_newline, encode_anyres,
@@ -79,15 +84,23 @@ class ModelArguments:
     #   settings, weights, tokenizer and template; a LoRA export is merged into its base first
 
 
+# How a model runs, not what it is: what a run may set when it starts from an export (init_from).
+RUNTIME_SETTINGS = ("init_from", "random_init", "attention", "bits", "dtype", "gradient_checkpointing",
+                    "pretrained_mm_path")
+
+
 def build_model(args: ModelArguments, tokenizer=None, *, device=None) -> MiniGemini:
     """Build from checkpoints (local dirs or hub names) or, with args.random_init, from their configs alone.
     The tokenizer is needed only for mm_use_im_start_end (the two tokens are added to it). With args.init_from the
     model is that export (settings.py has already made args its settings), a LoRA export merged into its base."""
     if args.init_from:
+        if args.pretrained_mm_path:
+            raise ValueError("init_from and pretrained_mm_path both name weights to start from: keep one")
         model = MiniGemini.from_pretrained(args.init_from, bits=args.bits, dtype=args.dtype, attention=args.attention,
                                            device=device, random_init=args.random_init)
         model = merge_lora(model) if _is_peft(model.llm) else model
-        model.config = args
+        # What the model is stays the export's; how it runs is this run's (settings.start_from_export did the same)
+        model.config = dataclasses.replace(model.config, **{k: getattr(args, k) for k in RUNTIME_SETTINGS})
         if args.gradient_checkpointing:
             enable_checkpointing(model.llm)
         return model.train()
@@ -387,7 +400,8 @@ class MiniGemini(nn.Module):
             if random_init:
                 return model.eval()
             if meta["export"] == "lora":
-                from peft import PeftModel, prepare_model_for_kbit_training
+                PeftModel, prepare_model_for_kbit_training = _peft("PeftModel", "prepare_model_for_kbit_training",
+                                                                   bits=args.bits)
                 if trainable and args.bits < 16:
                     model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
                 model.llm = PeftModel.from_pretrained(model.llm, path / "adapter", is_trainable=trainable)
@@ -427,12 +441,8 @@ def set_stage(model: MiniGemini, stage: str, *, tune_vision_tower=False, tune_vi
     when apply_lora was called. Towers train only when asked."""
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    if model.pinpoints:      # AnyRes' row-end vector trains with the projector (LLaVA-NeXT's stage 1 and 2)
-        model.image_newline.requires_grad_(True)
-    if model.mining is not None:
-        model.mining.requires_grad_(True)
+    for name, p in model.named_parameters():    # projector, mining, AnyRes' image_newline (LLaVA-NeXT trains it)
+        p.requires_grad_(name.startswith(MM_PARTS))
     if stage == "finetune":
         if model.config.bits < 16 and not _is_peft(model.llm):
             raise ValueError("a 4/8-bit LLM trains only through LoRA: apply_lora(model) before set_stage")
@@ -464,7 +474,8 @@ def apply_lora(model: MiniGemini, r=64, alpha=16, dropout=0.05, target_modules="
     """Wrap the LLM with LoRA adapters on its linear layers (peft's "all-linear" leaves out the output head).
     A 4/8-bit LLM first goes through peft's prepare_model_for_kbit_training, on the LLM alone, so the towers,
     mining and projector keep their dtype and stay as set_stage leaves them."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    LoraConfig, get_peft_model, prepare_model_for_kbit_training = _peft(
+        "LoraConfig", "get_peft_model", "prepare_model_for_kbit_training", bits=model.config.bits)
     if model.config.bits < 16:
         model.llm = prepare_model_for_kbit_training(
             model.llm, use_gradient_checkpointing=model.config.gradient_checkpointing,
@@ -489,6 +500,8 @@ def merge_lora_export(src, dst, dtype=None):
     model = MiniGemini.from_pretrained(src, bits=16, dtype=dtype)
     model.stage = None
     merge_lora(model).save_pretrained(dst, AutoTokenizer.from_pretrained(src), weights="full")
+    if Path(src, "train_config.yaml").exists():   # its template and image handling, for eval / chat / init_from
+        shutil.copyfile(Path(src, "train_config.yaml"), Path(dst, "train_config.yaml"))
     return dst
 
 
@@ -552,7 +565,7 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     shorter rows are padded at the right, or at the left with pad_left. Returns inputs_embeds, attention_mask,
     labels (IGNORE_INDEX at image and pad positions), image_mask (True at image positions) and position_ids (from
     the mask, or restarted per packed sample when position_ids are given)."""
-    (b, t), dev = input_ids.shape, input_ids.device
+    b, dev = len(input_ids), input_ids.device
     is_img = input_ids == IMAGE_TOKEN_INDEX
     n_img = int(is_img.sum())
     feats = [] if image_features is None else image_features
@@ -682,6 +695,24 @@ def _repeated_blocks(model: nn.Module) -> nn.ModuleList | list:
 
 def _is_peft(module) -> bool:
     return hasattr(module, "peft_config")
+
+
+def _peft(*names: str, bits: int) -> tuple:
+    """Names from peft. peft imports bitsandbytes whenever it is installed, and bitsandbytes' import fetches its CPU
+    4-bit kernel through the `kernels` package, both logging warnings when it fails (on a CPU with AVX512-BF16:
+    "Failed to load CPU gemm_4bit_forward from kernels-community ..."); they concern 4/8-bit weights alone, so a
+    16-bit LLM imports peft without them."""
+    quiet = bits >= 16 and "bitsandbytes" not in sys.modules
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")] if quiet else []
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return tuple(getattr(peft, name) for name in names)
 
 
 def _contiguous(state: dict) -> dict:

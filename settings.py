@@ -107,8 +107,9 @@ examples:
       --plan_processes 8 --device_memory_gb 80       # will it fit? memory of one step, nothing trained
   accelerate launch ... train.py RECIPE --resume auto   # continue a stopped run from its newest checkpoint
 
-exit status: 0 done; 75 stopped early by SIGTERM / SIGUSR1 / Ctrl-C / --max_time with a checkpoint (continue with
---resume auto); 2 a settings or path mistake (one line says which); 1 a crash; 130 a second Ctrl-C.
+exit status of train.py: 0 done; 75 stopped early by SIGTERM / SIGUSR1 / Ctrl-C / --max_time with a checkpoint
+(continue with --resume auto; accelerate launch turns it into 1, slurm/train.sbatch reads the 75); 2 a settings or
+path mistake (one line says which); 1 a crash; 130 a second Ctrl-C.
 The export lands in <output_dir>/export: eval.py, chat.py and web.py take it as --model."""
 
 
@@ -129,20 +130,16 @@ def parse_args(argv: list[str] | None = None):
     return model_args, data_args, args
 
 
-# How the model runs, not what it is: the settings a run may change when it starts from an export.
-RUNTIME_MODEL_SETTINGS = ("init_from", "random_init", "attention", "bits", "dtype", "gradient_checkpointing",
-                          "pretrained_mm_path")
-
-
 def start_from_export(model_args, data_args, given: set[str]) -> None:
     """init_from: every model setting that says what the model is (LLM, towers, projector, image sizes, ...) becomes
-    the export's own, and the template / image_aspect_ratio it was trained with unless the recipe names them (a
-    pretrain export's `plain` template is not taken: a finetune follows it). A recipe naming a different LLM,
-    tower or shape is refused with one line instead of loading weights into the wrong model."""
+    the export's own, and so do its attention and the template / image_aspect_ratio it was trained with, unless the
+    recipe names them (a pretrain export's `plain` template and its captioning crop are not taken: a finetune
+    follows it). A recipe naming a different LLM, tower or shape is refused with one line instead of loading
+    weights into the wrong model."""
     if not model_args.init_from:
         return
     meta = check_export(model_args.init_from, "init_from")
-    export = model_args.init_from
+    export = model_args.init_from.rstrip("/")
     if model_args.pretrained_mm_path:
         raise UserError(f"init_from and pretrained_mm_path both name weights to start from: {export} already holds "
                         "its projector and mining; drop pretrained_mm_path")
@@ -152,19 +149,20 @@ def start_from_export(model_args, data_args, given: set[str]) -> None:
                         "and start from the merged export")
     saved = meta["args"]
     for f in dataclasses.fields(model_args):
-        if f.name in RUNTIME_MODEL_SETTINGS or f.name not in saved:
+        if f.name not in saved or (f.name in mgm.RUNTIME_SETTINGS and f.name != "attention"):
             continue
         ours, theirs = getattr(model_args, f.name), saved[f.name]
+        if f.name == "attention" and (f.name in given and ours != theirs and "mmca" not in (ours, theirs)):
+            continue   # sdpa, eager, flash...: the same function, computed another way
         if f.name in given and portable_refs({f.name: ours}) != portable_refs({f.name: theirs}):
-            raise UserError(f"init_from: {export} was built with {f.name}: {theirs}, but the recipe says "
-                            f"{f.name}: {ours}; leave {f.name} out (init_from brings the export's own)")
+            raise UserError(f"init_from: {export} was built with {f.name}: {theirs}, but this run says "
+                            f"{f.name}: {ours}; drop {f.name} from the recipe and the command line (init_from "
+                            "brings the export's own), or start from another export")
         setattr(model_args, f.name, theirs)
     train_config = os.path.join(export, "train_config.yaml")
     trained = (yaml.safe_load(open(train_config)) or {}) if os.path.exists(train_config) else {}
-    if meta["export"] == "pretrain":
-        trained.pop("template", None)
     for name in ("template", "image_aspect_ratio"):
-        if name not in given and trained.get(name):
+        if name not in given and trained.get(name) and meta["export"] != "pretrain":
             setattr(data_args, name, trained[name])
 
 
@@ -363,6 +361,10 @@ def check_paths(model_args, data_args, args: TrainArguments) -> None:
             not os.path.exists(os.path.join(export_dir, mgm.CONFIG_NAME)):
         raise UserError(f"export_dir: {export_dir} holds other files (no {mgm.CONFIG_NAME}); the export "
                         "replaces the directory, so choose an empty or new one")
+    if model_args.init_from and os.path.realpath(model_args.init_from) == os.path.realpath(export_dir):
+        raise UserError(f"init_from: {model_args.init_from} is where this run writes its own export (and what "
+                        "--overwrite_output_dir deletes); start from a copy of it, or set output_dir / export_dir "
+                        "elsewhere")
 
 
 def duration_seconds(text: str) -> float:

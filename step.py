@@ -33,7 +33,6 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-
 def build(model_args, args: TrainArguments, tokenizer, device=None, upcast_trainables=True):
     """The model with exactly this run's parameters trainable (stage table, LoRA, switches), trainables in fp32
     (upcast_trainables): the optimizer updates fp32 weights, and compute precision is accelerate's business.

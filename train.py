@@ -40,8 +40,9 @@ from cli import UserError, run
 from conversation import IGNORE_INDEX
 from flops import Throughput, peak_flops
 from settings import TrainArguments, check_args, check_paths, duration_seconds, parse_args, resolved_config
-from step import (STOP_REASONS, build, collate_fn, forward_backward, load_tokenizer,  # noqa: F401 - train.X
-                  make_optimizer, model_inputs, param_groups, sample_lengths, set_trainables, supervised_tokens)
+from step import (STOP_REASONS, apply_switches, build, collate_fn, forward_backward,  # noqa: F401 - train.X
+                  load_tokenizer, make_optimizer, model_inputs, param_groups, sample_lengths, set_trainables,
+                  supervised_tokens)
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -518,13 +519,21 @@ def peak_memory_gb() -> float:
 @contextmanager
 def exit_status_recorded(path: str | None):
     """Write this process's exit status to `path` (the main process only; MGM_EXIT_STATUS_FILE): accelerate launch
-    reports any failure of its processes as status 1, so a job script reads STOPPED ("resume me") from here."""
+    reports any failure of its processes as status 1, so a job script reads STOPPED ("resume me") from here.
+
+    With `path` set, a run that stopped early exits with 0 from every process, its STOPPED in the file alone: the
+    launchers between it and the job script take any other status for a failure (torchrun's agent in accelerate
+    launch raises its ChildFailedError traceback, srun logs an error), which a planned stop is not. Every rank
+    stops after the same step (the stop votes travel in the step's all-reduce), so all of them exit with 0; before
+    the first step each rank stops on its own signal, which SLURM sends to every process of the job step."""
     status = 1                                  # a crash, unless the run ends otherwise
     try:
         yield
         status = 0
     except SystemExit as e:                     # cli.run's: 2 a settings error, 130 Ctrl-C; STOPPED
         status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if status == STOPPED and path:
+            raise SystemExit(0) from None
         raise
     finally:
         if path and os.environ.get("RANK", "0") == "0":
@@ -534,7 +543,8 @@ def exit_status_recorded(path: str | None):
 
 def command(argv: list[str] | None = None) -> None:
     """`python train.py ...`: exits with 0 (done), STOPPED (stopped early with a checkpoint: resume me), 2 (a settings
-    error, one line), 130 (a second Ctrl-C) or 1 (a crash, with its traceback)."""
+    error, one line), 130 (a second Ctrl-C) or 1 (a crash, with its traceback). With MGM_EXIT_STATUS_FILE set, a
+    stop exits with 0 and the file says STOPPED (exit_status_recorded)."""
     with exit_status_recorded(os.environ.get("MGM_EXIT_STATUS_FILE")):
         sys.exit(STOPPED if run(main, "train.py", argv) is None else 0)
 

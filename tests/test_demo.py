@@ -86,6 +86,27 @@ def test_short_demo_answers_colours_of_independently_drawn_images(short_demo, tm
     assert accuracy >= 0.6                               # chance: 1/6
 
 
+def test_lora_on_top_of_the_demo_model_starts_from_what_it_learned(short_demo, tmp_path, capsys):
+    """init_from the demo's finetune export (its own model, tokenizer and template, chatml): the first LoRA step's
+    loss is already low (the weights are the trained ones; a new model starts near ln(vocab)), and the LoRA export
+    answers as well as the demo model did."""
+    from tests.test_train import metrics, run_in_process, write_recipe
+    _, _, export = short_demo
+    data = export.parents[1] / "data"
+    recipe = write_recipe(tmp_path / "r.yaml", dict(
+        init_from=str(export), dtype="float32", data_path=str(data / "finetune.jsonl"),
+        image_folder=str(data / "images"), stage="finetune", tune="lora", lora_r=4, lora_alpha=8, learning_rate=1e-4, max_steps=2,
+        per_device_batch_size=8, max_length=64, num_workers=0, report_to="none", output_dir=str(tmp_path / "run")))
+    lora = run_in_process([str(recipe)])
+    first = metrics(tmp_path / "run")[0]["loss"]
+    assert first < 1.0, first
+    capsys.readouterr()
+    evaluation.main(["--model", lora, "--data", str(data / "test.jsonl"), "--image_folder", str(data / "images"),
+                     "--limit", "40"])
+    accuracy = float(re.search(r"^accuracy: ([\d.]+) \(n=40\)$", capsys.readouterr().out, re.M).group(1))
+    assert accuracy >= 0.5
+
+
 @pytest.fixture
 def tiny_export(tmp_path):
     """A full export of a tiny random model (tests/tiny_models.py) trained with the plain template."""

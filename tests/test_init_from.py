@@ -99,7 +99,8 @@ def test_lora_on_top_of_our_own_finetune_export_and_a_lora_export_as_the_next_st
                                                                                         tmp_path):
     """LoRA adapters on a full export of ours: they train and export as a LoRA export whose base is that export;
     that LoRA export is itself a start: merged into its base, the same model (logits) as loading it."""
-    from model import MiniGemini, build_model
+    import model as mgm
+    from model import MiniGemini, ModelArguments, build_model
     from settings import parse_args
     from tests.tiny_models import tiny_batch
     recipe = write_recipe(tmp_path / "r.yaml", user_recipe(tiny, own_export, converted["data"], tune="lora"))
@@ -111,11 +112,16 @@ def test_lora_on_top_of_our_own_finetune_export_and_a_lora_export_as_the_next_st
     meta = json.loads((lora / "mgm_config.json").read_text())
     assert meta["export"] == "lora" and meta["args"]["init_from"] == str(own_export.resolve())
 
+    merged = mgm.merge_lora_export(lora, tmp_path / "merged")   # keeps the template and image handling it trained with
+    assert (merged / "train_config.yaml").read_text() == (lora / "train_config.yaml").read_text()
+
     loaded = MiniGemini.from_pretrained(lora)
     model_args, _, _ = parse_args([str(write_recipe(tmp_path / "next.yaml", user_recipe(tiny, lora,
                                                                                       converted["data"])))])
     restarted = build_model(model_args).eval()
     assert not any("lora_" in n for n, _ in restarted.named_parameters())   # merged
+    bare = build_model(ModelArguments(init_from=str(lora), dtype="float32"))   # from Python, settings unresolved
+    assert bare.config.llm == restarted.config.llm and bare.tokens_per_image == loaded.tokens_per_image
     batch = tiny_batch(loaded)
     with torch.no_grad():
         torch.testing.assert_close(restarted(**batch).logits, loaded(**batch).logits, rtol=1e-5, atol=1e-5)
@@ -123,18 +129,25 @@ def test_lora_on_top_of_our_own_finetune_export_and_a_lora_export_as_the_next_st
 
 def test_a_recipe_naming_another_model_than_the_export_is_refused_with_one_line(tiny, converted, own_export):
     from cli import UserError
-    from settings import parse_args
+    from settings import check_paths, parse_args
     base = ["--init_from", str(own_export), "--data_path", str(converted["data"])]
-    with pytest.raises(UserError, match=r"^init_from: .* was built with llm: .*, but the recipe says llm: "
-                                        r"lmsys/vicuna-7b-v1.5; leave llm out"):
+    with pytest.raises(UserError, match=r"^init_from: .* was built with llm: .*, but this run says llm: "
+                                        r"lmsys/vicuna-7b-v1.5; drop llm from the recipe"):
         parse_args([*base, "--llm", "lmsys/vicuna-7b-v1.5"])
-    with pytest.raises(UserError, match=r"^init_from: .* was built with image_size_aux: 32, but the recipe says "
+    with pytest.raises(UserError, match=r"^init_from: .* was built with image_size_aux: 32, but this run says "
                                         r"image_size_aux: 768"):
         parse_args([*base, "--image_size_aux", "768"])
     with pytest.raises(UserError, match=r"init_from and pretrained_mm_path both name weights"):
         parse_args([*base, "--pretrained_mm_path", str(own_export)])
     with pytest.raises(UserError, match=r"^init_from: .*nope: no such directory"):
         parse_args(["--init_from", str(own_export) + "-nope", "--data_path", str(converted["data"])])
+    with pytest.raises(UserError, match=r"^init_from: .* was built with attention: sdpa, but this run says "
+                                        r"attention: mmca"):
+        parse_args([*base, "--attention", "mmca"])
+    assert parse_args([*base, "--attention", "eager"])[0].attention == "eager"   # the same function
+    model_args, data_args, args = parse_args([*base, "--output_dir", str(own_export.parent)])
+    with pytest.raises(UserError, match=r"^init_from: .* is where this run writes its own export"):
+        check_paths(model_args, data_args, args)
     model_args, data_args, _ = parse_args([*base, "--llm", json.loads(
         (own_export / "mgm_config.json").read_text())["args"]["llm"], "--dtype", "float32"])   # the same: fine
     assert model_args.image_size_aux == 32 and data_args.template == "vicuna_v1" and model_args.dtype == "float32"

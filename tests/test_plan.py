@@ -6,7 +6,10 @@ tests/test_engines.py, which launches them anyway.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ import settings
 import train
 from cli import UserError
 from data import DataArguments
-from tests.test_train import run_in_process, tiny, write_recipe  # noqa: F401
+from tests.test_train import ROOT, run_in_process, tiny, write_recipe  # noqa: F401
 from tests.tiny_models import save_tiny_checkpoints
 
 SETUPS = {  # name: (stage, tune, gradient checkpointing)
@@ -89,6 +92,19 @@ def test_a_plan_that_does_not_fit_names_one_that_does_and_writes_nothing(tiny, s
     launch = plan.Launch("single", 1, "no", int(device_gb * plan.GiB))
     assert plan.plan(model_args, data_args, args, launch).fits
     assert args.per_device_batch_size * args.gradient_accumulation_steps == 8   # the same global batch
+
+
+def test_a_lora_plan_prints_no_bitsandbytes_lines(tiny, tmp_path):
+    """peft imports bitsandbytes, whose import logs warnings about its 4-bit kernels ("Failed to load CPU
+    gemm_4bit_forward from kernels-community ..." on a CPU with AVX512-BF16); no 4/8-bit weight is involved here, so
+    they stay out of the output. A fresh process: in this one bitsandbytes may be imported already."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny["recipe"], stage="finetune", tune="lora", template="vicuna_v1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), str(recipe), "--plan", "--device_memory_gb", "24",
+                           "--output_dir", str(tmp_path / "run")], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == 0 and "verdict: fits" in done.stdout, done.stdout[-4000:]
+    assert not re.search(r"bitsandbytes|gemm_4bit|kernels-community", done.stdout), done.stdout[-4000:]
 
 
 def test_the_launch_comes_from_accelerate_or_the_named_config(monkeypatch):

@@ -151,3 +151,22 @@ def test_max_time_stops_before_the_limit_with_a_checkpoint_and_resumes_exactly(t
     monkeypatch.undo()
     run_in_process([recipe, "--output_dir", str(run), "--resume", "auto", "--save_steps", "20"])
     assert_same_run(ref, run, step=20)
+
+
+def test_under_the_job_script_a_stop_exits_with_0_and_leaves_75_in_the_status_file(tiny, tmp_path, monkeypatch):
+    """With MGM_EXIT_STATUS_FILE (slurm/train.sbatch sets it) a stop exits with 0, which torchrun's agent and srun
+    do not report as a failure, and the file holds STOPPED for the job script; a crash still raises, status 1."""
+    import train
+    recipe = str(write_recipe(tmp_path / "r.yaml", tiny["recipe"], max_steps=6))
+    status = tmp_path / "status"
+    monkeypatch.setenv("MGM_EXIT_STATUS_FILE", str(status))
+    send_at(monkeypatch, "build", signal.SIGUSR1)
+    assert exit_status([recipe, "--output_dir", str(tmp_path / "run")]) == 0
+    assert status.read_text() == f"{STOPPED}\n"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("a crash")
+    monkeypatch.setattr(train, "build", crash)
+    with pytest.raises(RuntimeError, match="a crash"):
+        run_in_process([recipe, "--output_dir", str(tmp_path / "run")], entry="command")
+    assert status.read_text() == "1\n"
