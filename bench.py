@@ -11,6 +11,7 @@
     python bench.py plan --recipe recipes/mgm_7b_finetune.yaml   # docs/plan.md's table: planned peak, largest batches
     python bench.py dpo       # a DPO step: ours vs TRL's DPOTrainer on the same small Llava and pairs (loss, tower
                               # forwards per pair, time per step)
+    python bench.py anyres    # AnyRes forward: ours vs transformers' LlavaNext, same weights and mixed-aspect batch
 
 Every sub-command takes --quick (small shapes, seconds: a smoke run, not a figure). Times on CPU are process CPU
 seconds (all threads of the measuring process), wall seconds on CUDA. Each variant whose memory is measured runs in
@@ -856,7 +857,9 @@ def _free_port() -> int:
 # Each recipe's intended launch (its header comment): accelerate config, processes.
 RECIPE_LAUNCH = {"mgm_7b_pretrain.yaml": ("multi_gpu.yaml", 8), "mgm_7b_finetune.yaml": ("deepspeed_zero2.yaml", 8),
                  "mgm_7b_hd_finetune.yaml": ("deepspeed_zero2.yaml", 8),
-                 "mgm_7b_qlora_finetune.yaml": ("single_gpu.yaml", 1)}
+                 "mgm_7b_qlora_finetune.yaml": ("single_gpu.yaml", 1),
+                 "mgm_7b_anyres_finetune.yaml": ("deepspeed_zero2.yaml", 8),
+                 "llava_next_7b_finetune.yaml": ("deepspeed_zero3.yaml", 8)}
 PLAN_SHAPES = {  # name: (LLM config changes from Vicuna-7B, or a TRAIN_SHAPES size), tune, batch, max_length, mixed prec.
     "tiny": ("tiny", "full", 4, 128, "no"),
     "100m": ("100m", "full", 4, 448, "no"),
@@ -866,7 +869,8 @@ PLAN_SHAPES = {  # name: (LLM config changes from Vicuna-7B, or a TRAIN_SHAPES s
 
 def bench_plan(args):
     """Planned memory (train.py --plan, fake tensors) against the same step run for real on CPU; or --recipe: the
-    planned peak and the largest per_device_batch_size that fits 24 / 40 / 80 GB for MGM-7B recipes."""
+    planned peak and the largest per_device_batch_size that fits 24 / 40 / 80 GB for MGM-7B (and LLaVA-NeXT-7B)
+    recipes."""
     if args.recipe:
         return _plan_recipes(args.recipe)
     print("CPU: one step in the state of a later step (optimizer state present), finetune stage, gradient "
@@ -936,9 +940,12 @@ def _plan_recipe(recipe) -> str:
     import settings
     configs = mgm_7b_configs(CACHE / "mgm-7b-configs")
     config, processes = RECIPE_LAUNCH[Path(recipe).name]
+    plain_llava = "vision_tower_aux" in settings.read_recipe(recipe) and not settings.read_recipe(recipe)[
+        "vision_tower_aux"]                       # LLaVA(-NeXT): no HR tower to stand in for
     model_args, data_args, args = settings.parse_args(
-        [recipe, "--llm", configs["llm"], "--vision_tower", configs["vision_tower"], "--vision_tower_aux",
-         configs["vision_tower_aux"], "--plan_config", f"accelerate_configs/{config}", "--device_memory_gb", "80"])
+        [recipe, "--llm", configs["llm"], "--vision_tower", configs["vision_tower"],
+         *([] if plain_llava else ["--vision_tower_aux", configs["vision_tower_aux"]]),
+         "--plan_config", f"accelerate_configs/{config}", "--device_memory_gb", "80"])
     launch = plan.launch_for(args)
     peak = plan.plan(model_args, data_args, args, launch)
     print(plan.report(peak), flush=True)
@@ -959,6 +966,143 @@ def mgm_7b_configs(root: Path) -> dict:
                                                                eos_token_id=2, pad_token_id=0))
     clip = _save_config(root / "clip-vit-large-patch14-336", "clip_vision_model", clip_kw)
     return dict(llm=llm, vision_tower=clip, vision_tower_aux="convnext_large_d_320")
+
+
+# =============================================================================================================
+# anyres: our AnyRes forward beside transformers' LlavaNext on the same weights
+# =============================================================================================================
+ANYRES_SIZES = ((480, 640), (500, 1000), (1000, 500), (400, 1200), (1200, 400), (336, 336), (1080, 1920),
+                (200, 300))          # (h, w): grids 2x2, 1x2, 2x1, 1x3, 3x1, 1x2 (one tile), 2x2, 1x2 (under a tile)
+
+
+def bench_anyres(args):
+    """AnyRes forward: ours vs transformers' LlavaNext, same weights and batch of mixed aspect ratios (and logits).
+
+    A random LlavaNextForConditionalGeneration with LLaVA-NeXT's geometry (CLIP 336 px / patch 14, so 576 tokens
+    per view and the real token counts; LLaVA-NeXT's five pinpoints) and narrow widths (CLIP 256 x 4 layers, LLM 512 x
+    4 layers; --quick: 42 px tiles, tinier), converted by convert.py from-llava-next; 4 samples of 2 images each of
+    eight sizes (grids 2x2, 1x2, 2x1, 1x3, 3x1). Both get the same pixel_values / image_sizes (transformers'
+    processor's). Forward without gradients, fp32, median of 3 after a warm-up."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    from convert import from_llava_next
+    from images import anyres_grid
+    side = 42 if args.quick else 336
+    root = CACHE / f"anyres-{side}"
+    if not (root / "export" / "mgm_config.json").exists():
+        _save_llava_next(root / "llava_next", side, quick=args.quick)
+        from_llava_next(root / "llava_next", root / "export")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = LlavaNextForConditionalGeneration.from_pretrained(root / "llava_next").to(device).eval()
+    processor = LlavaNextProcessor.from_pretrained(root / "llava_next")
+    from model import MiniGemini
+    ours = MiniGemini.from_pretrained(root / "export", dtype="float32").to(device).eval()
+    scale = side / 336
+    sizes = [(max(1, int(h * scale)), max(1, int(w * scale))) for h, w in ANYRES_SIZES]
+    g = torch.Generator().manual_seed(0)
+    images = [_random_image(h, w, g) for h, w in sizes]
+    texts = [f"<image> what is in the picture ? <image> {' '.join(WORDS[:8 + 4 * i])}" for i in range(4)]
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    image_id = hf.config.image_token_id
+    batch = _our_anyres_batch(inputs, image_id, ours)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    grids = [anyres_grid(s, ours.pinpoints, side) for s in sizes]
+    with torch.no_grad():
+        theirs = hf(**inputs).logits
+        mine = ours(**batch).logits
+        spliced = ours.prepare_inputs(batch["input_ids"], batch["attention_mask"], None, batch["images"], None,
+                                      batch["image_counts"], image_sizes=batch["image_sizes"])["attention_mask"]
+        diff = max(float((t[m.bool()] - o[s.bool()]).abs().max())
+                   for t, o, m, s in zip(theirs, mine, inputs["attention_mask"], spliced))
+        ref = _time(lambda: hf(**inputs), repeats=3)
+        new = _time(lambda: ours(**batch), repeats=3)
+    theirs_tokens = processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in sizes])["num_image_tokens"]
+    print(f"{len(texts)} samples x 2 images, {len(images) + sum(r * c for r, c in grids)} views of {side} px in one "
+          f"tower call; {int(inputs['attention_mask'].sum())} LLM positions; {device}, fp32, "
+          f"{torch.get_num_threads()} threads")
+    for (h, w), (r, c), n, t in zip(sizes, grids, _anyres_counts(ours, sizes), theirs_tokens):
+        print(f"  image {h}x{w}: grid {r}x{c}, {n} tokens (transformers' processor: {t})")
+    report([("forward: ms per batch", ref * 1e3, new * 1e3)], unit="lower is better", higher_is_better=False)
+    print(f"largest logits difference on real positions: {diff:.2e}")
+
+
+def _anyres_counts(model, sizes) -> list[int]:
+    from images import anyres_tokens
+    tile = model.vision_tower.image_size
+    return [anyres_tokens(s, model.pinpoints, tile, math.isqrt(model.vision_tower.num_patches),
+                          model.config.anyres_max_tiles) for s in sizes]
+
+
+def _our_anyres_batch(inputs, image_id, model) -> dict:
+    """transformers' processor inputs -> ours: each image's run of tokens one placeholder (right-padded rows), the
+    views without the processor's padding to the batch's most, the same image_sizes."""
+    from conversation import IMAGE_TOKEN_INDEX
+    from images import anyres_grid
+    sizes = [tuple(s.tolist()) for s in inputs["image_sizes"]]
+    counts = iter(_anyres_counts(model, sizes))
+    rows, per_row = [], []
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        ids, row, j, n_img = ids[mask.bool()].tolist(), [], 0, 0
+        while j < len(ids):
+            if ids[j] == image_id:
+                row.append(IMAGE_TOKEN_INDEX)
+                j += next(counts)
+                n_img += 1
+            else:
+                row.append(ids[j])
+                j += 1
+        rows.append(row)
+        per_row.append(n_img)
+    width = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)], attention[i, :len(row)] = torch.tensor(row), 1
+    side = model.vision_tower.image_size
+    views = [1 + r * c for r, c in (anyres_grid(s, model.pinpoints, side) for s in sizes)]
+    images = torch.cat([pv[:v] for pv, v in zip(inputs["pixel_values"], views)])
+    return dict(input_ids=input_ids, attention_mask=attention, images=images, image_sizes=inputs["image_sizes"],
+                image_counts=torch.tensor(per_row))
+
+
+def _random_image(h, w, g):
+    from PIL import Image
+    low = torch.rand(3, max(1, h // 16), max(1, w // 16), generator=g)[None]       # smooth, photo-like content
+    pixels = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+    return Image.fromarray((pixels.permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+
+
+def _save_llava_next(path: Path, side: int, *, quick: bool) -> None:
+    """A random LlavaNext (+ processor with a word-level tokenizer) with LLaVA-NeXT's pinpoints for tiles of side."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor, PreTrainedTokenizerFast)
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", "<image>", "?", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", additional_special_tokens=["<image>"])
+    width, layers = (32, 2) if quick else (512, 4)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=32768, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=24 if quick else 256, intermediate_size=48 if quick else 1024,
+                              num_hidden_layers=2 if quick else 4, num_attention_heads=2 if quick else 4,
+                              image_size=side, patch_size=14)
+    pins = [[side * r, side * c] for r, c in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pins,
+                             image_token_index=vocab["<image>"], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_seq_length=(side // 14) ** 2)
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    images = LlavaNextImageProcessor(image_grid_pinpoints=pins, size={"shortest_edge": side},
+                                     crop_size={"height": side, "width": side}, image_mean=OPENAI_CLIP_MEAN,
+                                     image_std=OPENAI_CLIP_STD)
+    LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
 
 
 # =============================================================================================================
@@ -1148,7 +1292,8 @@ def trl_inputs(batch, image_token_id: int, tokens_per_image: int) -> dict:
 
 
 COMMANDS = {"data": bench_data, "index": bench_index, "padding": bench_padding, "splice": bench_splice,
-            "mining": bench_mining, "train": bench_train, "stop": bench_stop, "plan": bench_plan, "dpo": bench_dpo}
+            "mining": bench_mining, "train": bench_train, "stop": bench_stop, "plan": bench_plan, "dpo": bench_dpo,
+            "anyres": bench_anyres}
 
 if __name__ == "__main__":
     run(main, "bench.py")

@@ -3,6 +3,8 @@
     python convert.py from-mgm SRC DST [--vision_tower ID] [--vision_tower_aux ID] [--llm ID] [--template NAME]
     python convert.py from-llava SRC DST [--vision_tower ID] [--llm ID] [--template NAME]
     python convert.py to-llava-hf SRC DST
+    python convert.py from-llava-next SRC DST [--template NAME]
+    python convert.py to-llava-next SRC DST
 
 examples:
   hf download YanweiLi/MGM-7B --local-dir ckpt/MGM-7B
@@ -21,6 +23,12 @@ Pickles (`*.bin`) are read with torch.load(weights_only=True) only.
 
 to-llava-hf: an export without an HR tower (plain LLaVA) becomes a directory that transformers'
 AutoModelForImageTextToText / AutoProcessor (and vLLM / SGLang, which read the same layout) load.
+
+from-llava-next / to-llava-next: transformers' LlavaNext directories (llava-hf/llava-v1.6-*: AnyRes tiles, an
+image_newline) in and out; in, also the original llava-v1.6 layout (a LLaVA checkpoint with image_aspect_ratio
+anyres, spatial_unpad; its pinpoints read as (h, w), as transformers reads them), the export is an AnyRes one
+(image_aspect_ratio anyres) computing the same logits; out, an AnyRes export without an HR tower becomes a
+LlavaNextForConditionalGeneration + LlavaNextProcessor directory.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from transformers.utils import logging
 
 from cli import ArgumentParser, UserError, check_new_dir, relative, run
 from conversation import TEMPLATES, VICUNA_SYSTEM
+from images import CLIP_MEAN, CLIP_STD, LLAVA_NEXT_GRIDS
 from model import CONFIG_NAME, IM_END, IM_START, MiniGemini, ModelArguments, TimmTrunkTower, VisionTower, merge_lora
 from refs import check_export, check_model_ref
 
@@ -71,6 +80,7 @@ RENAMES = (
     ("model.vision_tower.vision_tower.", "vision_tower.model."),      # CLIPVisionTower wraps a CLIPVisionModel
     ("model.vision_tower_aux.vision_stem.", "vision_tower_aux.stem."),
     ("model.vision_tower_aux.vision_stages.", "vision_tower_aux.stages."),
+    ("model.image_newline", "image_newline"),                 # LLaVA-NeXT (anyres, spatial_unpad)
 )
 # Multimodal prefixes that nothing above maps: a source holding them is not one this script understands.
 MM_PREFIXES = ("model.mm_projector", "model.vlm_uni", "model.vision_tower", "model.vision_resampler",
@@ -97,10 +107,13 @@ def from_source(src, dst, *, source: str = "mgm", llm: str | None = None, vision
     args = model_arguments(config, src_dir, vision_tower=vision_tower, vision_tower_aux=vision_tower_aux)
     for setting in ("vision_tower", "vision_tower_aux"):   # before any weights load
         check_model_ref(getattr(args, setting), setting)
-    aspect = {"pad": "pad", "square": "crop", None: "crop"}.get(config.get("image_aspect_ratio"))
+    aspect = {"pad": "pad", "square": "crop", None: "crop", "anyres": "anyres"}.get(config.get("image_aspect_ratio"))
     if aspect is None:
         raise UserError(f"{src_dir / 'config.json'}: image_aspect_ratio {config['image_aspect_ratio']!r} is not "
-                        "supported (pad, or square/absent for MGM's short-side resize and center crop)")
+                        "supported (pad, anyres, or square/absent for MGM's short-side resize and center crop)")
+    if aspect == "anyres" and config.get("mm_patch_merge_type") != "spatial_unpad":
+        raise UserError(f"{src_dir / 'config.json'}: image_aspect_ratio anyres with mm_patch_merge_type "
+                        f"{config.get('mm_patch_merge_type')!r}: only LLaVA-NeXT's spatial_unpad is supported")
     files = weight_files(src_dir, pretrain)
     keys = source_keys(files)
     summary = {"source": str(src_dir), "export": "pretrain" if pretrain else "full"}
@@ -151,6 +164,7 @@ def model_arguments(config: dict, src_dir: Path, *, vision_tower=None, vision_to
     if aux_ref and not (config.get("image_size_aux") and config.get("mm_hidden_size_aux")):
         raise UserError(f"{where}: mm_vision_tower_aux is set but image_size_aux / mm_hidden_size_aux are missing")
     image_grid, image_global = int(config.get("image_grid", 1)), bool(config.get("image_global", False))
+    pins = config.get("image_grid_pinpoints") if config.get("image_aspect_ratio") == "anyres" else None
     return ModelArguments(
         llm="", vision_tower=vision_tower or hub_id(config["mm_vision_tower"], "mm_vision_tower", where),
         vision_tower_aux=aux_ref, projector=projector,
@@ -159,6 +173,7 @@ def model_arguments(config: dict, src_dir: Path, *, vision_tower=None, vision_to
         mm_use_im_start_end=bool(config.get("mm_use_im_start_end", False)),
         image_size_aux=int(config.get("image_size_aux") or 768), image_grid=image_grid,
         image_global=image_global and image_grid > 1,
+        image_grid_pinpoints=",".join(f"{h}x{w}" for h, w in pins or []),   # read as (h, w), as transformers does
         dtype=str(config.get("torch_dtype") or config.get("dtype") or "float16").removeprefix("torch."))
 
 
@@ -258,7 +273,7 @@ def assemble(args, llm, mm: dict, files, dtype, im_ids, src_dir, summary, towers
                 continue
             towers_from_source += 1
         new[ours] = tensor.to(dtype)
-    missing = [k for k in own if k.startswith(("projector.", "mining.")) and k not in new]
+    missing = [k for k in own if k.startswith(("projector.", "mining.", "image_newline")) and k not in new]
     if missing:
         raise UserError(f"{src_dir}: {source_name(missing[0])} is missing (needed for {missing[0]})")
     model.load_state_dict(new, strict=False)
@@ -468,14 +483,17 @@ def to_llava_hf(src, dst) -> dict:
             "projector": model.config.projector}
 
 
-def refuse_for_llava(meta: dict, src: Path) -> None:
-    """What transformers' Llava cannot express, refused before anything is loaded."""
+def refuse_for_llava(meta: dict, src: Path, anyres: bool = False) -> None:
+    """What transformers' Llava (anyres: LlavaNext) cannot express, refused before anything is loaded."""
     args = meta["args"]
     reasons = []
+    if anyres != bool(args.get("image_grid_pinpoints")):
+        reasons.append("it is an AnyRes export (image_grid_pinpoints): use to-llava-next" if not anyres else
+                       "it is not an AnyRes export (no image_grid_pinpoints): use to-llava-hf")
     if meta.get("vision_aux_config"):
         reasons.append("it has an HR tower and patch info mining (vision_tower_aux); transformers has no "
                        "Mini-Gemini class: only plain-LLaVA exports (vision_tower_aux: null) convert")
-    if args["projector"] not in ("linear", "mlp2x_gelu"):
+    if args["projector"] not in (("mlp2x_gelu",) if anyres else ("linear", "mlp2x_gelu")):
         reasons.append(f"projector {args['projector']!r}: Llava's projector is linear -> act -> linear "
                        "(linear or mlp2x_gelu)")
     if args.get("image_grid", 1) != 1:
@@ -636,7 +654,135 @@ patch info mining, HD grids, perceiver / vit / mlp3x_gelu projectors, <im_start>
 
 example:
   python convert.py to-llava-hf runs/llava-1.5-7b runs/llava-1.5-7b-hf""",
+    "from-llava-next": """\
+A transformers LlavaNext directory (llava-hf/llava-v1.6-*: LlavaNextForConditionalGeneration), or an original
+llava-v1.6 checkpoint (liuhaotian/llava-v1.6-*: image_aspect_ratio anyres, spatial_unpad) -> a full AnyRes
+export of this repo (image_grid_pinpoints and image_newline kept, image_aspect_ratio anyres recorded), computing
+transformers' logits: eval.py, chat.py and web.py take it as --model, train.py as --init_from. DST must be a new or
+empty directory.
+
+example:
+  hf download llava-hf/llava-v1.6-vicuna-7b-hf --local-dir ckpt/llava-v1.6-vicuna-7b-hf
+  python convert.py from-llava-next ckpt/llava-v1.6-vicuna-7b-hf runs/llava-next-7b""",
+    "to-llava-next": """\
+An AnyRes export of this repo without a high-res tower (image_grid_pinpoints set, projector mlp2x_gelu) -> a
+transformers LlavaNext directory: LlavaNextForConditionalGeneration weights with image_newline, the tokenizer with an
+<image> token, a LlavaNextProcessor (pinpoints, bicubic, mean/std) and a chat template.
+
+example:
+  python convert.py to-llava-next runs/llava-next-7b-finetune/export runs/llava-next-7b-hf""",
 }
+
+# =============================================================================================================
+# transformers' LlavaNext <-> our AnyRes export
+# =============================================================================================================
+def from_llava_next(src, dst, *, template: str | None = None) -> dict:
+    """A LlavaNextForConditionalGeneration directory -> our full AnyRes export at dst (same weights; the LLM is
+    LlavaNext's language model with its head, the LR tower its vision tower, the projector mlp2x_gelu,
+    image_newline kept)."""
+    from transformers import LlavaNextForConditionalGeneration
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    src = Path(src)
+    config = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else None
+    if config and config.get("mm_vision_tower") and config.get("image_aspect_ratio") == "anyres":
+        return from_source(src, dst, source="llava", template=template)     # the original llava-v1.6 layout
+    if not config or config.get("model_type") != "llava_next":
+        raise UserError(f"src: {src} is neither a transformers LlavaNext directory (config.json with model_type "
+                        "llava_next) nor an original llava-v1.6 one (mm_vision_tower, image_aspect_ratio anyres)")
+    problems = []
+    if config.get("vision_feature_select_strategy", "default") != "default":
+        problems.append("vision_feature_select_strategy 'full' (the CLS token on the grid)")
+    if not isinstance(config.get("vision_feature_layer", -2), int):
+        problems.append("several vision_feature_layer")
+    if config.get("projector_hidden_act", "gelu") != "gelu" or not config.get("multimodal_projector_bias", True):
+        problems.append("a projector other than linear -> gelu -> linear with biases")
+    if problems:
+        raise UserError(f"{src / 'config.json'}: not supported: " + "; ".join(problems))
+    proc = ImageProcessingMixin.get_image_processor_dict(str(src))[0]
+    hf = LlavaNextForConditionalGeneration.from_pretrained(src)
+    dtype = str(hf.config.text_config.dtype or "float32").removeprefix("torch.")
+    side = hf.config.vision_config.image_size
+    pins = "default" if [list(p) for p in hf.config.image_grid_pinpoints] == [
+        [r * side, c * side] for r, c in LLAVA_NEXT_GRIDS] else ",".join(
+        f"{h}x{w}" for h, w in hf.config.image_grid_pinpoints)
+    args = ModelArguments(llm=str(src.resolve()), vision_tower=str(src.resolve()), vision_tower_aux=None,
+                          projector="mlp2x_gelu", mm_vision_select_layer=hf.config.vision_feature_layer,
+                          image_grid_pinpoints=pins, dtype=dtype)
+    llm = AutoModelForCausalLM.from_config(hf.config.text_config)
+    setattr(llm, llm.base_model_prefix, hf.model.language_model)
+    llm.lm_head = hf.lm_head
+    llm.generation_config = hf.generation_config
+    vt = VisionTower(hf.model.vision_tower, mean=proc.get("image_mean", CLIP_MEAN), std=proc.get("image_std", CLIP_STD),
+                     select_layer=args.mm_vision_select_layer)
+    model = MiniGemini(args, llm, vt, None)
+    with torch.no_grad():
+        model.projector[0].load_state_dict(hf.model.multi_modal_projector.linear_1.state_dict())
+        model.projector[2].load_state_dict(hf.model.multi_modal_projector.linear_2.state_dict())
+        model.image_newline.copy_(hf.model.image_newline)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model.save_pretrained(dst, tokenizer, weights="full")
+    template = template or ("auto" if tokenizer.chat_template else "vicuna_v1")
+    Path(dst, "train_config.yaml").write_text(yaml.safe_dump({"template": template, "image_aspect_ratio": "anyres"}))
+    return {"source": str(src), "export": "full", "template": template, "image_aspect_ratio": "anyres",
+            "image_grid_pinpoints": pins, "tokens_per_image_max": model.tokens_per_image}
+
+
+def to_llava_next(src, dst) -> dict:
+    """An AnyRes export without an HR tower -> a LlavaNextForConditionalGeneration + LlavaNextProcessor directory
+    (the <image> token added as to-llava-hf adds it; image_newline and the pinpoints carried over)."""
+    from accelerate import init_empty_weights
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    src, dst = Path(src), Path(dst)
+    meta = check_export(src, "src")
+    refuse_for_llava(meta, src, anyres=True)
+    model = merge_lora(MiniGemini.from_pretrained(src, bits=16))
+    settings = yaml.safe_load((src / "train_config.yaml").read_text()) if (src / "train_config.yaml").exists() else {}
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    template = settings.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
+    chat_template = llava_chat_template(template, tokenizer, src)
+    llm, vt = model.llm, model.vision_tower
+    image_id = add_image_token(tokenizer, llm)
+    cls = _num_cls(vt)
+    config = LlavaNextConfig(vision_config=vt.model.config.to_dict(), text_config=llm.config.to_dict(),
+                             image_token_index=image_id, image_grid_pinpoints=[list(p) for p in model.pinpoints],
+                             image_seq_length=vt.num_patches, vision_feature_layer=vt.select_layer,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                             multimodal_projector_bias=True,
+                             tie_word_embeddings=bool(llm.config.get_text_config().tie_word_embeddings))
+    with init_empty_weights():
+        hf = LlavaNextForConditionalGeneration(config)
+    state = llava_state_dict(model)
+    state["model.image_newline"] = model.image_newline.detach()
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{src}: the weights do not map onto transformers' LlavaNext ({missing=}, {unexpected=})")
+    hf.to(_model_dtype(model))
+    hf.generation_config = llm.generation_config
+    hf.generation_config.suppress_tokens = sorted({*(hf.generation_config.suppress_tokens or []), image_id})
+    hf.save_pretrained(dst)
+    llava_next_processor(model, tokenizer, cls, chat_template).save_pretrained(dst)
+    return {"source": str(src), "template": template, "image_token_id": image_id,
+            "image_grid_pinpoints": [list(p) for p in model.pinpoints], "tokens_per_image_max": model.tokens_per_image}
+
+
+def llava_next_processor(model, tokenizer, cls: int, chat_template: str):
+    """LlavaNextProcessor preparing images as images.ImageProcessor's anyres does (bicubic, pinpoints, CLIP-style
+    shortest-edge resize and crop of each S x S view, which leave them as they are)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+    s = model.image_settings()
+    side = s["image_size"]
+    images = LlavaNextImageProcessor(image_grid_pinpoints=s["image_grid_pinpoints"], size={"shortest_edge": side},
+                                     crop_size={"height": side, "width": side}, image_mean=s["image_mean"],
+                                     image_std=s["image_std"], resample=3)
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=s["patch_size"],
+                              vision_feature_select_strategy="default", num_additional_image_tokens=cls,
+                              chat_template=chat_template, image_token=IMAGE_TOKEN)
+
 
 # =============================================================================================================
 def main(argv=None):
@@ -659,10 +805,24 @@ def main(argv=None):
                        description=COMMAND_HELP["to-llava-hf"])
     p.add_argument("src", help="an export of this repo without an HR tower (vision_tower_aux: null)")
     p.add_argument("dst", help="a new (or empty) directory for the Llava model")
+    p = sub.add_parser("from-llava-next", help="a transformers LlavaNext directory -> an AnyRes full export",
+                       description=COMMAND_HELP["from-llava-next"])
+    p.add_argument("src", help="a LlavaNextForConditionalGeneration directory (llava-hf/llava-v1.6-*)")
+    p.add_argument("dst", help="a new (or empty) directory for the export")
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="chat template recorded for eval/chat (default: the tokenizer's own, else vicuna_v1)")
+    p = sub.add_parser("to-llava-next", help="an AnyRes export without an HR tower -> a transformers LlavaNext "
+                       "directory", description=COMMAND_HELP["to-llava-next"])
+    p.add_argument("src", help="an AnyRes export of this repo without an HR tower, projector mlp2x_gelu")
+    p.add_argument("dst", help="a new (or empty) directory for the LlavaNext model")
     a = parser.parse_args(argv)
     check_new_dir(a.dst, "dst")
     if a.command == "to-llava-hf":
         summary = to_llava_hf(a.src, a.dst)
+    elif a.command == "to-llava-next":
+        summary = to_llava_next(a.src, a.dst)
+    elif a.command == "from-llava-next":
+        summary = from_llava_next(a.src, a.dst, template=a.template)
     else:
         summary = from_source(a.src, a.dst, source=a.command.removeprefix("from-"), llm=a.llm,
                               vision_tower=a.vision_tower, vision_tower_aux=getattr(a, "vision_tower_aux", None),

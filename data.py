@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import io
 import os
 import re
 import sys
@@ -19,31 +18,17 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
-from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 
 from cli import ArgumentParser, UserError, check_path, field_comments, int_at_least, run
 from records import (RECORD_EXTENSIONS, RECORD_FEATURES, check_data_path, converter_fingerprint,  # noqa: F401
                      load_records)
 from conversation import (IGNORE_INDEX, IMAGE_TAG, IMAGE_TOKEN_INDEX,  # noqa: F401 - re-exported
                           TEMPLATES, ConversationError, Segment, Template, get_template, normalize_messages)
+from images import (ASPECT_RATIOS, CLIP_MEAN, CLIP_STD, BadSample, ImageProcessor, _bilinear,  # noqa: F401
+                    image_size, load_image, parse_pinpoints, to_rgb)
 
-
-
-class BadSample(ValueError):
-    """A record that cannot be trained on. `kind` is what summaries count ("image not found", "too long", ...),
-    `detail` says exactly what is wrong; str() is "record <id>: <kind>: <detail>" ("<kind>: <detail>" without an id),
-    so a skip reason sent from a dataloader worker as a string still starts with its kind (see reason_kind)."""
-
-    def __init__(self, kind: str, detail: str, record: str | None = None):
-        super().__init__(kind, detail, record)
-        self.kind, self.detail, self.record = kind, detail, record
-
-    def __str__(self) -> str:
-        reason = f"{self.kind}: {self.detail}"
-        return reason if self.record is None else f"record {self.record}: {reason}"
 
 
 # ---- Entry points: datasets, collator, sampler ----
@@ -58,7 +43,6 @@ class BadSample(ValueError):
 # Reasons are str(BadSample): "<kind>: <detail>", the kind named where the problem is found; reason_kind reads it back.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-ASPECT_RATIOS = ("pad", "resize", "crop")                          # DataArguments.image_aspect_ratio
 
 @dataclass
 class DataArguments:
@@ -66,8 +50,9 @@ class DataArguments:
     image_folder: str = "."             # image, frame and video-folder paths are relative to this
     template: str = "vicuna_v1"         # the chat template that renders conversations ("auto": the tokenizer's)
     image_aspect_ratio: str = "pad"     # pad: to square with the mean colour; resize: stretch to square;
-    #                                     crop: short side resized, center crop (MGM's stage-1 default, 'square')
-    max_length: int = 2048              # LLM positions per sample, each image counted as tokens_per_image
+    #                                     crop: short side resized, center crop (MGM's stage-1 default, 'square');
+    #                                     anyres: LLaVA-NeXT's tiles on the best grid of image_grid_pinpoints (model)
+    max_length: int = 2048              # LLM positions per sample, each image counted as its tokens (AnyRes: by size)
     num_frames: int = 8                 # frames sampled uniformly from each video
     bad_sample: str = "skip"            # skip: drop, count and log an unusable record; error: stop naming it
     group_by_modality_length: bool = True  # batches of one modality (image or text-only) and similar lengths
@@ -83,9 +68,11 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     """Records of data_args.data_path -> a map-style dataset of tokenized samples with image tensors.
 
     image_settings: model.image_settings() (image_size, image_size_aux, image_mean, image_std, image_grid,
-    image_global); None for a text-only model. tokens_per_image: LLM positions one image takes (max_length check).
-    With data_args.packing the exact length of every record is measured here (once; cached), so that under
-    accelerator.main_process_first() one process does the work and the others read the cache.
+    image_global; an AnyRes model's also image_grid_pinpoints, anyres_max_tiles, patch_size); None for a text-only
+    model. tokens_per_image: LLM positions one image takes (AnyRes: the most any image takes; each image is counted
+    by its own size). With data_args.packing or AnyRes the exact length of every record is measured here (once;
+    cached), so that under accelerator.main_process_first() one process does the work and the others read the
+    cache: packs and length groups then use the true count of every image.
     pairs: preference pairs (PreferenceDataset; reference: its precomputed reference log-probs, if any)."""
     if data_args.bad_sample not in ("skip", "error"):
         raise UserError(f"bad_sample must be 'skip' or 'error', not {data_args.bad_sample!r}")
@@ -96,13 +83,23 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     records = load_records(data_args.data_path, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc)
     processor = None
     if image_settings is not None:
-        processor = ImageProcessor(**image_settings, aspect_ratio=data_args.image_aspect_ratio)
+        processor = image_processor(image_settings, data_args.image_aspect_ratio)
     if pairs:
         return PreferenceDataset(records, tokenizer, data_args, processor, tokens_per_image, reference=reference)
     dataset = SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
-    if data_args.packing:
+    if data_args.packing or dataset.anyres:
         dataset.measure_lengths()
     return dataset
+
+
+def image_processor(image_settings: dict, aspect_ratio: str) -> ImageProcessor:
+    """The ImageProcessor of a model's image_settings; AnyRes goes with an AnyRes model only (UserError)."""
+    if (aspect_ratio == "anyres") != bool(image_settings.get("image_grid_pinpoints")):
+        raise UserError("image_aspect_ratio anyres needs an AnyRes model (image_grid_pinpoints set, e.g. 'default'), "
+                        "and an AnyRes model needs image_aspect_ratio anyres" if aspect_ratio == "anyres" else
+                        f"image_aspect_ratio {aspect_ratio}: this model is an AnyRes one (image_grid_pinpoints): "
+                        "use image_aspect_ratio anyres")
+    return ImageProcessor(**image_settings, aspect_ratio=aspect_ratio)
 
 
 def check_template(template: str, tokenizer) -> None:
@@ -127,87 +124,6 @@ def build_sampler(dataset: SupervisedDataset, data_args: DataArguments, batch_si
 
 # ---- Images, the dataset, collator, samplers, the check CLI ----------------------------------------------------
 
-class ImageProcessor:
-    """One PIL image -> (LR views [V, 3, S, S], HR tensor [3, A, A] or None): step 2 of ARCHITECTURE.md's flow.
-
-    The image is padded to a square with the mean colour ("pad"), stretched ("resize"), or its short side resized
-    and the center cut out ("crop", what MGM's image processor does by default). With an HR tower
-    (image_size_aux=A) the HR tensor is the normalized A x A image and the LR image is its bilinear downsample to
-    image_grid * S; without one (plain LLaVA) the LR image is resized directly. With image_grid=g > 1 the LR image is
-    cut into g*g tiles of S, row-major; image_global=True puts the LR image resized to S first:
-    views = [global, crop(0,0), crop(0,1), ..., crop(g-1,g-1)]."""
-
-    def __init__(self, image_size: int = 336, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 image_size_aux: int | None = None, image_grid: int = 1, image_global: bool = False,
-                 image_mean_aux=None, image_std_aux=None, aspect_ratio: str = "pad"):
-        # Both towers see the same normalized tensor (LR is a downsample of HR), so their mean/std must agree.
-        for name, mine, aux in (("mean", image_mean, image_mean_aux), ("std", image_std, image_std_aux)):
-            if aux is not None and not np.allclose(mine, aux, atol=1e-4):
-                raise ValueError(f"vision towers disagree on image {name}: {list(mine)} vs {list(aux)}")
-        if aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, not {aspect_ratio!r}")
-        self.image_size, self.image_size_aux = image_size, image_size_aux
-        self.grid, self.use_global, self.aspect_ratio = image_grid, image_global, aspect_ratio
-        self.mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
-        self.scale, self.shift = 1 / (255 * self.std), -self.mean / self.std
-        self.background = tuple(int(m * 255) for m in image_mean)   # the pad colour, as LLaVA/MGM use it
-
-    @property
-    def views(self) -> int:
-        return self.grid * self.grid + (1 if self.use_global and self.grid > 1 else 0)
-
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image = to_rgb(image, self.background)
-        if self.aspect_ratio == "pad":
-            image = self.pad_to_square(image)
-        lr_side = self.grid * self.image_size
-        if self.aspect_ratio == "crop":
-            image = self.center_crop(image, self.image_size_aux or lr_side)
-        if self.image_size_aux:
-            hr = self.resize_normalize(image, self.image_size_aux)
-            return self.split_views(_bilinear(hr, lr_side)), hr
-        return self.split_views(self.resize_normalize(image, lr_side)), None
-
-    def pad_to_square(self, image: Image.Image) -> Image.Image:
-        w, h = image.size
-        if w == h:
-            return image
-        canvas = Image.new("RGB", (max(w, h),) * 2, self.background)
-        canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-        return canvas
-
-    @staticmethod
-    def center_crop(image: Image.Image, side: int) -> Image.Image:
-        """The short side resized to `side` (PIL bicubic), then the central side x side square: CLIP's image
-        processor (resize shortest_edge + center_crop), which MGM applies when no image_aspect_ratio is given."""
-        w, h = image.size
-        size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
-        if size != image.size:
-            image = image.resize(size, Image.BICUBIC)
-        left, top = (size[0] - side) // 2, (size[1] - side) // 2
-        return image.crop((left, top, left + side, top + side))
-
-    def resize_normalize(self, image: Image.Image, side: int) -> torch.Tensor:
-        """RGB image -> normalized float [3, side, side] (a non-square image is stretched). The resize is torch's
-        antialiased bicubic on uint8, which equals PIL's BICUBIC to within 1/255 and is 2.5x faster; the normalize is
-        one fused pass ((x/255 - mean)/std = x*scale + shift). Together 3.5x faster than PIL resize + normalize."""
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
-        if pixels.shape[-2:] != (side, side):
-            pixels = F.interpolate(pixels, size=(side, side), mode="bicubic", antialias=True)
-        pixels = pixels[0].to(torch.float32, memory_format=torch.contiguous_format)
-        return pixels.mul_(self.scale).add_(self.shift)
-
-    def split_views(self, lr: torch.Tensor) -> torch.Tensor:
-        g, s = self.grid, self.image_size
-        if g == 1:
-            return lr[None]
-        crops = lr.reshape(3, g, s, g, s).permute(1, 3, 0, 2, 4).reshape(g * g, 3, s, s)   # row-major tiles
-        if self.use_global:
-            crops = torch.cat([_bilinear(lr, s)[None], crops])
-        return crops
-
-
 def reuse_freed_memory(worker_id: int | None = None) -> bool:
     """Make glibc keep freed large blocks for reuse (the DataLoader's worker_init_fn; train.py also calls it in the
     main process when it loads data itself). Every sample allocates fresh image tensors of many MB (28 MB for one HD
@@ -223,43 +139,11 @@ def reuse_freed_memory(worker_id: int | None = None) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 128 << 20))
 
 
-def to_rgb(image: Image.Image, background=(0, 0, 0)) -> Image.Image:
-    """Apply the EXIF orientation and convert any mode to RGB; transparency is composited on `background`."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        canvas = Image.new("RGB", image.size, background)
-        canvas.paste(image, mask=image.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
-
-
-def load_image(source: dict, image_folder: str = ".", max_pixels: int = 89_478_485) -> Image.Image:
-    """{"path" | "bytes"} -> a fully decoded PIL image; every way it can fail becomes BadSample naming the file."""
-    name = source.get("path") or "<image bytes>"
-    try:
-        fp = io.BytesIO(source["bytes"]) if source.get("bytes") else os.path.join(image_folder, source["path"])
-        image = Image.open(fp)
-        w, h = image.size
-        too_big = w * h > max_pixels
-        if not too_big:
-            image.load()   # decode now, so truncated and corrupt files fail here and not inside the model step
-    except FileNotFoundError:
-        raise BadSample("image not found", name) from None
-    except Image.DecompressionBombError:
-        raise BadSample("image too large", f"{name} (decompression bomb)") from None
-    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
-        raise BadSample("image unreadable", f"{name} ({type(e).__name__}: {e})") from None
-    if too_big:
-        raise BadSample("image too large", f"{name} is {w}x{h}, over max_image_pixels={max_pixels}")
-    if w == 0 or h == 0:
-        raise BadSample("image unreadable", f"{name} is {w}x{h}")
-    return image
-
-
 class SupervisedDataset(torch.utils.data.Dataset):
     """Map-style dataset: index -> {"id", "input_ids", "labels", "images" [n, V, 3, S, S] | None,
     "images_aux" [n, 3, A, A] | None}, or, for a bad record under bad_sample="skip", {"id", "skipped": reason}.
+    AnyRes: "images" is every image's views back to back [sum of 1 + tiles, 3, S, S], "images_aux" the HR canvases
+    cut in A x A tiles [sum of tiles, 3, A, A] | None, and "image_sizes" [n, 2] the images' (height, width).
 
     A pack (list of indices, as PackedBatchSampler yields them) -> the list of its samples.
     Text-only records carry no image tensors at all. Records live in Arrow (self.records), never in a Python list."""
@@ -268,6 +152,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                  processor: ImageProcessor | None, tokens_per_image: int = 1):
         self.records, self.tokenizer, self.args = records, tokenizer, args
         self.processor, self.tokens_per_image = processor, tokens_per_image
+        self.anyres = processor is not None and processor.aspect_ratio == "anyres"
         self.measured_lengths: np.ndarray | None = None   # set by measure_lengths()
 
     def __len__(self) -> int:
@@ -287,15 +172,29 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def sample(self, record: dict) -> dict:
         """One record -> tensors; raises BadSample."""
         conversations, sources = self.parse(record)
-        sample = {"id": record["id"], **self.encode(record, conversations, len(sources)), "images": None,
-                  "images_aux": None}
+        if sources and self.processor is None:
+            raise BadSample("unsupported", "record has images but the model has no vision tower")
+        tokens = self.encode(record, conversations, len(sources), self.image_tokens(sources))
+        sample = {"id": record["id"], **tokens, "images": None, "images_aux": None}
         if sources:
-            if self.processor is None:
-                raise BadSample("unsupported", "record has images but the model has no vision tower")
-            views, aux = zip(*(self.processor(self.load(s)) for s in sources))
-            sample["images"] = torch.stack(views)
-            sample["images_aux"] = None if aux[0] is None else torch.stack(aux)
+            views, aux, sizes = zip(*(self.processor.process(self.load(s)) for s in sources))
+            if self.anyres:     # views differ in number per image: back to back, the sizes say how many
+                sample["images"] = torch.cat(views)
+                sample["images_aux"] = None if aux[0] is None else torch.cat(aux)
+                sample["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+            else:
+                sample["images"] = torch.stack(views)
+                sample["images_aux"] = None if aux[0] is None else torch.stack(aux)
         return sample
+
+    def image_tokens(self, sources: list[dict]) -> int | list[int]:
+        """LLM positions of each image: tokens_per_image, or for AnyRes each image's own count, from its size
+        (read from the file's header; the same size process() finds once the image is decoded)."""
+        if not self.anyres:
+            return self.tokens_per_image
+        return [self.processor.tokens(image_size(s, self.args.image_folder, self.args.max_image_pixels))
+                for s in sources]
+
 
     def inspect(self, i: int) -> tuple[str, int, int, str | None]:
         """What `data.py check` needs: (id, images, LLM length with images expanded, bad reason or None).
@@ -303,13 +202,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         record = self.records[int(i)]
         try:
             conversations, sources = self.parse(record)
-            tokens = self.encode(record, conversations, len(sources))
+            per_image = self.image_tokens(sources)
+            tokens = self.encode(record, conversations, len(sources), per_image)
             for source in sources:
                 self.load(source)
         except BadSample as e:
             return record["id"], 0, 0, str(e)
-        n = len(sources)
-        return record["id"], n, self.positions(tokens) + n * (self.tokens_per_image - 1), None
+        return record["id"], len(sources), self.positions(tokens, per_image), None
 
     def parse(self, record: dict) -> tuple[list[dict], list[dict]]:
         """Record -> (conversations, image sources); a video becomes its sampled frames, its tag one tag each."""
@@ -343,24 +242,24 @@ class SupervisedDataset(torch.utils.data.Dataset):
         picks = np.linspace(0, len(frames) - 1, min(self.args.num_frames, len(frames))).round().astype(int)
         return [frames[j] for j in picks]
 
-    def encode(self, record: dict, conversations: list[dict], num_images: int) -> dict:
+    def encode(self, record: dict, conversations: list[dict], num_images: int, image_tokens: int | list[int]) -> dict:
         """The token part of a sample (PreferenceDataset: both rows of a pair)."""
-        return self.tokenize(conversations, num_images)
+        return self.tokenize(conversations, num_images, image_tokens)
 
-    def positions(self, tokens: dict) -> int:
-        """Ids of an encoded sample (its longest row)."""
-        return len(tokens["input_ids"])
+    def positions(self, tokens: dict, image_tokens: int | list[int]) -> int:
+        """LLM positions of an encoded sample, images expanded (its longest row)."""
+        return expanded_length(tokens["input_ids"], image_tokens)
 
-    def tokenize(self, conversations: list[dict], num_images: int) -> dict:
+    def tokenize(self, conversations: list[dict], num_images: int, image_tokens: int | list[int]) -> dict:
         return tokenize_conversation(conversations, self.tokenizer, self.args.template, self.args.max_length,
-                                     image_token_len=self.tokens_per_image, num_images=num_images)
+                                     image_token_len=image_tokens, num_images=num_images)
 
     def load(self, source: dict) -> Image.Image:
         return load_image(source, self.args.image_folder, self.args.max_image_pixels)
 
     def lengths(self) -> np.ndarray:
         """LLM length of every record, images expanded: exact once measure_lengths() ran (build_dataset runs it when
-        packing), else an estimate from the Arrow columns (words + images * tokens_per_image)."""
+        packing and for AnyRes), else an estimate from the Arrow columns (words + images * tokens_per_image)."""
         if self.measured_lengths is not None:
             return self.measured_lengths
         columns = self.records.select_columns(["n_words", "n_images"]).with_format("numpy")
@@ -370,17 +269,25 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def measure_lengths(self) -> np.ndarray:
         """Exact LLM length of every record as __getitem__ will build it (tokenized and truncated like training, each
-        image counted tokens_per_image); 0 for a record that tokenization rejects. Text only: no image is opened.
-        Runs as a datasets.map (data_args.num_proc processes) whose result is cached in Arrow next to the records,
+        image counted as its tokens); 0 for a record that tokenization rejects. No image is decoded: AnyRes reads
+        each image's size from its header, the other layouts open no image at all. Runs as a datasets.map (data_args.num_proc processes) whose result is cached in Arrow next to the records,
         keyed by the tokenizer and the settings that change a length; packs are built from these."""
         a = self.args
         settings = DataArguments("", image_folder=a.image_folder, template=a.template, max_length=a.max_length,
                                  num_frames=a.num_frames)
-        columns = self.records.select_columns(["id", "conversations", "video", "n_images", "problem"])  # no bytes
+        settings.max_image_pixels, anyres = a.max_image_pixels, None
+        names = ["id", "conversations", "video", "n_images", "problem"]    # no bytes, unless AnyRes needs sizes
+        if self.anyres:
+            p = self.processor
+            anyres = dict(image_size=p.image_size, image_grid_pinpoints=p.pinpoints, anyres_max_tiles=p.max_tiles,
+                          patch_size=p.patch_size)
+            names.append("images")
+        columns = self.records.select_columns(names)
         measured = columns.map(
             _measure_batch, batched=True, remove_columns=columns.column_names, num_proc=a.num_proc,
             features=datasets.Features({"length": datasets.Value("int32")}), desc="measuring token lengths",
-            fn_kwargs={"tokenizer": self.tokenizer, "args": settings, "tokens_per_image": self.tokens_per_image})
+            fn_kwargs={"tokenizer": self.tokenizer, "args": settings, "tokens_per_image": self.tokens_per_image,
+                       "anyres": anyres})
         self.measured_lengths = np.asarray(measured.with_format("numpy")["length"], dtype=np.int64)
         return self.measured_lengths
 
@@ -404,17 +311,17 @@ class PreferenceDataset(SupervisedDataset):
             sample["ref_logps"] = self.reference[int(i)]
         return sample
 
-    def encode(self, record: dict, conversations: list[dict], num_images: int) -> dict:
+    def encode(self, record: dict, conversations: list[dict], num_images: int, image_tokens: int | list[int]) -> dict:
         if not record["rejected"]:
             raise BadSample("not a pair", "no rejected reply (a preference record needs chosen and rejected)")
         if not conversations or conversations[-1]["from"] not in ("gpt", "assistant"):
             raise BadSample("roles out of order", "a preference pair's conversation must end with the chosen reply")
         return tokenize_pair(conversations[:-1], conversations[-1]["value"], record["rejected"], self.tokenizer,
-                             self.args.template, self.args.max_length, image_token_len=self.tokens_per_image,
+                             self.args.template, self.args.max_length, image_token_len=image_tokens,
                              num_images=num_images)
 
-    def positions(self, tokens: dict) -> int:
-        return max(len(tokens["chosen"]["input_ids"]), len(tokens["rejected"]["input_ids"]))
+    def positions(self, tokens: dict, image_tokens: int | list[int]) -> int:
+        return max(expanded_length(tokens[row]["input_ids"], image_tokens) for row in ("chosen", "rejected"))
 
 
 def holds_pairs(records: datasets.Dataset) -> bool:
@@ -481,7 +388,8 @@ def collate_rows(packs: list[list[dict]], pad_token_id: int, packed: bool) -> di
     A row's padding tail is a sequence of its own (positions from 0 again). Each sample's first label is
     IGNORE_INDEX, so the previous sample's last token predicts nothing, as at the end of a padded row; the loss and
     the supervised-token count are then those of the same samples padded. image_counts are per row, images in
-    sample order, and ids name every packed sample (len(ids) = samples in the batch)."""
+    sample order, and ids name every packed sample (len(ids) = samples in the batch). AnyRes batches also carry
+    image_sizes [N, 2] (images and images_aux then hold every image's views / HR tiles back to back)."""
     skipped = [(s["id"], s["skipped"]) for pack in packs for s in pack if "skipped" in s]
     packs = [kept for pack in packs if (kept := [s for s in pack if "skipped" not in s])] or \
         [[_padding_sample(pad_token_id)]]
@@ -505,14 +413,22 @@ def collate_rows(packs: list[list[dict]], pad_token_id: int, packed: bool) -> di
         "attention_mask": (torch.arange(width)[None] < used[:, None]).long(),
         "images": torch.cat(images) if images else None,
         "images_aux": torch.cat(images_aux) if images_aux else None,
-        "image_counts": torch.tensor([sum(0 if s["images"] is None else len(s["images"]) for s in pack)
-                                      for pack in packs], dtype=torch.long),
+        "image_counts": torch.tensor([sum(_image_count(s) for s in pack) for pack in packs], dtype=torch.long),
         "ids": [s["id"] for s in samples if s["id"] is not None],
         "skipped": skipped,
     }
+    image_sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
+    if image_sizes:     # AnyRes: images / images_aux hold views / HR tiles back to back; the sizes say how many
+        batch["image_sizes"] = torch.cat(image_sizes)
     if packed:
         batch["position_ids"] = position_ids
     return batch
+
+
+def _image_count(sample: dict) -> int:
+    if sample.get("image_sizes") is not None:
+        return len(sample["image_sizes"])
+    return 0 if sample["images"] is None else len(sample["images"])
 
 
 def reason_kind(reason: str) -> str:
@@ -751,43 +667,50 @@ class _Inspection(torch.utils.data.Dataset):
         return self.dataset.inspect(i)
 
 
-def _bilinear(image: torch.Tensor, side: int) -> torch.Tensor:
-    """[3, H, W] -> [3, side, side], bilinear (align_corners=False, as MGM). Channels-last in and out of the kernel:
-    2.4x faster on CPU than the planar layout at 768 -> 336."""
-    x = image[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)[0].contiguous()
-
-
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int) -> dict:
-    """SupervisedDataset.measure_lengths' map function: a batch of records (no image column) -> {"length"}."""
-    measurer = SupervisedDataset(None, tokenizer, args, None, tokens_per_image)
+def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int,
+                   anyres: dict | None = None) -> dict:
+    """SupervisedDataset.measure_lengths' map function: a batch of records (the image column only for AnyRes,
+    whose settings `anyres` holds) -> {"length"}."""
+    processor = ImageProcessor(**anyres, aspect_ratio="anyres") if anyres else None
+    measurer = SupervisedDataset(None, tokenizer, args, processor, tokens_per_image)
     lengths = []
     for j in range(len(batch["id"])):
         record = {k: v[j] for k, v in batch.items()}
-        record["images"] = [{}] * max(record["n_images"], 0)   # parse() only counts them
+        if not anyres:
+            record["images"] = [{}] * max(record["n_images"], 0)   # parse() only counts them
         try:
             conversations, sources = measurer.parse(record)
-            tokens = measurer.tokenize(conversations, len(sources))
-            lengths.append(len(tokens["input_ids"]) + len(sources) * (tokens_per_image - 1))
+            per_image = measurer.image_tokens(sources)
+            tokens = measurer.tokenize(conversations, len(sources), per_image)
+            lengths.append(expanded_length(tokens["input_ids"], per_image))
         except BadSample:
             lengths.append(0)
     return {"length": lengths}
 
 
+def expanded_length(input_ids: torch.Tensor, image_tokens: int | list[int]) -> int:
+    """LLM positions of a tokenized sample once each image placeholder becomes its image's tokens."""
+    n = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+    extra = sum(image_tokens[:n]) - n if isinstance(image_tokens, list) else n * (image_tokens - 1)
+    return len(input_ids) + extra
+
+
 # ---- Tokenization and label masking --------------------------------------------------------------------------------
 
 def tokenize_conversation(conversations: list[dict], tokenizer, template: str | Template, max_length: int | None = None,
-                          *, image_token_len: int = 1, num_images: int | None = None) -> dict[str, torch.Tensor]:
+                          *, image_token_len: int | list[int] = 1,
+                          num_images: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenize one conversation; labels are exact by construction.
 
     The template renders segments (text, trainable); each segment is tokenized on its own and the ids concatenated,
     so a token is supervised exactly when its segment is. Each `<image>` tag becomes one IMAGE_TOKEN_INDEX id.
     `num_images` (when known) is checked against the tags; a single image without a tag gets one in front of the first
-    user turn. `max_length` counts each image as `image_token_len` positions; a sample is cut at the end, never
+    user turn. `max_length` counts each image as `image_token_len` positions (or, a list, each image in order as
+    its own count: AnyRes); a sample is cut at the end, never
     inside or before an image, and a sample left with nothing to learn raises BadSample with the reason.
     """
     template = get_template(template) if isinstance(template, str) else template
@@ -813,7 +736,8 @@ def tokenize_prompt(messages: list[dict], tokenizer, template: str | Template, *
 
 
 def tokenize_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer, template: str | Template,
-                  max_length: int | None = None, *, image_token_len: int = 1, num_images: int | None = None) -> dict:
+                  max_length: int | None = None, *, image_token_len: int | list[int] = 1,
+                  num_images: int | None = None) -> dict:
     """Prompt turns (ending with the user's) + each reply -> {"chosen": {input_ids, labels}, "rejected": ...}.
     Each row is tokenize_conversation's (the ids supervised training sees), with every position before the reply
     masked, so the earlier assistant turns of a multi-turn prompt do not count: only the chosen / rejected reply
@@ -918,8 +842,11 @@ def _place_image_tags(messages: list[dict], num_images: int | None) -> list[dict
     return messages
 
 
-def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_len: int):
-    lengths = [image_token_len if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
+def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_len: int | list[int]):
+    counts = iter(image_token_len) if isinstance(image_token_len, list) else None
+    lengths = [(next(counts) if counts else image_token_len) if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
+    each = (f"{image_token_len} each" if counts is None else
+            "their own counts, " + ", ".join(map(str, image_token_len)))
     total = sum(lengths)
     if total <= max_length:
         return ids, labels
@@ -928,11 +855,11 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_le
         used += lengths[keep]
         keep += 1
     if IMAGE_TOKEN_INDEX in ids[keep:]:
-        raise BadSample("too long", f"needs {total} positions (images count {image_token_len} each) but max_length is "
+        raise BadSample("too long", f"needs {total} positions (images count {each}) but max_length is "
                         f"{max_length}: an image would be cut")
     if all(label == IGNORE_INDEX for label in labels[:keep]):
         raise BadSample("too long", f"the prompt alone needs more than max_length={max_length} positions "
-                        f"(images count {image_token_len} each); nothing left to learn")
+                        f"(images count {each}); nothing left to learn")
     return ids[:keep], labels[:keep]
 
 

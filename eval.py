@@ -293,19 +293,24 @@ class Answerer:
         return tokenize_prompt(messages, self.tokenizer, self.template, num_images=num_images)
 
     def image_inputs(self, images: list[list]) -> dict:
-        """Each row's PIL images -> the model's images / images_aux / image_counts arguments."""
+        """Each row's PIL images -> the model's images / images_aux / image_counts (AnyRes: image_sizes) arguments."""
         device = next(self.model.parameters()).device
-        views, aux = [], []
+        views, aux, sizes = [], [], []
         for image in (img for imgs in images for img in imgs):
-            v, a = self.processor(image)
+            v, a, size = self.processor.process(image)
             views.append(v)
             aux.append(a)
+            sizes.append(size)
         kw = dict(images=None, images_aux=None,
                   image_counts=torch.tensor([len(imgs) for imgs in images], device=device))
+        anyres = self.processor.aspect_ratio == "anyres"    # views (and HR tiles) per image vary: back to back
+        join = torch.cat if anyres else torch.stack
         if views:
-            kw["images"] = torch.stack(views).to(device, next(self.model.vision_tower.parameters()).dtype)
+            kw["images"] = join(views).to(device, next(self.model.vision_tower.parameters()).dtype)
             if self.model.vision_tower_aux is not None:
-                kw["images_aux"] = torch.stack(aux).to(kw["images"])
+                kw["images_aux"] = join(aux).to(kw["images"])
+            if anyres:
+                kw["image_sizes"] = torch.tensor(sizes, device=device)
         return kw
 
     def check(self, question: Question, image_folder: str = ".") -> list:

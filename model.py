@@ -38,16 +38,19 @@ from cli import ArgumentParser, UserError, check_new_dir, run
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flops import (TrainFlops, conv_forward_flops, llm_forward_flops, mining_forward_flops,  # noqa: F401
                    projector_forward_flops, train_flops, vit_forward_flops)
+from images import parse_pinpoints
 from refs import (CHECKPOINT_KINDS, CONFIG_NAME, MM_WEIGHTS, REF_SETTINGS,  # noqa: F401 - re-exported
                   TOKENIZER_VOCABULARY, check_export, check_model_ref, check_tokenizer_dir, hub_problem, in_hub_cache,
                   is_local_path, portable_refs)
 from vision import (ConvNeXtTower, GridPool2x, PatchInfoMining, PerceiverProjector, TimmTrunkTower,  # noqa: F401
                     ViTProjector, VisionTower, _aux_kind, _close, _dtype, _interpolate_band, _open_clip_config,
+                    anyres_dummy_images, anyres_image_settings, anyres_newline, encode_anyres,
                     _resize_matrix, _support, _timm_model_args, build_projector, enable_checkpointing, hr_views,
                     hr_windows, projector_tokens, upsample_concat, view_matrices)
 
 IM_START, IM_END = "<im_start>", "<im_end>"
 FULL_WEIGHTS = "model.safetensors"         # full exports: towers, mining, projector (the LLM lives in llm/)
+MM_PARTS = ("projector.", "mining.", "image_newline")   # what a pretrain export always holds
 
 
 @dataclass
@@ -68,6 +71,9 @@ class ModelArguments:
     image_size_aux: int = 768            # high-res input side in pixels (1536 for HD)
     image_grid: int = 1                  # low-res crops per side: 2 for HD (2x2 crops)
     image_global: bool = False           # HD: add the whole image as a global view, first
+    image_grid_pinpoints: str = ""       # AnyRes (LLaVA-NeXT) grids HxW,...; default: its five for the tower's size;
+    #   "": no AnyRes. The data then needs image_aspect_ratio anyres
+    anyres_max_tiles: int = 0            # AnyRes: shrink an image's grid to ~this many tiles (OneVision); 0: no limit
     attention: str = "sdpa"              # the LLM's attention kernel, one of those allowed below (flash_*: needs the
     #   flash-attn package; mmca: DeepSpeed-VisualChat's multi-modal causal attention)
     bits: int = 16                       # 8 or 4: the LLM alone is loaded quantized (QLoRA, needs tune: qlora)
@@ -138,6 +144,9 @@ class MiniGemini(nn.Module):
             vision_tower_aux.expect_input(vision_tower.mean, vision_tower.std)
         self.projector = build_projector(config.projector, d, llm.config.get_text_config().hidden_size,
                                          heads=config.projector_heads, queries=config.perceiver_queries).to(dtype)
+        self.pinpoints = parse_pinpoints(config.image_grid_pinpoints, vision_tower.image_size)
+        if self.pinpoints:       # LLaVA-NeXT's row end: a learned LLM-space vector after every row of grid features
+            self.image_newline = anyres_newline(config, llm, im_start_end_ids, dtype)
         self.stage = None
         self.tune_towers = (False, False)
         self._row_hook = None
@@ -150,15 +159,19 @@ class MiniGemini(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
+        """LLM positions of one image; AnyRes: the most any image takes (the data counts each by its size)."""
+        if self.pinpoints:
+            return anyres_image_settings(self)["tokens_per_image"]
         per_view = projector_tokens(self.config.projector, self.vision_tower.num_tokens,
                                     queries=self.config.perceiver_queries)
         return self.num_views * per_view + (2 if self.im_start_end_ids else 0)
 
     def image_settings(self) -> dict:
         aux = self.config.image_size_aux if self.vision_tower_aux is not None else None   # plain LLaVA: no HR input
+        anyres = {k: v for k, v in anyres_image_settings(self).items() if k != "tokens_per_image"}
         return dict(image_size=self.vision_tower.image_size, image_size_aux=aux,
                     image_mean=list(self.vision_tower.mean), image_std=list(self.vision_tower.std),
-                    image_grid=self.config.image_grid, image_global=self.config.image_global)
+                    image_grid=self.config.image_grid, image_global=self.config.image_global, **anyres)
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -178,7 +191,8 @@ class MiniGemini(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, images_aux=None, image_counts=None,
-                position_ids=None, num_items_in_batch=None, ids=None, **kw) -> CausalLMOutputWithPast:
+                position_ids=None, num_items_in_batch=None, ids=None, image_sizes=None,
+                **kw) -> CausalLMOutputWithPast:
         """Loss = summed token cross-entropy / num_items_in_batch when given (train.py passes the supervised-token
         count of the whole optimizer step), else the mean. position_ids given = packed rows (restart per sample):
         the LLM then isolates the samples itself (transformers detects packing from position ids).
@@ -187,12 +201,15 @@ class MiniGemini(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         pad_left = bool((attention_mask[:, 0] == 0).any())
         inputs = self.prepare_inputs(input_ids, attention_mask, labels, images, images_aux, image_counts,
-                                     position_ids=position_ids, pad_left=pad_left)
+                                     position_ids=position_ids, pad_left=pad_left, image_sizes=image_sizes)
         kw.setdefault("use_cache", False)     # a cache here would also hide packing from transformers' mask code
         return self.llm(**inputs, num_items_in_batch=num_items_in_batch, **kw)
 
-    def encode_images(self, images, images_aux=None) -> torch.Tensor:
-        """[N, V, 3, S, S] (+ [N, 3, A, A]) -> [N, tokens_per_image, hidden]."""
+    def encode_images(self, images, images_aux=None, image_sizes=None) -> torch.Tensor | list[torch.Tensor]:
+        """[N, V, 3, S, S] (+ [N, 3, A, A]) -> [N, tokens_per_image, hidden]. AnyRes (image_sizes [N, 2]): views
+        back to back [sum V_i, 3, S, S] (+ HR tiles) -> a list of [tokens of image i, hidden] (vision.encode_anyres)."""
+        if image_sizes is not None:
+            return encode_anyres(self, images, images_aux, image_sizes)
         n, v = images.shape[:2]
         feats = self.vision_tower(images.flatten(0, 1))                              # [N*V, P(+1), d]
         if self.vision_tower_aux is not None:
@@ -212,15 +229,16 @@ class MiniGemini(nn.Module):
         return feats
 
     def prepare_inputs(self, input_ids, attention_mask, labels=None, images=None, images_aux=None, image_counts=None,
-                       *, position_ids=None, pad_left=False) -> dict:
+                       *, position_ids=None, pad_left=False, image_sizes=None) -> dict:
         """Token ids with placeholders -> the keyword arguments of the LLM's forward (inputs_embeds, mask, ...)."""
         embed = self.llm.get_input_embeddings()
         text = embed(input_ids.clamp(min=0))
         feats = None
         if images is not None:
-            feats = self.encode_images(images, images_aux).to(text.dtype)
+            feats = self.encode_images(images, images_aux, image_sizes)
         elif self.training:
-            text = text + 0 * self.encode_images(*self.dummy_images(text.device)).sum().to(text.dtype)
+            dummy = self.encode_images(*self.dummy_images(text.device))
+            text = text + 0 * sum(f.sum() for f in dummy).to(text.dtype)
         if image_counts is not None and int(image_counts.sum()) != int((input_ids == IMAGE_TOKEN_INDEX).sum()):
             raise ValueError("image_counts disagree with the number of image placeholders in input_ids")
         out = splice(input_ids, text, feats, attention_mask, labels, position_ids=position_ids, pad_left=pad_left)
@@ -237,6 +255,8 @@ class MiniGemini(nn.Module):
         """One black image: a text-only training batch still runs the vision path (its output times 0), so every
         rank runs the same modules (FSDP/ZeRO-3 gather collectives) and the image modules get zero gradients (DDP)."""
         s = self.image_settings()
+        if self.pinpoints:
+            return anyres_dummy_images(s, self.pinpoints, device)
         images = torch.zeros(1, self.num_views, 3, s["image_size"], s["image_size"], device=device)
         aux = None
         if self.vision_tower_aux is not None:
@@ -246,13 +266,13 @@ class MiniGemini(nn.Module):
     # ---- generation -----------------------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, images=None, images_aux=None, image_counts=None,
                  max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-                 pad_token_id=None, generator=None) -> torch.LongTensor:
+                 pad_token_id=None, generator=None, image_sizes=None) -> torch.LongTensor:
         """Batched generation with a KV cache; any padding is moved to the left first.
         Returns only the new tokens [B, <= max_new_tokens]; rows that finished early are filled with pad."""
         return torch.stack(list(self.generate_steps(
             input_ids, attention_mask, images, images_aux, image_counts, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, generator=generator)), 1)
+            pad_token_id=pad_token_id, generator=generator, image_sizes=image_sizes)), 1)
 
     def stream(self, input_ids, images=None, images_aux=None, image_counts=None, **generation) -> Iterator[int]:
         """One conversation's new tokens, each handed out as soon as it is produced: the tokens of generate()'s
@@ -267,14 +287,15 @@ class MiniGemini(nn.Module):
     @torch.no_grad()
     def generate_steps(self, input_ids, attention_mask=None, images=None, images_aux=None, image_counts=None, *,
                        max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-                       pad_token_id=None, generator=None) -> Iterator[torch.LongTensor]:
+                       pad_token_id=None, generator=None, image_sizes=None) -> Iterator[torch.LongTensor]:
         """The decoding loop generate() and stream() share: yields each step's new tokens [B] until every row has
         produced a stop token or max_new_tokens are out; a finished row gets pad."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         order = torch.sort(attention_mask, dim=1, stable=True).indices          # zeros first = left padding
         input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
-        inputs = self.prepare_inputs(input_ids, attention_mask, None, images, images_aux, image_counts, pad_left=True)
+        inputs = self.prepare_inputs(input_ids, attention_mask, None, images, images_aux, image_counts, pad_left=True,
+                                     image_sizes=image_sizes)
         inputs.pop("labels")
         if eos_token_id is None:     # generation_config may list several (Llama-3: <|eot_id|> and <|end_of_text|>)
             gen = getattr(self.llm, "generation_config", None)
@@ -392,7 +413,7 @@ class MiniGemini(nn.Module):
         what pretrain and LoRA exports hold besides adapters."""
         state = state if state is not None else self.state_dict()
         tuned = {n for n, p in self.named_parameters() if p.requires_grad and n.startswith("vision_tower")}
-        out = {k: v for k, v in state.items() if k.startswith(("projector.", "mining.")) or k in tuned}
+        out = {k: v for k, v in state.items() if k.startswith(MM_PARTS) or k in tuned}
         if self.im_start_end_ids:
             embed_name = next(n for n, p in self.named_parameters()
                               if p is self.llm.get_input_embeddings().weight)
@@ -404,7 +425,7 @@ class MiniGemini(nn.Module):
         state = load_file(path / MM_WEIGHTS if path.is_dir() else path)
         rows = state.pop("llm_image_token_rows", None)
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k.startswith(("projector.", "mining."))]
+        missing = [k for k in missing if k.startswith(("projector.", "mining."))]   # image_newline may start new
         if missing or unexpected:
             raise ValueError(f"{path}: projector/mining weights do not fit this model ({missing=}, {unexpected=})")
         if rows is not None and self.im_start_end_ids:
@@ -420,10 +441,8 @@ def set_stage(model: MiniGemini, stage: str, *, tune_vision_tower=False, tune_vi
     when apply_lora was called. Towers train only when asked."""
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    if model.mining is not None:
-        model.mining.requires_grad_(True)
+    for name, p in model.named_parameters():    # projector, mining, AnyRes' image_newline (LLaVA-NeXT trains it)
+        p.requires_grad_(name.startswith(MM_PARTS))
     if stage == "finetune":
         if model.config.bits < 16 and not _is_peft(model.llm):
             raise ValueError("a 4/8-bit LLM trains only through LoRA: apply_lora(model) before set_stage")
@@ -542,18 +561,20 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     """Replace each IMAGE_TOKEN_INDEX position by its image's K rows, for the whole batch at once (no sample loop).
 
     input_ids [B, T]; text_embeds [B, T, H] (rows at placeholders unused); image_features [N, K, H] in placeholder
-    order (row-major) or None. Rows grow by (K-1) per image; shorter rows are padded at the right, or at the left
-    with pad_left. Returns inputs_embeds, attention_mask, labels (IGNORE_INDEX at image and pad positions),
-    image_mask (True at image positions) and position_ids (from the mask, or restarted per packed sample when
-    position_ids are given)."""
-    b, t = input_ids.shape
+    order (row-major), a list of N [K_i, H] (AnyRes: each image its own K), or None. Rows grow by (K-1) per image;
+    shorter rows are padded at the right, or at the left with pad_left. Returns inputs_embeds, attention_mask,
+    labels (IGNORE_INDEX at image and pad positions), image_mask (True at image positions) and position_ids (from
+    the mask, or restarted per packed sample when position_ids are given)."""
+    b, dev = len(input_ids), input_ids.device
     is_img = input_ids == IMAGE_TOKEN_INDEX
     n_img = int(is_img.sum())
-    k = 0 if image_features is None else image_features.shape[1]
-    if n_img != (0 if image_features is None else len(image_features)):
-        raise ValueError(f"{n_img} image placeholders but {0 if image_features is None else len(image_features)} "
-                         f"images")
-    width = torch.where(is_img, k, 1)                           # positions each token occupies after the splice
+    feats = [] if image_features is None else image_features
+    if n_img != len(feats):
+        raise ValueError(f"{n_img} image placeholders but {len(feats)} images")
+    fixed = torch.is_tensor(feats)      # [N, K, H]; else AnyRes' list of [K_i, H]
+    k = torch.tensor([len(f) for f in feats] if not fixed else [feats.shape[1]] * n_img, dtype=torch.long,
+                     device=dev)        # positions of each image
+    width = torch.ones_like(input_ids).masked_scatter(is_img, k)   # positions each token occupies after the splice
     if not pad_left:  # right padding takes no position: rows are as wide as the longest real row, so a row that
         width = width * (attention_mask != 0)   # grows by its images does not widen the batch by its padding too
     end = width.cumsum(1)
@@ -564,19 +585,28 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
     is_text = ~is_img & (width > 0)
     text_rows, text_cols = is_text.nonzero(as_tuple=True)[0], start[is_text]
     img_row, img_col = is_img.nonzero(as_tuple=True)                          # row-major = image_features' order
-    img_rows = img_row[:, None].expand(-1, k)
-    img_cols = start[img_row, img_col][:, None] + torch.arange(k, device=input_ids.device)
+    if fixed:        # [N, K] index grids: broadcasting, no per-position gather
+        owner, offset, image_rows = None, torch.arange(feats.shape[1] if n_img else 0, device=dev), feats
+    else:            # flat: each position knows its image
+        owner = torch.repeat_interleave(torch.arange(n_img, device=dev), k)
+        offset = torch.arange(len(owner), device=dev) - (k.cumsum(0) - k)[owner]
+        image_rows = torch.cat(list(feats)) if n_img else None
 
-    def place(per_token, fill, image_rows=None):
+    def spread(per_image):
+        """A value per image -> one per image position."""
+        return per_image[:, None] if owner is None else per_image[owner]
+
+    img_rows, img_cols = spread(img_row), spread(start[img_row, img_col]) + offset
+
+    def place(per_token, fill, rows=None):
         """[B, T, ...] -> [B, length, ...]; positions no token reaches (padding) hold `fill`."""
-        out = torch.full((b, length, *per_token.shape[2:]), fill, dtype=per_token.dtype, device=input_ids.device)
+        out = torch.full((b, length, *per_token.shape[2:]), fill, dtype=per_token.dtype, device=dev)
         out[text_rows, text_cols] = per_token[is_text]
         if n_img:
-            out[img_rows, img_cols] = (per_token[img_row, img_col][:, None] if image_rows is None
-                                       else image_rows.to(out.dtype))
+            out[img_rows, img_cols] = spread(per_token[img_row, img_col]) if rows is None else rows.to(out.dtype)
         return out
 
-    out = dict(inputs_embeds=place(text_embeds, 0, image_features), attention_mask=place(attention_mask, 0),
+    out = dict(inputs_embeds=place(text_embeds, 0, image_rows), attention_mask=place(attention_mask, 0),
                image_mask=place(is_img, False), labels=None)
     if labels is not None:
         out["labels"] = place(labels.masked_fill(is_img, IGNORE_INDEX), IGNORE_INDEX)

@@ -59,6 +59,7 @@ import dpo
 import step
 from cli import UserError
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from images import worst_pinpoint
 
 GiB = 2 ** 30
 USABLE = 0.9                 # of a device's memory a plan may use
@@ -573,7 +574,8 @@ def build_fake(model_args, args, fake: FakeTensorMode, upcast_trainables: bool =
 def worst_case_batch(model, data_args, batch_size: int, fake: FakeTensorMode) -> dict:
     """A collated batch of the longest rows max_length allows: each sample one image and text up to max_length
     positions (packed: as many one-image samples per row as fit, at least 2 text positions each), every text token
-    supervised. Token ids, masks and counts are real (small); the images are fake."""
+    supervised. Token ids, masks and counts are real (small); the images are fake. AnyRes: every image has the
+    size with the most tokens (a pinpoint itself: every tile used, nothing unpadded)."""
     length, per_image = data_args.max_length, model.tokens_per_image
     if length < per_image + 1:
         raise UserError(f"max_length {length} leaves no text next to one image ({per_image} positions)")
@@ -585,12 +587,21 @@ def worst_case_batch(model, data_args, batch_size: int, fake: FakeTensorMode) ->
     ids = torch.tensor(row).repeat(batch_size, 1)
     labels = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
     s = model.image_settings()
-    images = batch_size * samples
+    images, side, aux_side = batch_size * samples, s["image_size"], s["image_size_aux"]
+    pins = s.get("image_grid_pinpoints")
+    worst = worst_pinpoint(pins, side, side // s["patch_size"], s["anyres_max_tiles"]) if pins else None
+    tiles = worst[0] // side * (worst[1] // side) if pins else 0
     with fake:
-        pixels = torch.empty(images, model.num_views, 3, s["image_size"], s["image_size"])
-        aux = torch.empty(images, 3, s["image_size_aux"], s["image_size_aux"]) if s["image_size_aux"] else None
+        if pins:     # views and HR tiles of every image back to back, as data.collate gives them
+            pixels = torch.empty(images * (1 + tiles), 3, side, side)
+            aux = torch.empty(images * tiles, 3, aux_side, aux_side) if aux_side else None
+        else:
+            pixels = torch.empty(images, model.num_views, 3, side, side)
+            aux = torch.empty(images, 3, aux_side, aux_side) if aux_side else None
     batch = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), images=pixels, images_aux=aux,
                  image_counts=torch.full((batch_size,), samples), ids=[f"plan{i}" for i in range(images)], skipped=[])
+    if pins:
+        batch["image_sizes"] = torch.tensor([list(worst)] * images)
     if data_args.packing:
         batch["position_ids"] = torch.arange(text + 1).repeat(samples).repeat(batch_size, 1)   # restart per sample
     return batch

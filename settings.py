@@ -23,6 +23,7 @@ import cli
 import conversation
 import data
 import dpo
+import images
 import model as mgm
 import vision
 from cli import UserError
@@ -236,11 +237,32 @@ def check_args(model_args, args: TrainArguments, data_args=None) -> None:
     if args.train_embeddings and (args.stage, args.tune) != ("finetune", "full"):
         raise UserError(f"train_embeddings with stage {args.stage}, tune {args.tune}: it needs stage finetune and "
                         "tune full (only a full export holds embeddings)")
+    check_anyres_settings(model_args, data_args)
     if args.tune != "full" and args.stage == "pretrain":
         raise UserError(f"tune {args.tune} with stage {args.stage}: LoRA / QLoRA adapters are a finetune / dpo "
                         "stage option (stage: finetune, or tune: full)")
     if args.stage == "dpo":
         dpo.check_settings(args, data_args)
+        if data_args is not None and data_args.image_aspect_ratio == "anyres":
+            raise UserError("stage dpo with image_aspect_ratio anyres: a pair batch holds one view layout per image "
+                            "(pad, resize or crop); AnyRes pairs are not supported yet")
+
+
+def check_anyres_settings(model_args, data_args=None) -> None:
+    """AnyRes is a model setting (image_grid_pinpoints: the model gets image_newline) and a data one
+    (image_aspect_ratio anyres): both or neither; and the rest of the model must fit LLaVA-NeXT's layout."""
+    pinpoints = model_args.image_grid_pinpoints
+    if data_args is not None and (data_args.image_aspect_ratio == "anyres") != bool(pinpoints):
+        raise UserError("image_aspect_ratio anyres goes with image_grid_pinpoints (default: LLaVA-NeXT's grids), and "
+                        f"image_grid_pinpoints with image_aspect_ratio anyres; got {data_args.image_aspect_ratio!r} "
+                        f"and {pinpoints!r}")
+    if not pinpoints:
+        return
+    try:
+        images.parse_pinpoints(pinpoints, 1)      # the form only: sides are checked against the tower at build
+        vision.check_anyres(model_args, model_args.mm_use_im_start_end)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tuple[str, object, bool, str]]:
@@ -287,6 +309,7 @@ def setting_ranges(model_args, args: TrainArguments, data_args=None) -> list[tup
         ("mm_vision_select_feature", m.mm_vision_select_feature, m.mm_vision_select_feature in ("patch", "cls_patch"),
          "patch | cls_patch"),
         ("image_grid", m.image_grid, m.image_grid >= 1, ">= 1"),
+        ("anyres_max_tiles", m.anyres_max_tiles, m.anyres_max_tiles >= 0, ">= 0 (0: no limit)"),
         ("image_size_aux", m.image_size_aux, m.image_size_aux >= 1, ">= 1"),
         ("perceiver_queries", m.perceiver_queries, m.perceiver_queries >= 1, ">= 1"),
         ("projector_heads", m.projector_heads, m.projector_heads >= 1, ">= 1"),

@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from images import anyres_feature_shape, anyres_grid, anyres_tokens, unpadded_box, worst_pinpoint
+
 
 # =============================================================================================================
 # Vision towers
@@ -367,6 +369,117 @@ def _support(matrix) -> tuple[int, int]:
     """The range of columns of `matrix` with a nonzero weight."""
     used = matrix.abs().sum(0).nonzero()
     return int(used.min()), int(used.max()) + 1
+
+
+# =============================================================================================================
+# AnyRes (LLaVA-NeXT): every image's base view and tiles through the towers at once, packed as LlavaNext packs them
+# =============================================================================================================
+def encode_anyres(model, images, images_aux, image_sizes) -> list[torch.Tensor]:
+    """images [sum V_i, 3, S, S] (each image's base view, then its tiles row-major), image_sizes [N, 2] (h, w);
+    images_aux: the HR canvases' A x A tiles [sum (V_i - 1), 3, A, A] for a model with an HR tower -> N tensors
+    [tokens of image i, hidden]. One LR tower call for the whole batch; the mining (with an HR tower) and the
+    projector likewise; then pack_anyres. `model`: a MiniGemini (its towers, mining, projector, image_newline)."""
+    tower = model.vision_tower
+    sizes = [tuple(s) for s in image_sizes.tolist()]
+    grids = [anyres_grid(s, model.pinpoints, tower.image_size) for s in sizes]
+    if sum(1 + r * c for r, c in grids) != len(images):
+        raise ValueError(f"{len(images)} views for images whose grids {grids} need {sum(1 + r * c for r, c in grids)}")
+    feats = tower(images)                                                          # [sum V, P, d]
+    if model.vision_tower_aux is not None:
+        if images_aux is None:
+            raise ValueError("this model has an HR tower: pass images_aux")
+        feats = mine_anyres(model.mining, model.vision_tower_aux, feats, images_aux, grids, sizes)
+    feats = model.projector(feats.to(_dtype(model.projector)))
+    return pack_anyres(feats, sizes, grids, model.image_newline, model.config.anyres_max_tiles)
+
+
+def mine_anyres(mining, tower_aux, feats, hr_tiles, grids, sizes) -> torch.Tensor:
+    """Patch info mining on AnyRes: LR features [sum V_i, G*G, d] -> the same, mined. Each image's HR canvas is put
+    back together from its A x A tiles [sum (V_i - 1), 3, A, A] and goes through the HR tower whole (the images of
+    one grid shape in one call). The concatenated HR map of a canvas is a (rows, cols) grid of M x M blocks
+    (M = A/4): the LR tokens of tile (i, j) mine block (i, j), each token its own window as in MGM; the base view's
+    tokens mine the part of the map that holds the image (unpadded_box, the LR grid's rule) resized to M x M, as
+    MGM-HD's global view mines the whole map downsampled. One mining call for every view of the batch."""
+    a = hr_tiles.shape[-1]
+    firsts = torch.tensor([0] + [r * c for r, c in grids]).cumsum(0).tolist()   # each image's first HR tile
+    views: list = [None] * len(grids)
+    for shape in sorted(set(grids)):
+        rows, cols = shape
+        which = [i for i, grid in enumerate(grids) if grid == shape]
+        canvas = torch.stack([hr_tiles[firsts[i]:firsts[i] + rows * cols] for i in which])
+        canvas = canvas.reshape(len(which), rows, cols, 3, a, a).permute(0, 3, 1, 4, 2, 5)
+        hr = upsample_concat(tower_aux.stage_maps(canvas.reshape(len(which), 3, rows * a, cols * a)))
+        n, c, m = len(which), hr.shape[1], hr.shape[-1] // cols
+        blocks = hr.reshape(n, c, rows, m, cols, m).permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, c, m, m)
+        for k, i in enumerate(which):
+            top, bottom, left, right = unpadded_box(sizes[i], rows * m, cols * m)
+            whole = F.interpolate(hr[k:k + 1, :, top:bottom, left:right].float(), size=(m, m), mode="bilinear",
+                                  align_corners=False).to(hr.dtype)
+            views[i] = torch.cat([whole, blocks[k]])
+    return mining(feats, torch.cat(views))
+
+
+def pack_anyres(feats, sizes, grids, newline, max_tiles: int = 0) -> list[torch.Tensor]:
+    """Projected features [sum V_i, G*G, D] -> per image [G*G + H' * (W' + 1), D]: the base view's tokens, then the
+    tiles' laid on one (rows*G, cols*G) grid, cut to the rows / columns that hold the image (unpadded_box), shrunk
+    to the OneVision budget when max_tiles is set, and `newline` after every row (transformers' pack_image_features)."""
+    g = math.isqrt(feats.shape[1])
+    out, start = [], 0
+    for size, (rows, cols) in zip(sizes, grids):
+        base, tiles = feats[start], feats[start + 1:start + 1 + rows * cols]
+        start += 1 + rows * cols
+        grid = tiles.reshape(rows, cols, g, g, -1).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, -1)
+        (top, bottom, left, right), (h, w) = anyres_feature_shape(size, (rows, cols), g, max_tiles)
+        grid = grid[top:bottom, left:right]
+        if grid.shape[:2] != (h, w):     # OneVision's budget: bilinear, on the (D, H, W) map as transformers does
+            grid = F.interpolate(grid.permute(2, 0, 1)[None], size=(h, w), mode="bilinear")[0].permute(1, 2, 0)
+        grid = torch.cat([grid, newline.to(grid.dtype).expand(h, 1, -1)], 1)
+        out.append(torch.cat([base, grid.reshape(h * (w + 1), -1)]))
+    return out
+
+
+def anyres_newline(config, llm, im_start_end_ids, dtype) -> nn.Parameter:
+    """An AnyRes model's image_newline (after checking the model fits AnyRes), drawn as LlavaNext draws it."""
+    check_anyres(config, im_start_end_ids)
+    h = llm.config.get_text_config().hidden_size
+    return nn.Parameter(torch.randn(h, dtype=dtype) * h ** -0.5)
+
+
+def anyres_image_settings(model) -> dict:
+    """What an AnyRes model adds to image_settings (the data pipeline's ImageProcessor takes them), and its
+    tokens_per_image: the most one image takes (the pinpoint with the most tokens); {} for another model."""
+    if not model.pinpoints:
+        return {}
+    tile, patches = model.vision_tower.image_size, math.isqrt(model.vision_tower.num_patches)
+    most = worst_pinpoint(model.pinpoints, tile, patches, model.config.anyres_max_tiles)
+    return dict(image_grid_pinpoints=[list(p) for p in model.pinpoints], patch_size=tile // patches,
+                anyres_max_tiles=model.config.anyres_max_tiles,
+                tokens_per_image=anyres_tokens(most, model.pinpoints, tile, patches, model.config.anyres_max_tiles))
+
+
+def anyres_dummy_images(settings: dict, pinpoints, device) -> tuple:
+    """One black square image of one tile as an AnyRes batch (views, HR tiles or None, image_sizes): what a
+    text-only training batch runs through the vision path (MiniGemini.dummy_images)."""
+    side, aux = settings["image_size"], settings["image_size_aux"]
+    tiles = math.prod(anyres_grid((side, side), pinpoints, side))
+    hr = None if aux is None else torch.zeros(tiles, 3, aux, aux, device=device)
+    return torch.zeros(1 + tiles, 3, side, side, device=device), hr, torch.tensor([[side, side]], device=device)
+
+
+def check_anyres(config, im_start_end_ids) -> None:
+    """What AnyRes (LLaVA-NeXT's layout) needs of the rest of the model: a ValueError naming what does not fit."""
+    problems = []
+    if projector_tokens(config.projector, 4 * 4) != 16:
+        problems.append(f"projector {config.projector!r} changes the number of tokens (AnyRes lays the tokens on the "
+                        "image's grid): linear, mlpNx_gelu or vit")
+    if config.mm_vision_select_feature != "patch":
+        problems.append("mm_vision_select_feature must be patch (a CLS token has no place on the grid)")
+    if config.image_grid != 1 or config.image_global:
+        problems.append("image_grid / image_global are MGM-HD's fixed grid: AnyRes chooses the grid per image")
+    if im_start_end_ids:
+        problems.append("mm_use_im_start_end is not part of LLaVA-NeXT's layout")
+    if problems:
+        raise ValueError("image_grid_pinpoints (AnyRes): " + "; ".join(problems))
 
 
 # =============================================================================================================

@@ -10,7 +10,7 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize("command,rows", [("splice", 4), ("padding", 2), ("data", 8), ("index", 2), ("stop", 1),
-                                          ("dpo", 2)])
+                                          ("dpo", 2), ("anyres", 1)])
 def test_bench_command_runs_quick_and_reports_ratios(command, rows):
     done = subprocess.run([sys.executable, "bench.py", command, "--quick"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)

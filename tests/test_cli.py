@@ -86,9 +86,10 @@ MISTAKES = [
     ("web-model-missing", "web.py --model runs/nope", 2, r"^web.py: --model: runs/nope: no such directory \(relative to {cwd}\)"),
 ]
 HELP = ["train.py", "eval.py", "convert.py from-mgm", "convert.py from-llava", "convert.py to-llava-hf",
+        "convert.py from-llava-next", "convert.py to-llava-next",
         "data.py check", "model.py merge", "bench.py data", "bench.py index", "bench.py padding", "bench.py splice",
-        "bench.py mining", "bench.py train", "bench.py stop", "bench.py plan", "bench.py dpo", "demo.py", "chat.py",
-        "web.py"]
+        "bench.py mining", "bench.py train", "bench.py stop", "bench.py plan", "bench.py dpo", "bench.py anyres",
+        "demo.py", "chat.py", "web.py"]
 GROUPS = ["convert.py", "data.py", "model.py", "bench.py"]    # commands of sub-commands: the list, then examples
 OTHER_RUNS = ("other_run", "other_run_no_lock")
 

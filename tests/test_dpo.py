@@ -223,7 +223,7 @@ def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_whole_rows(tok, tm
 
 # ---- The dpo stage of train.py ---------------------------------------------------------------------------------------
 
-from tests.test_train import (COLORS, SHAPES, assert_same_run, launch, metrics, run_in_process,  # noqa: E402
+from tests.test_train import (COLORS, SHAPES, assert_same_run, metrics, run_in_process,  # noqa: E402
                               tiny, write_recipe)
 
 __all__ = ["tiny"]   # the session fixture of tests/test_train.py, shared
@@ -331,7 +331,7 @@ def test_precomputed_reference_gives_the_run_of_the_on_the_fly_one(dpo_recipe, t
     import settings
     import step
     from accelerate import Accelerator
-    from data import DataArguments, build_dataset
+    from data import build_dataset
     model_args, data_args, args = settings.parse_args([str(tmp_path / "precomputed.yaml")])
     tokenizer = step.load_tokenizer(model_args.llm)
     torch.manual_seed(0)

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from tests.tiny_models import build
 
 GOLDEN = Path(__file__).parent / "golden" / "export_format.json"
-CASES = {"standard": dict(), "hd": dict(hd=True), "pretrain": dict(), "llava": dict(hr=None)}
+CASES = {"standard": dict(), "hd": dict(hd=True), "pretrain": dict(), "llava": dict(hr=None),
+         "anyres": dict(hr=None, image_grid_pinpoints="default")}
 
 
 def describe_export(path: Path) -> dict:

@@ -8,7 +8,8 @@ import yaml
 from tests.test_train import ROOT, run_in_process, tiny, write_recipe  # noqa: F401,F811
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("mgm_*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for pattern in ("mgm_*.yaml", "llava_*.yaml")
+                                         for p in (ROOT / "recipes").glob(pattern)))
 def test_recipes_parse_and_the_command_line_wins(name, tiny_export):
     """Every shipped recipe; one that starts from an export (init_from) is read against a tiny stand-in export."""
     import settings
