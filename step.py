@@ -7,6 +7,7 @@ over to plan.py).
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -16,6 +17,7 @@ import data
 import dpo
 import model as mgm
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from images import anyres_tokens
 from refs import check_model_ref
 from settings import TrainArguments, parse_lr_multi
 
@@ -117,7 +119,7 @@ def forward_backward(accelerator, model, window: list[dict], num_items: torch.Te
     `metrics`, a list, receives the step's sums of the model's own metrics (the dpo stage's dpo.METRICS), all ranks.
     """
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
-    per_image = accelerator.unwrap_model(model).tokens_per_image
+    inner = accelerator.unwrap_model(model)
     step_loss = torch.zeros((), device=accelerator.device)
     tokens = samples = 0
     extra = None
@@ -129,7 +131,7 @@ def forward_backward(accelerator, model, window: list[dict], num_items: torch.Te
         step_loss += out.loss.detach().float()
         if metrics is not None:
             extra = out.metrics.detach().double() + (0 if extra is None else extra)
-        tokens += int(batch["attention_mask"].sum()) + int(batch["image_counts"].sum()) * (per_image - 1)
+        tokens += int(batch["attention_mask"].sum()) + int((image_load(inner, batch)[0] - 1).sum())
         samples += len(batch["ids"])  # packed rows hold several samples
     assert accelerator.sync_gradients, "an optimizer step must end on a gradient-synchronising micro-batch"
     # One all-reduce for the step's totals and every rank's stop votes (float64 holds these counts exactly).
@@ -151,12 +153,27 @@ def supervised_tokens(accelerator, window: list[dict]) -> torch.Tensor:
     return accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
 
 
-def sample_lengths(batch: dict, tokens_per_image: int) -> torch.Tensor:
+def image_load(model, batch: dict) -> tuple[torch.Tensor, float]:
+    """(LLM positions of each image placeholder of a batch, in order; the images' tower work in whole images of
+    model.num_views views): tokens_per_image each, or for AnyRes (the batch carries image_sizes) each image's own
+    count from its size, its views (1 + rows * cols) lying back to back in batch["images"]."""
+    placeholders = int(batch["image_counts"].sum())
+    if batch.get("image_sizes") is None or not getattr(model, "pinpoints", None):
+        return torch.full((placeholders,), model.tokens_per_image), float(placeholders)
+    tile, patches = model.vision_tower.image_size, math.isqrt(model.vision_tower.num_patches)
+    counts = [anyres_tokens(tuple(size), model.pinpoints, tile, patches, model.config.anyres_max_tiles)
+              for size in batch["image_sizes"].tolist()]
+    return torch.tensor(counts, dtype=torch.long), batch["images"].shape[0] / model.num_views
+
+
+def sample_lengths(batch: dict, tokens_per_image: int | torch.Tensor) -> torch.Tensor:
     """LLM positions of every sample of a batch after the splice (an image placeholder becomes tokens_per_image
-    positions): one sample per padded row; packed rows split where their position ids restart (the padding tail
-    is a sample of length 0)."""
+    positions, or its own count: image_load's, in placeholder order): one sample per padded row; packed rows split
+    where their position ids restart (the padding tail is a sample of length 0)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    weight = (1 + (tokens_per_image - 1) * (ids == IMAGE_TOKEN_INDEX).long()) * mask
+    weight = mask.long().clone()
+    placeholders = (ids == IMAGE_TOKEN_INDEX) & mask.bool()
+    weight[placeholders] = tokens_per_image if isinstance(tokens_per_image, int) else tokens_per_image.to(ids.device)
     starts = batch["position_ids"] == 0 if "position_ids" in batch else torch.zeros_like(ids, dtype=torch.bool)
     starts[:, 0] = True
     sample = starts.flatten().cumsum(0) - 1

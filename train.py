@@ -42,8 +42,8 @@ from conversation import IGNORE_INDEX
 from flops import Throughput, peak_flops
 from settings import TrainArguments, check_args, check_paths, duration_seconds, parse_args, resolved_config
 from step import (STOP_REASONS, apply_switches, build, collate_fn, forward_backward,  # noqa: F401 - train.X
-                  load_tokenizer, make_optimizer, model_inputs, param_groups, sample_lengths, set_trainables,
-                  supervised_tokens)
+                  image_load, load_tokenizer, make_optimizer, model_inputs, param_groups, sample_lengths,
+                  set_trainables, supervised_tokens)
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -154,7 +154,7 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
                       f"{flops.per_image / 1e9:.3g} GFLOP each; peak per device: "
                       f"{f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown (--peak_tflops)'}")
     meter = Throughput(peak, accelerator.num_processes)
-    per_image = accelerator.unwrap_model(model).tokens_per_image
+    inner = accelerator.unwrap_model(model)
     model.train()
     stop.training_begins(checkpoint_bytes=12 * sum(p.numel() for p in model.parameters() if p.requires_grad))
     stop_reason = None
@@ -197,8 +197,9 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         bar.update(1)
-        meter.add(tokens, samples, flops.of(torch.cat([sample_lengths(b, per_image) for b in window]),
-                                            sum(int(b["image_counts"].sum()) for b in window)))
+        loads = [image_load(inner, b) for b in window]
+        meter.add(tokens, samples, flops.of(torch.cat([sample_lengths(b, n) for b, (n, _) in zip(window, loads)]),
+                                            sum(images for _, images in loads)))
 
         if state.step % args.logging_steps == 0 or state.step == total_steps:
             rates = meter.rates(lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"))

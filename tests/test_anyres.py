@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import step
 from convert import from_llava_next, to_llava_next
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataArguments, build_dataset, build_sampler, collate
 from images import anyres_grid, anyres_tokens
@@ -222,6 +223,13 @@ def test_masks_and_lengths_use_each_images_true_count(anyres_data, converted, pa
         assert int((inputs["inputs_embeds"].abs().sum(-1) != 0).sum()) == real
         if packing:
             assert inputs["position_ids"].shape[1] <= dataset.args.max_length
+        # train.py's tokens/s and MFU count the same positions (step.image_load, step.sample_lengths)
+        counts, views = step.image_load(model, batch)
+        assert counts.tolist() == per_image and views == (0 if batch["images"] is None else batch["images"].shape[0])
+        lengths_here = step.sample_lengths(batch, counts)
+        assert int(lengths_here.sum()) == real
+        assert sorted(lengths_here[lengths_here > 0].tolist()) == \
+            sorted(int(lengths[dataset.records["id"].index(i)]) for i in batch["ids"])
         out = model(**{k: v for k, v in batch.items() if k not in ("ids", "skipped")})
         assert torch.isfinite(out.loss)
 
