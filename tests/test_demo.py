@@ -52,7 +52,7 @@ def short_demo(tmp_path_factory):
            "--pretrain_images", "128", "--finetune_images", "2000", "--test_images", "60",
            "--stage0_images", "256", "--stage0_steps", "30",
            "--pretrain_overrides=--max_steps 4", "--finetune_overrides=--max_steps 150 --logging_steps 50"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=540,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout, done.stderr, root / "runs" / "finetune"
