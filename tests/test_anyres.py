@@ -243,6 +243,21 @@ def test_truncation_never_cuts_an_anyres_image(anyres_data, converted):
                <= 60 for s in kept)
 
 
+def test_a_converted_llava_next_is_a_start_for_train_py(anyres_data, converted, tmp_path):
+    """init_from a from-llava-next export: its AnyRes settings, template and image mode come with it (the recipe
+    names none of them); LoRA trains on top and the run exports an AnyRes model that loads."""
+    from tests.test_train import metrics, run_in_process, write_recipe
+    recipe = write_recipe(tmp_path / "r.yaml", dict(
+        init_from=str(converted), dtype="float32", data_path=str(anyres_data / "data.jsonl"),
+        image_folder=str(anyres_data), cache_dir=str(tmp_path / "cache"), max_length=1024, stage="finetune",
+        tune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, max_steps=2,
+        per_device_batch_size=2, num_workers=0, report_to="none", output_dir=str(tmp_path / "run")))
+    export = run_in_process([str(recipe)])
+    assert len(metrics(tmp_path / "run")) == 2
+    loaded = MiniGemini.from_pretrained(export)
+    assert loaded.pinpoints == MiniGemini.from_pretrained(converted).pinpoints and loaded.pinpoints
+
+
 # ---- Mini-Gemini on AnyRes: the HR canvas at the grid's aspect, mined tile by tile ---------------------------------
 def test_mgm_anyres_trains_with_both_towers_and_exports(tmp_path, root, tok):
     """CLIP 28 px (2x2 patches per tile) + a timm ConvNeXt at 32 px per tile (8x8 map per tile: 4x4 windows)."""
