@@ -442,7 +442,6 @@ def to_llava_hf(src, dst) -> dict:
     The `<image>` token is added to the tokenizer (its embedding row is the mean of the others and is never read:
     image features replace it; its output row is zero and generation_config suppresses it). A `linear` projector
     becomes Llava's linear_1 with an identity linear_2 and no activation between them."""
-    from accelerate import init_empty_weights
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
@@ -463,19 +462,7 @@ def to_llava_hf(src, dst) -> dict:
                          vision_feature_layer=vt.select_layer, vision_feature_select_strategy=strategy,
                          projector_hidden_act="linear" if linear else "gelu", multimodal_projector_bias=True,
                          tie_word_embeddings=bool(llm.config.get_text_config().tie_word_embeddings))
-    with init_empty_weights():
-        hf = LlavaForConditionalGeneration(config)
-    state = llava_state_dict(model)
-    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        hf.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{src}: the weights do not map onto transformers' Llava ({missing=}, {unexpected=})")
-    hf.to(_model_dtype(model))
-    hf.generation_config = llm.generation_config
-    hf.generation_config.suppress_tokens = sorted({*(hf.generation_config.suppress_tokens or []), image_id})
-    hf.save_pretrained(dst)
+    save_transformers_model(LlavaForConditionalGeneration, config, llava_state_dict(model), model, image_id, src, dst)
     llava_processor(model, tokenizer, settings.get("image_aspect_ratio", "pad"), strategy, cls,
                     chat_template).save_pretrained(dst)
     return {"source": str(src), "template": template, "image_token_id": image_id,
@@ -519,6 +506,25 @@ def add_image_token(tokenizer, llm) -> int:
             if head is not None and head.weight is not embed:
                 head.weight[rows:] = 0
     return image_id
+
+
+def save_transformers_model(cls, config, state: dict, model: MiniGemini, image_id: int, src, dst) -> None:
+    """transformers' `cls` (Llava / LlavaNext) built from `config` and holding `state` (every weight, checked), in
+    our model's dtype, the image token never generated, saved to dst."""
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        hf = cls(config)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{src}: the weights do not map onto transformers' {cls.__name__} ({missing=}, "
+                         f"{unexpected=})")
+    hf.to(_model_dtype(model))
+    hf.generation_config = model.llm.generation_config
+    hf.generation_config.suppress_tokens = sorted({*(hf.generation_config.suppress_tokens or []), image_id})
+    hf.save_pretrained(dst)
 
 
 def llava_state_dict(model: MiniGemini) -> dict:
@@ -731,7 +737,6 @@ def from_llava_next(src, dst, *, template: str | None = None) -> dict:
 def to_llava_next(src, dst) -> dict:
     """An AnyRes export without an HR tower -> a LlavaNextForConditionalGeneration + LlavaNextProcessor directory
     (the <image> token added as to-llava-hf adds it; image_newline and the pinpoints carried over)."""
-    from accelerate import init_empty_weights
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
@@ -751,20 +756,8 @@ def to_llava_next(src, dst) -> dict:
                              vision_feature_select_strategy="default", projector_hidden_act="gelu",
                              multimodal_projector_bias=True,
                              tie_word_embeddings=bool(llm.config.get_text_config().tie_word_embeddings))
-    with init_empty_weights():
-        hf = LlavaNextForConditionalGeneration(config)
-    state = llava_state_dict(model)
-    state["model.image_newline"] = model.image_newline.detach()
-    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        hf.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{src}: the weights do not map onto transformers' LlavaNext ({missing=}, {unexpected=})")
-    hf.to(_model_dtype(model))
-    hf.generation_config = llm.generation_config
-    hf.generation_config.suppress_tokens = sorted({*(hf.generation_config.suppress_tokens or []), image_id})
-    hf.save_pretrained(dst)
+    state = {**llava_state_dict(model), "model.image_newline": model.image_newline.detach()}
+    save_transformers_model(LlavaNextForConditionalGeneration, config, state, model, image_id, src, dst)
     llava_next_processor(model, tokenizer, cls, chat_template).save_pretrained(dst)
     return {"source": str(src), "template": template, "image_token_id": image_id,
             "image_grid_pinpoints": [list(p) for p in model.pinpoints], "tokens_per_image_max": model.tokens_per_image}
