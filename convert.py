@@ -445,15 +445,8 @@ def to_llava_hf(src, dst) -> dict:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
-    meta = check_export(src, "src")
-    refuse_for_llava(meta, src)
-    model = merge_lora(MiniGemini.from_pretrained(src, bits=16))
-    settings = yaml.safe_load((src / "train_config.yaml").read_text()) if (src / "train_config.yaml").exists() else {}
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    template = settings.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
-    chat_template = llava_chat_template(template, tokenizer, src)
+    model, tokenizer, image_id, settings, template, chat_template = ours_for_transformers(src, anyres=False)
     llm, vt = model.llm, model.vision_tower
-    image_id = add_image_token(tokenizer, llm)
     cls = _num_cls(vt)
     strategy = "default" if (vt.select_feature == "patch" and cls) else "full"   # "default" drops one CLS token
     linear = model.config.projector == "linear"
@@ -506,6 +499,19 @@ def add_image_token(tokenizer, llm) -> int:
             if head is not None and head.weight is not embed:
                 head.weight[rows:] = 0
     return image_id
+
+
+def ours_for_transformers(src: Path, anyres: bool) -> tuple:
+    """An export of ours about to become transformers' Llava (anyres False) / LlavaNext (True): refused with the
+    reason where that class cannot express it; else (model, LoRA merged and unquantized; tokenizer with an <image>
+    token; that token's id; the export's recorded settings; its template; the Jinja chat template rendering it)."""
+    refuse_for_llava(check_export(src, "src"), src, anyres=anyres)
+    model = merge_lora(MiniGemini.from_pretrained(src, bits=16))
+    settings = yaml.safe_load((src / "train_config.yaml").read_text()) if (src / "train_config.yaml").exists() else {}
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    template = settings.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
+    chat_template = llava_chat_template(template, tokenizer, src)
+    return model, tokenizer, add_image_token(tokenizer, model.llm), settings, template, chat_template
 
 
 def save_transformers_model(cls, config, state: dict, model: MiniGemini, image_id: int, src, dst) -> None:
@@ -740,15 +746,8 @@ def to_llava_next(src, dst) -> dict:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
-    meta = check_export(src, "src")
-    refuse_for_llava(meta, src, anyres=True)
-    model = merge_lora(MiniGemini.from_pretrained(src, bits=16))
-    settings = yaml.safe_load((src / "train_config.yaml").read_text()) if (src / "train_config.yaml").exists() else {}
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    template = settings.get("template") or ("auto" if tokenizer.chat_template else "vicuna_v1")
-    chat_template = llava_chat_template(template, tokenizer, src)
+    model, tokenizer, image_id, settings, template, chat_template = ours_for_transformers(src, anyres=True)
     llm, vt = model.llm, model.vision_tower
-    image_id = add_image_token(tokenizer, llm)
     cls = _num_cls(vt)
     config = LlavaNextConfig(vision_config=vt.model.config.to_dict(), text_config=llm.config.to_dict(),
                              image_token_index=image_id, image_grid_pinpoints=[list(p) for p in model.pinpoints],
