@@ -147,6 +147,10 @@ def start_from_export(model_args, data_args, given: set[str]) -> None:
     weights into the wrong model."""
     if not model_args.init_from:
         return
+    if not os.path.isdir(model_args.init_from):
+        raise UserError(f"init_from: {model_args.init_from}: no such directory{cli.relative(model_args.init_from)}; "
+                        "an export is what train.py writes to <output_dir>/export, or what convert.py from-mgm / "
+                        "from-llava / from-llava-next makes of released weights")
     meta = check_export(model_args.init_from, "init_from")
     export = model_args.init_from.rstrip("/")
     if model_args.pretrained_mm_path:
