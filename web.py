@@ -11,14 +11,15 @@ network (or use an SSH tunnel: ssh -L 7860:127.0.0.1:7860 HOST). No share link i
 gradio serves the page's scripts, styles and fonts itself (HF_HUB_OFFLINE=1).
 
 The model is loaded once and writes one answer at a time: other requests wait in a queue, and their page shows its
-place in it. Each browser tab holds its own conversation, kept as chat.py keeps one (the same prompts, the same
-length rule, greedy at temperature 0). The page shows the export's name and template, the conversation with its
-images, a box for the question with image upload (any number per question), Send (or Enter), Stop (ends the answer
-at once; what was written stays), Regenerate (the last answer again, with the current settings), Clear (a new
-conversation), and sliders for temperature, top-p and max new tokens. A question that cannot be asked (no text, an
-upload that is not a readable image, a conversation past the model's length) gets a message in the conversation
-instead. For the demo's export the demo's held-out images and questions are there as examples. gradio_client can
-call it too: /send, /regenerate, /clear.
+place in it. A question sent while an answer is still being written is answered after it. Each browser tab holds its
+own conversation, kept as chat.py keeps one (the same prompts, the same length rule, greedy at temperature 0). The
+page shows the export's name and template, the conversation with its images, a box for the question with image
+upload (any number per question), Send (or Enter), Stop (ends the answer at once; what was written stays),
+Regenerate (the last answer again, with the current settings), Clear (a new conversation), and sliders for
+temperature, top-p and max new tokens. A question that cannot be asked (no text, an upload that is not a readable
+image, a conversation past the model's length) gets a message in the conversation instead. For the demo's export the
+demo's held-out images and questions are there as examples. gradio_client can call it too: /send, /regenerate,
+/clear.
 """
 from __future__ import annotations
 
@@ -163,8 +164,10 @@ def build_app(answerer: Answerer, name: str, *, max_length: int | None = None,
             session.conversation, session.shown, session.answer_at = None, [], None
             return []
 
+        # "multiple": a question sent while an answer is still being written waits its turn (gradio's default
+        # for a submit, "once", would drop it without a word)
         asked = gr.on([question.submit, send_button.click], send, [session, question, *settings],
-                      [chatbot, question], api_name="send", **one_at_a_time)
+                      [chatbot, question], api_name="send", trigger_mode="multiple", **one_at_a_time)
         regenerated = regenerate_button.click(regenerate, [session, *settings], [chatbot], api_name="regenerate",
                                               **one_at_a_time)
         stop_button.click(None, None, None, cancels=[asked, regenerated], api_visibility="undocumented")

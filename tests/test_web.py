@@ -199,7 +199,7 @@ def test_the_page_in_a_real_browser(server, image, tmp_path_factory, capsys):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no {CHROMIUM}: apt-get install chromium (Debian's package; .ci/run installs it)")
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-web.txt")
-    url, answerer, _ = server
+    url, answerer, probe = server
     expected = answer_of(answerer, [(SHAPE, [image])])
     follow_up = answer_of(answerer, [(SHAPE, [image]), (COLOR, [])])
     requests, errors = [], []
@@ -210,6 +210,7 @@ def test_the_page_in_a_real_browser(server, image, tmp_path_factory, capsys):
             "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-default-apps"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.set_default_timeout(90_000)                            # two workers share two cores in make test
             page.on("request", lambda r: requests.append(r.url))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
@@ -218,13 +219,15 @@ def test_the_page_in_a_real_browser(server, image, tmp_path_factory, capsys):
             page.locator("#question input[type=file]").set_input_files(str(image))
             page.locator("#question textarea").fill(SHAPE)
             page.locator("#question img").wait_for()                    # the upload is attached
+            probe.delay = 0.1
             page.locator("#send").click()
             bot = page.locator('[data-testid="bot"]')
+            bot.first.wait_for()                                        # the answer is being written (slowly) ...
+            page.locator("#question textarea").fill(COLOR)
+            page.keyboard.press("Enter")                                # ... and the follow-up waits its turn
             page.wait_for_function("t => [...document.querySelectorAll('[data-testid=\"bot\"]')]"
                                    ".some(e => e.innerText.trim() === t)", arg=expected)
             assert page.locator('[data-testid="user"] img').count() == 1   # the image is in the conversation
-            page.locator("#question textarea").fill(COLOR)
-            page.keyboard.press("Enter")
             page.wait_for_function("t => [...document.querySelectorAll('[data-testid=\"bot\"]')].length == 2 && "
                                    "document.querySelectorAll('[data-testid=\"bot\"]')[1].innerText.trim() === t",
                                    arg=follow_up)
