@@ -6,6 +6,9 @@
   for GPU-like devices, and no config field or environment variable changes that. When the launched config asks
   for FSDP and no accelerator is visible, accelerate's shared state is turned into FSDP as it is created, so
   train.main's Accelerator runs FSDP2 (train.py itself refuses such a config on CPU).
+- DeepSpeed without a GPU: DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op with g++ when its
+  process group starts (about 25 s on a fresh clone); only its inference all-reduce uses that op, never training,
+  so it is marked unavailable here and ZeRO's collectives go through gloo as they do anyway.
 - MGM_SHARDS_FILE=path: after the first optimizer step each rank appends, for every parameter, how many elements it
   holds and the full size (ZeRO-3 and FSDP2 shard parameters; DDP and ZeRO-2 hold them whole) to path.<rank>; after
   the second step's backward, the bytes it holds as parameters, gradients and optimizer state to path.memory.<rank>
@@ -32,6 +35,8 @@ from accelerate.utils import DistributedType  # noqa: E402
 def main():
     if train.requested_engine() == DistributedType.FSDP and not train.has_accelerator():
         run_fsdp_on_cpu()
+    if train.requested_engine() == DistributedType.DEEPSPEED and not train.has_accelerator():
+        skip_deepspeed_shm_op()
     if os.environ.get("MGM_SHARDS_FILE"):
         record_shards_after_first_step(os.environ["MGM_SHARDS_FILE"])
     if os.environ.get("MGM_TEST_HANG_AT_SAVE"):
@@ -51,6 +56,12 @@ def run_fsdp_on_cpu():
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init_as_fsdp
+
+
+def skip_deepspeed_shm_op():
+    """DeepSpeed's TorchBackend builds its shared-memory op only when the op is listed as compatible."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def record_shards_after_first_step(path: str):

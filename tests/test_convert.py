@@ -359,7 +359,7 @@ def convert_main(argv) -> str:
 def test_llava_hf_chat_templates_render_our_prompts(llama_tokenizer, template):
     """The Jinja template a Llava directory gets renders the text conversation.py renders for the same prompt."""
     from conversation import get_template
-    from convert import llava_chat_template
+    from llava_hf import llava_chat_template
     from data import _place_image_tags, normalize_messages
     turns = [("What color is the shape?", "Red."), ("And what shape is it?", None)]
     if template == "plain":

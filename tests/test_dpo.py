@@ -374,7 +374,7 @@ def test_engines_give_the_losses_of_one_process(dpo_recipe, tmp_path, config, tu
     from tests.test_engines import launch as launch_engine
     recipe = write_recipe(tmp_path / "r.yaml", dpo_recipe, tune=tune, reference=reference, max_steps=3)
     run_in_process([str(recipe), "--output_dir", str(tmp_path / "one"), "--per_device_batch_size", "4"])
-    out = launch_engine(config, "train.py", recipe, "--output_dir", tmp_path / "two")
+    out = launch_engine(config, "tests/launch_train.py", recipe, "--output_dir", tmp_path / "two")
     assert "2 process(es)" in out
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for key in ("loss", *dpo.METRICS):
