@@ -438,16 +438,18 @@ def reason_kind(reason: str) -> str:
 
 def check(data_path: str, tokenizer, template: str, *, image_folder: str = ".", max_length: int = 2048,
           tokens_per_image: int = 576, num_frames: int = 8, max_image_pixels: int = 89_478_485,
-          num_workers: int = 2, cache_dir: str | None = None, out=None) -> int:
+          num_workers: int = 2, cache_dir: str | None = None, anyres: dict | None = None, out=None) -> int:
     """Validate every record (structure, roles, tags, images decoded, tokenization, length); print one line per bad
     record and a summary to `out` (stdout), with a progress bar on stderr. Returns the exit code: 1 if any record is
-    unusable, else 0."""
+    unusable, else 0. anyres: an AnyRes model's image settings (image_size, image_grid_pinpoints, patch_size,
+    anyres_max_tiles): each image is then counted by its own size, as training counts it, not as tokens_per_image."""
     out = out or sys.stdout
     args = DataArguments(data_path, image_folder=image_folder, template=template, max_length=max_length,
                          num_frames=num_frames, max_image_pixels=max_image_pixels, cache_dir=cache_dir)
     records = load_records(data_path, cache_dir=cache_dir)
     kind = PreferenceDataset if holds_pairs(records) else SupervisedDataset   # pairs: both rows of each checked
-    dataset = kind(records, tokenizer, args, None, tokens_per_image)
+    processor = ImageProcessor(**anyres, aspect_ratio="anyres") if anyres else None
+    dataset = kind(records, tokenizer, args, processor, tokens_per_image)
     loader = torch.utils.data.DataLoader(_Inspection(dataset), batch_size=64, num_workers=num_workers,
                                          collate_fn=list)
     lengths, bad, n_images = [], Counter(), 0
@@ -500,6 +502,15 @@ def main(argv: list[str] | None = None) -> int:
                    help=notes["max_length"] + " (default: %(default)s)")
     c.add_argument("--tokens_per_image", type=int_at_least(1), default=576,
                    help="LLM positions per image (default: %(default)s, CLIP-L/336; HD: 5 * 576)")
+    c.add_argument("--image_grid_pinpoints", default=None,
+                   help="AnyRes (LLaVA-NeXT's tiles): count each image by its own size instead of --tokens_per_image; "
+                        "'default' or HxW,HxW,... as the recipe's image_grid_pinpoints (default: none)")
+    c.add_argument("--image_size", type=int_at_least(1), default=336,
+                   help="with --image_grid_pinpoints: the low-res tower's input side (default: %(default)s)")
+    c.add_argument("--patch_size", type=int_at_least(1), default=14,
+                   help="with --image_grid_pinpoints: the low-res tower's patch side (default: %(default)s)")
+    c.add_argument("--anyres_max_tiles", type=int_at_least(0), default=0,
+                   help="with --image_grid_pinpoints: as the recipe's anyres_max_tiles (default: %(default)s, no cap)")
     c.add_argument("--num_frames", type=int_at_least(1), default=8,
                    help=notes["num_frames"] + " (default: %(default)s)")
     c.add_argument("--max_image_pixels", type=int_at_least(1), default=89_478_485,
@@ -513,10 +524,20 @@ def main(argv: list[str] | None = None) -> int:
     from refs import check_model_ref
     check_model_ref(a.tokenizer, "--tokenizer", kind="tokenizer")
     from transformers import AutoTokenizer
+    anyres = None
+    if a.image_grid_pinpoints:
+        if a.image_size % a.patch_size:
+            raise UserError(f"--image_size {a.image_size} is not a multiple of --patch_size {a.patch_size}")
+        try:
+            pinpoints = parse_pinpoints(a.image_grid_pinpoints, a.image_size)
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
+        anyres = dict(image_size=a.image_size, image_grid_pinpoints=pinpoints, patch_size=a.patch_size,
+                      anyres_max_tiles=a.anyres_max_tiles)
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     return check(a.data, tokenizer, a.template, image_folder=a.image_folder, max_length=a.max_length,
                  tokens_per_image=a.tokens_per_image, num_frames=a.num_frames, max_image_pixels=a.max_image_pixels,
-                 num_workers=a.num_workers, cache_dir=a.cache_dir)
+                 num_workers=a.num_workers, cache_dir=a.cache_dir, anyres=anyres)
 
 
 class _Inspection(torch.utils.data.Dataset):

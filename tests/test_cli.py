@@ -69,6 +69,9 @@ MISTAKES = [
      r"--tokenizer: runs/nope: no such directory \(relative to {cwd}\), and not a hub name in the cache"),
     ("data-check-data-missing", "data.py check {fx}/nope.json --tokenizer {fx}/tokenizer --template plain", 2,
      r"data: {fx}/nope.json: no such file or directory"),
+    ("data-check-anyres-pinpoints", "data.py check {fx}/q.jsonl --tokenizer {fx}/tokenizer --template plain "
+     "--image_grid_pinpoints 40x40", 2, r"^data.py: --image_grid_pinpoints '40x40': every side must be a positive "
+     r"multiple of the tower's image size 336$"),
     ("merge-not-an-export", "model.py merge {fx}/not_an_export {cwd}/merged", 2,
      r"^model.py: src: {fx}/not_an_export is not a Mini-Gemini export"),
     ("merge-not-lora", "model.py merge {fx}/export {cwd}/merged", 2,

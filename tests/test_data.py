@@ -371,6 +371,33 @@ def test_check_reports_every_bad_record_by_id_and_reason(tmp_path, llama3_tokeni
     assert "bad: image unreadable: 2" in report
 
 
+def test_check_counts_each_anyres_image_by_its_size(tmp_path, llama3_tokenizer):
+    """With an AnyRes model's settings, `data.py check` counts every image as training does (base view + its own
+    unpadded grid + newlines), not as a fixed tokens_per_image."""
+    from images import anyres_tokens, parse_pinpoints
+    sizes = [(60, 80), (150, 50), (42, 42)]                       # (h, w): grids 2x2, 3x1, 1x2 of 42 px tiles
+    for i, (h, w) in enumerate(sizes):
+        Image.new("RGB", (w, h), (200, 40, 40)).save(tmp_path / f"{i}.png")
+    data = write_jsonl(tmp_path / "data.jsonl", [
+        {"id": str(i), "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nwhat ?"},
+                                                               {"from": "gpt", "value": "red"}]}
+        for i in range(len(sizes))])
+    anyres = dict(image_size=42, image_grid_pinpoints=parse_pinpoints("default", 42), patch_size=14,
+                  anyres_max_tiles=0)
+
+    def token_lengths(**kw) -> list[int]:
+        out = io.StringIO()
+        assert check(str(data), llama3_tokenizer, "llama_3", image_folder=str(tmp_path), max_length=512,
+                     tokens_per_image=1, num_workers=0, cache_dir=str(tmp_path / "cache"), out=out, **kw) == 0
+        line = next(line for line in out.getvalue().splitlines() if line.startswith("tokens"))
+        return [int(n) for n in re.findall(r"(?:p50|p90|p99|max) (\d+)", line)]
+    text = token_lengths()[-1] - 1                                # every record: the same text + one image position
+    per_image = sorted(anyres_tokens(size, anyres["image_grid_pinpoints"], 42, 3) for size in sizes)
+    assert len(set(per_image)) == 3
+    p50, _, _, longest = token_lengths(anyres=anyres)
+    assert (p50, longest) == (text + per_image[1], text + per_image[-1])
+
+
 def test_bad_samples_are_skipped_and_counted_or_stop_the_run(tmp_path, llama3_tokenizer, pad_id):
     lines, expected = bad_records(tmp_path)
     dataset = dataset_for(tmp_path, lines, llama3_tokenizer, max_length=128, max_image_pixels=1_000_000)
