@@ -628,13 +628,15 @@ def splice(input_ids, text_embeds, image_features, attention_mask, labels=None, 
 def trainable_table(model: MiniGemini) -> str:
     rows = [("component", "trainable", "total")]
     parts = [("llm", model.llm), ("vision_tower", model.vision_tower), ("vision_tower_aux", model.vision_tower_aux),
-             ("mining", model.mining), ("projector", model.projector)]
+             ("mining", model.mining), ("projector", model.projector),
+             ("image_newline", getattr(model, "image_newline", None))]     # AnyRes' row end: one vector
     total_train = total_all = 0
     for name, module in parts:
         if module is None:
             continue
-        train = sum(_numel(p) for p in module.parameters() if p.requires_grad)
-        every = sum(_numel(p) for p in module.parameters())
+        params = [module] if isinstance(module, nn.Parameter) else list(module.parameters())
+        train = sum(_numel(p) for p in params if p.requires_grad)
+        every = sum(_numel(p) for p in params)
         if name == "llm" and model._row_hook is not None:
             train = len(model.im_start_end_ids) * model.llm.get_input_embeddings().weight.shape[1]
         rows.append((name, f"{train:,}", f"{every:,}"))

@@ -261,7 +261,7 @@ def test_a_converted_llava_next_is_a_start_for_train_py(anyres_data, converted, 
 # ---- Mini-Gemini on AnyRes: the HR canvas at the grid's aspect, mined tile by tile ---------------------------------
 def test_mgm_anyres_trains_with_both_towers_and_exports(tmp_path, root, tok):
     """CLIP 28 px (2x2 patches per tile) + a timm ConvNeXt at 32 px per tile (8x8 map per tile: 4x4 windows)."""
-    from model import set_stage
+    from model import set_stage, trainable_table
     from tests.tiny_models import build
     model = build(root, tok, hr="timm", image_size_aux=32, image_grid_pinpoints="default")
     assert model.pinpoints == [(28, 56), (56, 28), (56, 56), (84, 28), (28, 84)]
@@ -283,6 +283,10 @@ def test_mgm_anyres_trains_with_both_towers_and_exports(tmp_path, root, tok):
     assert len(batch["images"]) == sum(1 + r * c for r, c in grids)
     assert batch["images_aux"].shape == (sum(r * c for r, c in grids), 3, 32, 32)   # HR canvases as A x A tiles
     set_stage(model, "finetune", tune_vision_tower=True, tune_vision_tower_aux=True, print_fn=None)
+    hidden = model.image_newline.numel()
+    table = {row.split()[0]: row.split()[1:] for row in trainable_table(model).splitlines()[2:]}
+    assert table["image_newline"] == [f"{hidden:,}", f"{hidden:,}"]       # the startup table lists what trains
+    assert table["total"][0] == f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}"
     model.train()
     inputs = {k: v for k, v in batch.items() if k not in ("ids", "skipped")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
