@@ -86,7 +86,7 @@ class TooLong(ValueError):
 class Conversation:
     """The turns so far and how they become the model's prompt: every question with one <image> line per attached
     image in front of it (as in training data), every answer after it, rendered by the export's template
-    (Answerer.prompt). Lengths count each image as model.tokens_per_image positions."""
+    (Answerer.prompt). Lengths count each image as the model does (Answerer.image_positions)."""
 
     def __init__(self, answerer: Answerer, max_length: int | None = None, seed: int | None = None):
         self.answerer = answerer
@@ -112,9 +112,9 @@ class Conversation:
         turn = Turn(question, list(images))
         alone = self.length([turn])
         if alone >= self.max_length:
-            raise TooLong(f"this question takes {alone} positions (an image takes "
-                          f"{self.answerer.model.tokens_per_image}), the model's length is {self.max_length}: no room "
-                          "for an answer; ask a shorter question or attach fewer images")
+            images_take = sum(map(self.answerer.image_positions, turn.images))
+            raise TooLong(f"this question takes {alone} positions (its images {images_take}), the model's length "
+                          f"is {self.max_length}: no room for an answer; ask a shorter question or attach fewer images")
         dropped = 0
         while dropped < len(previous) and self.length(previous[dropped:] + [turn]) + max_new_tokens > self.max_length:
             dropped += 1
@@ -149,8 +149,8 @@ class Conversation:
     def length(self, turns: list[Turn]) -> int:
         """Positions the prompt of these turns takes in the model."""
         messages, images = self.messages(turns)
-        return len(self.answerer.prompt(messages, len(images))) + len(images) * (
-            self.answerer.model.tokens_per_image - 1)
+        return len(self.answerer.prompt(messages, len(images))) + sum(
+            self.answerer.image_positions(image) - 1 for image in images)
 
 
 def model_length(model) -> int:

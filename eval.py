@@ -43,6 +43,7 @@ import yaml
 from cli import ArgumentParser, UserError, check_path, fraction, int_at_least, run
 from conversation import TEMPLATES, ConversationError
 from data import BadSample, ImageProcessor, load_image, tokenize_prompt
+from images import oriented_size
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")   # stop tokens besides the tokenizer's eos
@@ -291,6 +292,12 @@ class Answerer:
         """Prompt ids of a conversation ending with a user question: data.tokenize_prompt in the export's template
         (BadSample / ConversationError naming what is wrong with it)."""
         return tokenize_prompt(messages, self.tokenizer, self.template, num_images=num_images)
+
+    def image_positions(self, image) -> int:
+        """LLM positions a PIL image takes: model.tokens_per_image, or for AnyRes its own count, from its size."""
+        if self.processor.aspect_ratio != "anyres":
+            return self.model.tokens_per_image
+        return self.processor.tokens(oriented_size(image))
 
     def image_inputs(self, images: list[list]) -> dict:
         """Each row's PIL images -> the model's images / images_aux / image_counts (AnyRes: image_sizes) arguments."""

@@ -292,7 +292,12 @@ def load_image(source: dict, image_folder: str = ".", max_pixels: int = 89_478_4
 def image_size(source: dict, image_folder: str = ".", max_pixels: int = 89_478_485) -> tuple[int, int]:
     """(height, width) of an image as the model will see it (EXIF orientation applied), from its header only:
     what AnyRes token counts need before any pixel is decoded. Fails as load_image does (BadSample)."""
-    image, (w, h) = _open(source, image_folder, max_pixels, decode=False)
+    return oriented_size(_open(source, image_folder, max_pixels, decode=False)[0])
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of a PIL image once its EXIF orientation is applied (as to_rgb applies it)."""
+    w, h = image.size
     orientation = image.getexif().get(0x0112, 1)    # 5..8: rotated by 90 degrees, so exif_transpose swaps sides
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 

@@ -85,7 +85,8 @@ def build_app(answerer: Answerer, name: str, *, max_length: int | None = None,
               examples: list[dict] | None = None) -> gr.Blocks:
     limit = max_length or model_length(answerer.model)
     with gr.Blocks(title=f"{name} · Mini-Gemini", analytics_enabled=False) as app:
-        gr.Markdown(f"### {name}\ntemplate `{answerer.template}` · length {limit} positions (an image takes "
+        takes = "takes up to" if answerer.processor.aspect_ratio == "anyres" else "takes"    # AnyRes: by its size
+        gr.Markdown(f"### {name}\ntemplate `{answerer.template}` · length {limit} positions (an image {takes} "
                     f"{answerer.model.tokens_per_image})", elem_id="header")
         session = gr.State(Session())
         chatbot = gr.Chatbot(label="conversation", elem_id="conversation", height=460, feedback_options=None,

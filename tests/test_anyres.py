@@ -377,6 +377,25 @@ def test_eval_answers_from_an_anyres_export_as_transformers_generates(llava_next
     assert isinstance(answerer([question], [[picture]], max_new_tokens=3)[0], str)
 
 
+def test_chat_counts_each_image_by_its_size(converted):
+    """chat.py / web.py's length rule: a question's positions are those the model really takes, each AnyRes image
+    by its own grid (a small image takes far fewer than the worst case, model.tokens_per_image)."""
+    import chat
+    from eval import Answerer, load_for_inference
+    conversation = chat.Conversation(Answerer(*load_for_inference(str(converted), device="cpu")))
+    model, image_positions = conversation.answerer.model, set()
+    for h, w in [(57, 131), (20, 20), (100, 40)]:
+        turn = chat.Turn("what color is the shape ?", [image(h, w, seed=h)])
+        messages, images = conversation.messages([turn])
+        ids = conversation.answerer.prompt(messages, len(images))[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           **conversation.answerer.image_inputs([images])).logits
+        assert conversation.length([turn]) == logits.shape[1]
+        image_positions.add(logits.shape[1] - (ids.shape[1] - 1))
+    assert len(image_positions) == 3 and min(image_positions) < model.tokens_per_image
+
+
 def test_original_llava_v1_6_layout_converts_to_the_same_model(tmp_path, root, tok):
     """liuhaotian/llava-v1.6-*'s layout (a LLaVA checkpoint with image_aspect_ratio anyres, spatial_unpad and
     model.image_newline) -> the same AnyRes model."""
