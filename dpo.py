@@ -322,6 +322,22 @@ def step_normalizer(accelerator, window: list[dict]) -> torch.Tensor:
     return accelerator.reduce(torch.tensor([pairs, tokens], device=accelerator.device), reduction="sum")
 
 
+def pair_flops(flops, batch: dict, placeholder_positions: torch.Tensor, model) -> tuple[float, float]:
+    """flops.of_pairs of one pair batch, as PreferenceModel computes it: lengths after the splice (each image
+    placeholder of a row becomes placeholder_positions, step.image_load's), the prompt once per pair unless mmca runs
+    whole rows, the pair's images once, the reference forward unless precomputed."""
+    b = len(batch["input_ids"]) // 2
+    mask, labels = batch["attention_mask"], batch["labels"]
+    first = torch.minimum((labels == IGNORE_INDEX).cumprod(1).sum(1), mask.sum(1))    # where each reply starts
+    row = torch.repeat_interleave(torch.arange(len(mask)), batch["image_counts"].cpu())
+    extra = torch.zeros(len(mask), dtype=torch.long).index_add_(0, row, placeholder_positions.long() - 1)
+    prompt, reply = first + extra, mask.sum(1) - first        # the images are the prompt's
+    if model.config.attention == "mmca":                      # whole rows: no prompt shared
+        prompt, reply = torch.zeros_like(prompt), prompt + reply
+    images = 0 if batch["images"] is None else len(batch["images"])
+    return flops.of_pairs(prompt[:b], reply[:b], reply[b:], images, model.reference != "precomputed")
+
+
 def log_values(sums: list[float], pairs: int) -> dict:
     """The step's METRICS, from forward_backward's summed metric_sums and the step's pairs."""
     return {name: value / max(pairs, 1) for name, value in zip(METRICS, sums)}

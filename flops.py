@@ -21,11 +21,25 @@ class TrainFlops(NamedTuple):
     llm_per_token: float     # the LLM's weight matmuls: 6N for a trained LLM, 4N for a frozen one, + LoRA
     llm_per_pair: float      # its attention scores (QK^T, AV): 12 * layers * heads * head_dim when backpropagated
     per_image: float
+    llm_forward_per_token: float = 0.0   # a forward alone of the LLM's base (2N): a DPO reference
+    llm_forward_per_pair: float = 0.0
 
     def of(self, lengths: torch.Tensor, images: int) -> tuple[float, float]:
         """(LLM FLOPs, all FLOPs) of samples with these LLM lengths, holding `images` images."""
         n = lengths.double()
         llm = self.llm_per_token * float(n.sum()) + self.llm_per_pair * float((n * n).sum())
+        return llm, llm + self.per_image * images
+
+    def of_pairs(self, prompt: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, images: float,
+                 reference: bool) -> tuple[float, float]:
+        """(LLM FLOPs, all FLOPs) of preference pairs as stage dpo computes them: each pair's prompt once with both
+        replies after it (a reply attends to the prompt and itself), its images once (the frozen vision side), and
+        with `reference` the same positions again through a forward of the LLM's base (not precomputed)."""
+        p, c, r = (t.double() for t in (prompt, chosen, rejected))
+        positions, attended = float((p + c + r).sum()), float((p * p + c * (p + c) + r * (p + r)).sum())
+        llm = self.llm_per_token * positions + self.llm_per_pair * attended
+        if reference:
+            llm += self.llm_forward_per_token * positions + self.llm_forward_per_pair * attended
         return llm, llm + self.per_image * images
 
 
@@ -80,7 +94,7 @@ def train_flops(model) -> TrainFlops:
              (head_flops, head.weight.requires_grad)]
     llm_per_token = _training_flops(chain, upstream=image_trains)
     backpropagated = image_trains or any(trains for _, trains in chain[:3])
-    return TrainFlops(llm_per_token, per_pair * (3 if backpropagated else 1), image)
+    return TrainFlops(llm_per_token, per_pair * (3 if backpropagated else 1), image, per_token, per_pair)
 
 
 def llm_forward_flops(config) -> tuple[int, int]:

@@ -198,8 +198,12 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
         state.step += 1
         bar.update(1)
         loads = [image_load(inner, b) for b in window]
-        meter.add(tokens, samples, flops.of(torch.cat([sample_lengths(b, n) for b, (n, _) in zip(window, loads)]),
-                                            sum(images for _, images in loads)))
+        if pairs:   # each pair's prompt and images once, and the reference's forward
+            work = [dpo.pair_flops(flops, b, n, inner) for b, (n, _) in zip(window, loads)]
+            meter.add(tokens, samples, (sum(w[0] for w in work), sum(w[1] for w in work)))
+        else:
+            meter.add(tokens, samples, flops.of(torch.cat([sample_lengths(b, n) for b, (n, _) in zip(window, loads)]),
+                                                sum(images for _, images in loads)))
 
         if state.step % args.logging_steps == 0 or state.step == total_steps:
             rates = meter.rates(lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"))

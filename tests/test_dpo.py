@@ -303,6 +303,37 @@ def test_disabled_adapter_reference_equals_a_frozen_copy(dpo_recipe):
     assert (adapter.logps - adapter.ref_logps).abs().min() > 1e-3
 
 
+def test_mfu_counts_the_positions_and_images_a_pair_step_computes(dpo_recipe):
+    """The log line's model FLOPs of a pair batch: the positions the LLM really runs (each prompt once, both replies;
+    again for the reference forward unless precomputed) and each pair's images once."""
+    import settings
+    import step
+    from flops import TrainFlops
+    model_args, _, args = settings.parse_args(["--data_path", dpo_recipe["data_path"], *sum(
+        ([f"--{k}", str(v)] for k, v in dpo_recipe.items() if k not in ("data_path",)), [])])
+    tokenizer = step.load_tokenizer(model_args.llm)
+    policy = step.build(model_args, args, tokenizer)
+    batch = recipe_pairs(policy, dpo_recipe, tokenizer)
+    positions = []                      # real (non-padding) positions of every LLM forward: policy, then reference
+    hook = policy.llm.get_base_model().register_forward_pre_hook(
+        lambda module, args, kw: positions.append(int((kw["inputs_embeds"].abs().sum(-1) > 0).sum())),
+        with_kwargs=True)
+    model = dpo.PreferenceModel(policy, reference="adapter")
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    assert len(positions) == 2 and positions[0] == positions[1]
+    assert positions[0] < sum(step.sample_lengths(batch, step.image_load(model, batch)[0]))   # < the two rows
+    per_position = TrainFlops(1.0, 0.0, 0.0, llm_forward_per_token=1.0)
+    per_image = TrainFlops(0.0, 0.0, 1.0)
+    placeholders = step.image_load(model, batch)[0]
+    assert dpo.pair_flops(per_position, batch, placeholders, model) == (2 * positions[0],) * 2
+    pairs_images = int(batch["image_counts"][:len(batch["image_counts"]) // 2].sum())
+    assert dpo.pair_flops(per_image, batch, placeholders, model)[1] == pairs_images == placeholders.numel() / 2 > 0
+    precomputed = dpo.PreferenceModel(policy, reference="precomputed")
+    assert dpo.pair_flops(per_position, batch, placeholders, precomputed) == (positions[0],) * 2
+
+
 def test_precomputed_reference_gives_the_run_of_the_on_the_fly_one(dpo_recipe, tmp_path):
     """reference precomputed: one pass before training, kept in output_dir; the run's losses and rewards equal those
     of the disabled-adapter reference. The file is refused for other data and resumes a pass cut short."""

@@ -317,9 +317,10 @@ def test_train_flops_equal_a_hand_count(root, tok):
     model = build(root, tok)
     image = 2 * LR_MACS + 2 * sum(HR_STAGE_MACS) + 6 * MINING_MACS + 6 * PROJECTOR_MACS     # towers frozen
     set_stage(model, "finetune", print_fn=None)
-    assert train_flops(model) == (6 * LLM_MACS, 6 * PAIR_MACS, image) == (117_696, 768, 1_040_384)
+    assert train_flops(model)[:3] == (6 * LLM_MACS, 6 * PAIR_MACS, image) == (117_696, 768, 1_040_384)
+    assert train_flops(model)[3:] == (2 * LLM_MACS, 2 * PAIR_MACS)     # a forward alone (a DPO reference)
     set_stage(model, "pretrain", print_fn=None)                      # frozen LLM: the gradient passes through
-    assert train_flops(model) == (4 * LLM_MACS, 6 * PAIR_MACS, image)
+    assert train_flops(model)[:3] == (4 * LLM_MACS, 6 * PAIR_MACS, image)
     model.vision_tower_aux.stages[-1].requires_grad_(True)          # train.py's tune_vision_tower_aux
     assert train_flops(model).per_image == (2 * LR_MACS + 2 * sum(HR_STAGE_MACS[:3]) + 6 * HR_STAGE_MACS[3]
                                             + 6 * MINING_MACS + 6 * PROJECTOR_MACS)
@@ -363,6 +364,22 @@ def test_train_flops_of_samples_count_attention_per_sample():
     from model import TrainFlops
     flops = TrainFlops(llm_per_token=10.0, llm_per_pair=1.0, per_image=100.0)
     assert flops.of(torch.tensor([3, 4]), images=2) == (10 * 7 + 9 + 16, 10 * 7 + 9 + 16 + 200)
+
+
+def test_train_flops_of_preference_pairs_count_the_prompt_once():
+    """A pair of prompt p and replies c, r (stage dpo): p + c + r positions; the prompt attends to itself, each reply
+    to the prompt and itself; the images once; a reference forward over the same positions unless precomputed."""
+    from model import TrainFlops
+    flops = TrainFlops(llm_per_token=10.0, llm_per_pair=1.0, per_image=100.0, llm_forward_per_token=3.0,
+                       llm_forward_per_pair=0.5)
+    p, c, r = torch.tensor([5, 2]), torch.tensor([2, 1]), torch.tensor([3, 1])
+    positions, attended = 7 + 3 + 4, (25 + 2 * 7 + 3 * 8) + (4 + 1 * 3 + 1 * 3)
+    llm = 10 * positions + attended
+    assert flops.of_pairs(p, c, r, images=1, reference=False) == (llm, llm + 100)
+    with_reference = llm + 3 * positions + 0.5 * attended
+    assert flops.of_pairs(p, c, r, images=1, reference=True) == (with_reference, with_reference + 100)
+    whole_rows = flops.of(torch.tensor([7, 8, 3, 3]), images=1)      # no prompt shared: the rows as samples
+    assert flops.of_pairs(torch.zeros(2), p + c, p + r, images=1, reference=False) == whole_rows
 
 
 @pytest.mark.parametrize("projector,per_view", [("linear", 4), ("mlp3x_gelu", 4), ("perceiver", 3), ("vit", 4)])
