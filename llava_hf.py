@@ -46,6 +46,28 @@ def to_llava_hf(src, dst) -> dict:
             "projector": model.config.projector}
 
 
+def to_llava_next(src, dst) -> dict:
+    """An AnyRes export without an HR tower -> a LlavaNextForConditionalGeneration + LlavaNextProcessor directory
+    (the <image> token added as to-llava-hf adds it; image_newline and the pinpoints carried over)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    src, dst = Path(src), Path(dst)
+    model, tokenizer, image_id, settings, template, chat_template = ours_for_transformers(src, anyres=True)
+    llm, vt = model.llm, model.vision_tower
+    cls = _num_cls(vt)
+    config = LlavaNextConfig(vision_config=vt.model.config.to_dict(), text_config=llm.config.to_dict(),
+                             image_token_index=image_id, image_grid_pinpoints=[list(p) for p in model.pinpoints],
+                             image_seq_length=vt.num_patches, vision_feature_layer=vt.select_layer,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                             multimodal_projector_bias=True,
+                             tie_word_embeddings=bool(llm.config.get_text_config().tie_word_embeddings))
+    state = {**llava_state_dict(model), "model.image_newline": model.image_newline.detach()}
+    save_transformers_model(LlavaNextForConditionalGeneration, config, state, model, image_id, src, dst)
+    llava_next_processor(model, tokenizer, cls, chat_template).save_pretrained(dst)
+    return {"source": str(src), "template": template, "image_token_id": image_id,
+            "image_grid_pinpoints": [list(p) for p in model.pinpoints], "tokens_per_image_max": model.tokens_per_image}
+
+
 def refuse_for_llava(meta: dict, src: Path, anyres: bool = False) -> None:
     """What transformers' Llava (anyres: LlavaNext) cannot express, refused before anything is loaded."""
     args = meta["args"]
@@ -156,6 +178,20 @@ def llava_processor(model, tokenizer, aspect: str, strategy: str, cls: int, chat
                           chat_template=chat_template, image_token=IMAGE_TOKEN)
 
 
+def llava_next_processor(model, tokenizer, cls: int, chat_template: str):
+    """LlavaNextProcessor preparing images as images.ImageProcessor's anyres does (bicubic, pinpoints, CLIP-style
+    shortest-edge resize and crop of each S x S view, which leave them as they are)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+    s = model.image_settings()
+    side = s["image_size"]
+    images = LlavaNextImageProcessor(image_grid_pinpoints=s["image_grid_pinpoints"], size={"shortest_edge": side},
+                                     crop_size={"height": side, "width": side}, image_mean=s["image_mean"],
+                                     image_std=s["image_std"], resample=3)
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=s["patch_size"],
+                              vision_feature_select_strategy="default", num_additional_image_tokens=cls,
+                              chat_template=chat_template, image_token=IMAGE_TOKEN)
+
+
 def llava_chat_template(template: str, tokenizer, src) -> str:
     """A Jinja chat template rendering what conversation.py's template renders for an inference prompt. Message
     content is a string or a list of {"type": "image"} / {"type": "text", "text"} parts (images first)."""
@@ -215,39 +251,3 @@ CHAT_TEMPLATES = {
         "{{- '[INST] ' + (system if loop.first else '') + content(m) + ' [/INST]' -}}"
         "{%- else -%}{{- ' ' + content(m) + eos_token -}}{%- endif -%}{%- endfor -%}"),
 }
-
-
-def to_llava_next(src, dst) -> dict:
-    """An AnyRes export without an HR tower -> a LlavaNextForConditionalGeneration + LlavaNextProcessor directory
-    (the <image> token added as to-llava-hf adds it; image_newline and the pinpoints carried over)."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    src, dst = Path(src), Path(dst)
-    model, tokenizer, image_id, settings, template, chat_template = ours_for_transformers(src, anyres=True)
-    llm, vt = model.llm, model.vision_tower
-    cls = _num_cls(vt)
-    config = LlavaNextConfig(vision_config=vt.model.config.to_dict(), text_config=llm.config.to_dict(),
-                             image_token_index=image_id, image_grid_pinpoints=[list(p) for p in model.pinpoints],
-                             image_seq_length=vt.num_patches, vision_feature_layer=vt.select_layer,
-                             vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                             multimodal_projector_bias=True,
-                             tie_word_embeddings=bool(llm.config.get_text_config().tie_word_embeddings))
-    state = {**llava_state_dict(model), "model.image_newline": model.image_newline.detach()}
-    save_transformers_model(LlavaNextForConditionalGeneration, config, state, model, image_id, src, dst)
-    llava_next_processor(model, tokenizer, cls, chat_template).save_pretrained(dst)
-    return {"source": str(src), "template": template, "image_token_id": image_id,
-            "image_grid_pinpoints": [list(p) for p in model.pinpoints], "tokens_per_image_max": model.tokens_per_image}
-
-
-def llava_next_processor(model, tokenizer, cls: int, chat_template: str):
-    """LlavaNextProcessor preparing images as images.ImageProcessor's anyres does (bicubic, pinpoints, CLIP-style
-    shortest-edge resize and crop of each S x S view, which leave them as they are)."""
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
-    s = model.image_settings()
-    side = s["image_size"]
-    images = LlavaNextImageProcessor(image_grid_pinpoints=s["image_grid_pinpoints"], size={"shortest_edge": side},
-                                     crop_size={"height": side, "width": side}, image_mean=s["image_mean"],
-                                     image_std=s["image_std"], resample=3)
-    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=s["patch_size"],
-                              vision_feature_select_strategy="default", num_additional_image_tokens=cls,
-                              chat_template=chat_template, image_token=IMAGE_TOKEN)
