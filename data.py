@@ -331,9 +331,10 @@ def holds_pairs(records: datasets.Dataset) -> bool:
 
 def collate_pairs(samples: list[dict], pad_token_id: int) -> dict:
     """Pair samples -> one batch of 2B right-padded rows, [chosen x B ; rejected x B], with each pair's images ONCE
-    (images [N, V, 3, S, S] in pair order, as collate): the model splices them into both rows of their pair.
-    image_counts is per row (2B), so all rows' placeholders add up to it. ids: the pairs'; ref_logps [2B] (chosen
-    rows, then rejected rows) when the samples carry precomputed reference log-probs; skipped: as collate."""
+    (images [N, V, 3, S, S] in pair order, as collate; AnyRes: views back to back and image_sizes [N, 2]): the model
+    splices them into both rows of their pair. image_counts is per row (2B), so all rows' placeholders add up to it.
+    ids: the pairs'; ref_logps [2B] (chosen rows, then rejected rows) when the samples carry precomputed reference
+    log-probs; skipped: as collate."""
     skipped = [(s["id"], s["skipped"]) for s in samples if "skipped" in s]
     kept = [s for s in samples if "skipped" not in s]
     if not kept:   # every pair was unusable: one padding pair with nothing to learn keeps the ranks in step
@@ -349,11 +350,14 @@ def collate_pairs(samples: list[dict], pad_token_id: int) -> dict:
         input_ids[i, :n], labels[i, :n], mask[i, :n] = r["input_ids"], r["labels"], 1
     images = [s["images"] for s in kept if s["images"] is not None]
     aux = [s["images_aux"] for s in kept if s.get("images_aux") is not None]
-    counts = torch.tensor([0 if s["images"] is None else len(s["images"]) for s in kept], dtype=torch.long)
+    counts = torch.tensor([_image_count(s) for s in kept], dtype=torch.long)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
              "images": torch.cat(images) if images else None, "images_aux": torch.cat(aux) if aux else None,
              "image_counts": torch.cat([counts, counts]), "ids": [s["id"] for s in kept if s["id"] is not None],
              "skipped": skipped}
+    sizes = [s["image_sizes"] for s in kept if s.get("image_sizes") is not None]
+    if sizes:           # AnyRes: the views of each image back to back; the sizes say how many
+        batch["image_sizes"] = torch.cat(sizes)
     if any("ref_logps" in s for s in samples if "skipped" not in s):
         ref = torch.stack([s.get("ref_logps", torch.zeros(2, dtype=torch.float64)) for s in kept])
         batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])

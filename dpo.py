@@ -172,13 +172,12 @@ class PreferenceModel(nn.Module):
         self.policy.save_pretrained(path, tokenizer, weights=weights, state_dict=state_dict)
 
     def forward(self, input_ids, attention_mask, labels, images=None, images_aux=None, image_counts=None,
-                ref_logps=None, num_items_in_batch=None, **ignored) -> PreferenceOutput:
+                ref_logps=None, num_items_in_batch=None, image_sizes=None, **ignored) -> PreferenceOutput:
         """num_items_in_batch: (pairs, chosen reply tokens) of the whole optimizer step, or None (this batch's)."""
         policy = self.policy
         with torch.no_grad():   # the vision side is frozen: one encoding serves chosen, rejected and reference
             if images is not None:
-                feats = policy.encode_images(images, images_aux)
-                feats = torch.cat([feats, feats])     # rows are [chosen; rejected]: the images in that order twice
+                feats = both_rows(policy.encode_images(images, images_aux, image_sizes))
             else:
                 feats = None
                 if self.training:   # every rank runs the same modules (ZeRO-3 / FSDP gather collectives)
@@ -202,11 +201,12 @@ class PreferenceModel(nn.Module):
         return PreferenceOutput(loss, metric_sums(scores, self.beta), logps.detach(), ref.detach())
 
     @torch.no_grad()
-    def start_logps(self, input_ids, attention_mask, labels, images=None, images_aux=None, **ignored):
+    def start_logps(self, input_ids, attention_mask, labels, images=None, images_aux=None, image_sizes=None,
+                    **ignored):
         """The starting model's reply log-prob sums per row [2B]: the policy before its first step (under LoRA
         with the adapter disabled), the reference precompute_reference stores."""
         policy = self.policy
-        feats = None if images is None else torch.cat([policy.encode_images(images, images_aux)] * 2)
+        feats = None if images is None else both_rows(policy.encode_images(images, images_aux, image_sizes))
         lora = hasattr(policy.llm, "disable_adapter") and hasattr(policy.llm, "peft_config")
         with policy.llm.disable_adapter() if lora else contextlib.nullcontext():
             return self.row_logps(policy.llm, input_ids, attention_mask, labels, feats)[0]
@@ -220,7 +220,9 @@ def row_logps(policy, llm, input_ids, attention_mask, labels, feats, *, shared_p
     spliced in at the placeholders as the policy does. shared_prompt: each pair's prompt (its image positions
     included) runs through the LLM once, its two replies after it (shared_prompt_logps); else every row whole."""
     text = llm.get_input_embeddings()(input_ids.clamp(min=0))
-    out = splice(input_ids, text, None if feats is None else feats.to(text.dtype), attention_mask, labels)
+    if feats is not None:
+        feats = feats.to(text.dtype) if torch.is_tensor(feats) else [f.to(text.dtype) for f in feats]
+    out = splice(input_ids, text, feats, attention_mask, labels)
     if shared_prompt and policy.config.attention != "mmca":
         return shared_prompt_logps(llm, out["inputs_embeds"], out["attention_mask"], out["labels"])
     inputs = dict(inputs_embeds=out["inputs_embeds"], attention_mask=out["attention_mask"],
@@ -275,11 +277,18 @@ def shared_prompt_logps(llm, embeds, mask, labels):
 
 
 @torch.no_grad()
-def reply_logps(model, input_ids, attention_mask, labels, images=None, images_aux=None, **ignored) -> torch.Tensor:
+def reply_logps(model, input_ids, attention_mask, labels, images=None, images_aux=None, image_sizes=None,
+                **ignored) -> torch.Tensor:
     """A MiniGemini's reply log-prob sums for the rows of a pair batch [2B] (each pair's images encoded once):
     what eval.py compares between a tuned export and its reference."""
-    feats = None if images is None else torch.cat([model.encode_images(images, images_aux)] * 2)
+    feats = None if images is None else both_rows(model.encode_images(images, images_aux, image_sizes))
     return row_logps(model, model.llm, input_ids, attention_mask, labels, feats)[0]
+
+
+def both_rows(feats):
+    """The features of a pair batch's images (in pair order) for its rows [chosen; rejected]: that order twice.
+    [N, K, H] or, AnyRes, a list of N [K_i, H]."""
+    return torch.cat([feats, feats]) if torch.is_tensor(feats) else feats + feats
 
 
 def resolve_reference(reference: str, policy) -> str:
@@ -296,10 +305,12 @@ def resolve_reference(reference: str, policy) -> str:
 
 
 def pair_rows(batch: dict) -> dict:
-    """A collated batch of 2B one-image rows -> the pair batch of those rows (chosen = the first B, rejected = the
-    rest) with the first B images: what --plan traces for the dpo stage."""
+    """A collated batch of 2B one-image rows, all images of one layout -> the pair batch of those rows (chosen = the
+    first B, rejected = the rest) with the first B images (AnyRes: the first half of the views, HR tiles and
+    sizes): what --plan traces for the dpo stage."""
     b = len(batch["input_ids"]) // 2
-    images = {k: None if batch[k] is None else batch[k][:b] for k in ("images", "images_aux")}
+    images = {k: None if batch.get(k) is None else batch[k][:len(batch[k]) // 2]
+              for k in ("images", "images_aux", "image_sizes")}
     return {**batch, **images, "ids": batch["ids"][:b]}
 
 
@@ -334,7 +345,7 @@ def pair_flops(flops, batch: dict, placeholder_positions: torch.Tensor, model) -
     prompt, reply = first + extra, mask.sum(1) - first        # the images are the prompt's
     if model.config.attention == "mmca":                      # whole rows: no prompt shared
         prompt, reply = torch.zeros_like(prompt), prompt + reply
-    images = 0 if batch["images"] is None else len(batch["images"])
+    images = int(batch["image_counts"][:b].sum())
     return flops.of_pairs(prompt[:b], reply[:b], reply[b:], images, model.reference != "precomputed")
 
 

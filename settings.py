@@ -247,9 +247,6 @@ def check_args(model_args, args: TrainArguments, data_args=None) -> None:
                         "stage option (stage: finetune, or tune: full)")
     if args.stage == "dpo":
         dpo.check_settings(args, data_args)
-        if data_args is not None and data_args.image_aspect_ratio == "anyres":
-            raise UserError("stage dpo with image_aspect_ratio anyres: a pair batch holds one view layout per image "
-                            "(pad, resize or crop); AnyRes pairs are not supported yet")
 
 
 def check_anyres_settings(model_args, data_args=None) -> None:

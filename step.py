@@ -163,6 +163,8 @@ def image_load(model, batch: dict) -> tuple[torch.Tensor, float]:
     tile, patches = model.vision_tower.image_size, math.isqrt(model.vision_tower.num_patches)
     counts = [anyres_tokens(tuple(size), model.pinpoints, tile, patches, model.config.anyres_max_tiles)
               for size in batch["image_sizes"].tolist()]
+    if 2 * len(counts) == placeholders:   # a pair batch (data.collate_pairs): each image serves both rows of its pair
+        counts = counts * 2
     return torch.tensor(counts, dtype=torch.long), batch["images"].shape[0] / model.num_views
 
 

@@ -258,6 +258,67 @@ def test_a_converted_llava_next_is_a_start_for_train_py(anyres_data, converted, 
     assert loaded.pinpoints == MiniGemini.from_pretrained(converted).pinpoints and loaded.pinpoints
 
 
+# ---- preference pairs on AnyRes images (stage dpo) -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def anyres_pairs(anyres_data):
+    """Pairs over the AnyRes images of anyres_data (0, 1 or 2 of them, every grid), rejected = a wrong colour."""
+    records = []
+    for i in range(8):
+        names = [f"{(i + j) % len(SIZES)}.png" for j in range(i % 3)]
+        record = {"id": f"p{i}", "conversations": [{"from": "human", "value": "<image> " * len(names) + "what color ?"}],
+                  "chosen": "red " * (1 + i % 2), "rejected": "blue and green " * (1 + i % 3)}
+        if names:
+            record["image"] = names
+        records.append(record)
+    path = anyres_data / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_anyres_pairs_give_the_log_probs_of_whole_rows(anyres_data, anyres_pairs, converted):
+    """A pair batch holds each pair's AnyRes images once (views back to back, image_sizes); the dpo model's
+    log-probs (prompt shared, images encoded once) equal the plain model's on the 2B whole rows, each row with its
+    own copy of its images."""
+    import dpo
+    from data import collate_pairs
+    model, tokenizer, _ = anyres_dataset(anyres_data, converted)
+    args = DataArguments(str(anyres_pairs), image_folder=str(anyres_data), template="vicuna_v1",
+                         image_aspect_ratio="anyres", cache_dir=str(anyres_data / "cache_pairs"), max_length=1024)
+    dataset = build_dataset(args, tokenizer, model.image_settings(), model.tokens_per_image, pairs=True)
+    batch = collate_pairs([dataset[i] for i in range(len(dataset))], tokenizer.pad_token_id)
+    assert batch["image_sizes"].tolist() == [list(list(SIZES)[(i + j) % len(SIZES)]) for i in range(8)
+                                             for j in range(i % 3)]
+    with torch.no_grad():
+        ours = dpo.PreferenceModel(model, reference="copy")(**batch).logps
+        twice = {"images": torch.cat([batch["images"]] * 2), "image_sizes": torch.cat([batch["image_sizes"]] * 2)}
+        inputs = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                      image_counts=batch["image_counts"], **twice)
+        labels = inputs.pop("labels")
+        whole, _ = dpo.completion_logps(model.llm(**inputs).logits, labels)
+    torch.testing.assert_close(ours, whole, rtol=1e-5, atol=1e-5)
+    positions = step.image_load(model, batch)[0]
+    assert len(positions) == int(batch["image_counts"].sum()) == 2 * len(batch["image_sizes"])
+
+
+def test_stage_dpo_from_a_converted_llava_next_on_anyres_pairs(anyres_data, anyres_pairs, converted, tmp_path,
+                                                                capsys):
+    """train.py stage dpo, init_from the converted LLaVA-NeXT (AnyRes comes with it), LoRA with the disabled adapter
+    as reference: the first loss is log 2, the run exports; --plan traces the same step."""
+    from tests.test_train import metrics, run_in_process, write_recipe
+    recipe = write_recipe(tmp_path / "r.yaml", dict(
+        init_from=str(converted), dtype="float32", data_path=str(anyres_pairs), image_folder=str(anyres_data),
+        cache_dir=str(tmp_path / "cache"), max_length=1024, stage="dpo", tune="lora", lora_r=4, lora_alpha=8,
+        lora_dropout=0.0, learning_rate=1e-3, max_steps=2, per_device_batch_size=2, num_workers=0,
+        report_to="none", output_dir=str(tmp_path / "run")))
+    export = run_in_process([str(recipe)])
+    logged = metrics(tmp_path / "run")
+    assert len(logged) == 2 and abs(logged[0]["loss"] - 0.6931472) < 1e-5
+    assert MiniGemini.from_pretrained(export).pinpoints
+    capsys.readouterr()
+    run_in_process([str(recipe), "--plan", "--device_memory_gb", "24", "--output_dir", str(tmp_path / "plan")])
+    assert "verdict: fits" in capsys.readouterr().out
+
+
 # ---- Mini-Gemini on AnyRes: the HR canvas at the grid's aspect, mined tile by tile ---------------------------------
 def test_mgm_anyres_trains_with_both_towers_and_exports(tmp_path, root, tok):
     """CLIP 28 px (2x2 patches per tile) + a timm ConvNeXt at 32 px per tile (8x8 map per tile: 4x4 windows)."""
