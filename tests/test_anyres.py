@@ -265,7 +265,8 @@ def anyres_pairs(anyres_data):
     records = []
     for i in range(8):
         names = [f"{(i + j) % len(SIZES)}.png" for j in range(i % 3)]
-        record = {"id": f"p{i}", "conversations": [{"from": "human", "value": "<image> " * len(names) + "what color ?"}],
+        question = "<image> " * len(names) + "what color ?"
+        record = {"id": f"p{i}", "conversations": [{"from": "human", "value": question}],
                   "chosen": "red " * (1 + i % 2), "rejected": "blue and green " * (1 + i % 3)}
         if names:
             record["image"] = names
