@@ -269,8 +269,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def measure_lengths(self) -> np.ndarray:
         """Exact LLM length of every record as __getitem__ will build it (tokenized and truncated like training, each
-        image counted as its tokens); 0 for a record that tokenization rejects. No image is decoded: AnyRes reads
-        each image's size from its header, the other layouts open no image at all. Runs as a datasets.map (data_args.num_proc processes) whose result is cached in Arrow next to the records,
+        image counted as its tokens); 0 for a record that tokenization rejects. No image is decoded: AnyRes
+        reads each image's size from its header, the other layouts open no image at all. Runs as a
+        datasets.map (data_args.num_proc processes) whose result is cached in Arrow next to the records,
         keyed by the tokenizer and the settings that change a length; packs are built from these."""
         a = self.args
         settings = DataArguments("", image_folder=a.image_folder, template=a.template, max_length=a.max_length,
@@ -615,7 +616,8 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
     return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-def tokenize_prompt(messages: list[dict], tokenizer, template: str | Template, *, num_images: int | None = None) -> torch.Tensor:
+def tokenize_prompt(messages: list[dict], tokenizer, template: str | Template, *,
+                    num_images: int | None = None) -> torch.Tensor:
     """Inference prompt ids (1-D), ending where the assistant's answer starts; the same ids training saw there."""
     template = get_template(template) if isinstance(template, str) else template
     messages = _place_image_tags(normalize_messages(messages, for_prompt=True), num_images)

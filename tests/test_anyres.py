@@ -193,7 +193,8 @@ def anyres_dataset(folder, converted, **overrides):
     from transformers import AutoTokenizer
     model = MiniGemini.from_pretrained(converted)
     tokenizer = AutoTokenizer.from_pretrained(converted)
-    args = DataArguments(str(folder / "data.jsonl"), image_folder=str(folder), template="vicuna_v1", image_aspect_ratio="anyres", cache_dir=str(folder / "cache"),
+    args = DataArguments(str(folder / "data.jsonl"), image_folder=str(folder), template="vicuna_v1",
+                         image_aspect_ratio="anyres", cache_dir=str(folder / "cache"),
                          **{"max_length": 1024, **overrides})
     return model, tokenizer, build_dataset(args, tokenizer, model.image_settings(), model.tokens_per_image)
 
