@@ -165,10 +165,10 @@ def build_app(answerer: Answerer, name: str, *, max_length: int | None = None,
             session.conversation, session.shown, session.answer_at = None, [], None
             return []
 
-        # "multiple": a question sent while an answer is still being written waits its turn (gradio's default
-        # for a submit, "once", would drop it without a word)
+        # "always_last": a question sent while an answer is still being written is sent once that answer is done
+        # (gradio's default for a submit, "once", drops it without a word; "multiple" sends it again on every Enter)
         asked = gr.on([question.submit, send_button.click], send, [session, question, *settings],
-                      [chatbot, question], api_name="send", trigger_mode="multiple", **one_at_a_time)
+                      [chatbot, question], api_name="send", trigger_mode="always_last", **one_at_a_time)
         regenerated = regenerate_button.click(regenerate, [session, *settings], [chatbot], api_name="regenerate",
                                               **one_at_a_time)
         stop_button.click(None, None, None, cancels=[asked, regenerated], api_visibility="undocumented")

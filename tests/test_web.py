@@ -219,18 +219,22 @@ def test_the_page_in_a_real_browser(server, image, tmp_path_factory, capsys):
             page.locator("#question input[type=file]").set_input_files(str(image))
             page.locator("#question textarea").fill(SHAPE)
             page.locator("#question img").wait_for()                    # the upload is attached
-            probe.delay = 0.1
+            probe.delay, asked = 0.1, len(probe.prompts)
             page.locator("#send").click()
             bot = page.locator('[data-testid="bot"]')
             bot.first.wait_for()                                        # the answer is being written (slowly) ...
             page.locator("#question textarea").fill(COLOR)
-            page.keyboard.press("Enter")                                # ... and the follow-up waits its turn
+            page.keyboard.press("Enter")                                # ... and the follow-up waits its turn,
+            page.keyboard.press("Enter")                                # sent once however often Enter is pressed
+            assert probe.active == 1                                    # (the first answer was still running)
             page.wait_for_function("t => [...document.querySelectorAll('[data-testid=\"bot\"]')]"
                                    ".some(e => e.innerText.trim() === t)", arg=expected)
             assert page.locator('[data-testid="user"] img').count() == 1   # the image is in the conversation
             page.wait_for_function("t => [...document.querySelectorAll('[data-testid=\"bot\"]')].length == 2 && "
                                    "document.querySelectorAll('[data-testid=\"bot\"]')[1].innerText.trim() === t",
                                    arg=follow_up)
+            page.wait_for_timeout(1500)                                 # no third answer starts
+            assert len(probe.prompts) == asked + 2 and bot.count() == 2
             page.screenshot(path=str(shot), full_page=True)
             page.locator("#clear").click()
             bot.first.wait_for(state="detached")
