@@ -338,10 +338,10 @@ def pair_flops(flops, batch: dict, placeholder_positions: torch.Tensor, model) -
     placeholder of a row becomes placeholder_positions, step.image_load's), the prompt once per pair unless mmca runs
     whole rows, the pair's images once, the reference forward unless precomputed."""
     b = len(batch["input_ids"]) // 2
-    mask, labels = batch["attention_mask"], batch["labels"]
+    mask, labels = batch["attention_mask"].cpu(), batch["labels"].cpu()
     first = torch.minimum((labels == IGNORE_INDEX).cumprod(1).sum(1), mask.sum(1))    # where each reply starts
     row = torch.repeat_interleave(torch.arange(len(mask)), batch["image_counts"].cpu())
-    extra = torch.zeros(len(mask), dtype=torch.long).index_add_(0, row, placeholder_positions.long() - 1)
+    extra = torch.zeros(len(mask), dtype=torch.long).index_add_(0, row, placeholder_positions.cpu().long() - 1)
     prompt, reply = first + extra, mask.sum(1) - first        # the images are the prompt's
     if model.config.attention == "mmca":                      # whole rows: no prompt shared
         prompt, reply = torch.zeros_like(prompt), prompt + reply

@@ -34,9 +34,11 @@ class TrainFlops(NamedTuple):
                  reference: bool) -> tuple[float, float]:
         """(LLM FLOPs, all FLOPs) of preference pairs as stage dpo computes them: each pair's prompt once with both
         replies after it (a reply attends to the prompt and itself), its images once (the frozen vision side), and
-        with `reference` the same positions again through a forward of the LLM's base (not precomputed)."""
+        with `reference` the same positions again through a forward of the LLM's base (not precomputed). Attention
+        pairs as `of` counts them for a row of n (n^2: twice the causal pairs, less the diagonal): twice the
+        (query, key) pairs the pair's mask allows, less its positions, so p^2 + c^2 + r^2 + 2p(c + r)."""
         p, c, r = (t.double() for t in (prompt, chosen, rejected))
-        positions, attended = float((p + c + r).sum()), float((p * p + c * (p + c) + r * (p + r)).sum())
+        positions, attended = float((p + c + r).sum()), float((p * p + c * c + r * r + 2 * p * (c + r)).sum())
         llm = self.llm_per_token * positions + self.llm_per_pair * attended
         if reference:
             llm += self.llm_forward_per_token * positions + self.llm_forward_per_pair * attended

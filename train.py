@@ -149,12 +149,13 @@ def run_stage(model_args, data_args, args: TrainArguments, config: dict, stop: S
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     say = bar.write if accelerator.is_local_main_process else (lambda message: None)
     peak = peak_flops(accelerator.device, args.peak_tflops)
+    inner = accelerator.unwrap_model(model)
     accelerator.print(f"model FLOPs for MFU: LLM {flops.llm_per_token / 1e9:.3g} GFLOP/position + "
                       f"{flops.llm_per_pair / 1e6:.3g} MFLOP/pair of positions in a sample, images "
-                      f"{flops.per_image / 1e9:.3g} GFLOP each; peak per device: "
-                      f"{f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown (--peak_tflops)'}")
+                      f"{flops.per_image / 1e9:.3g} GFLOP each"
+                      f"{'' if not pairs or inner.reference == 'precomputed' else ' (+ the reference forward)'}; "
+                      f"peak per device: {f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown (--peak_tflops)'}")
     meter = Throughput(peak, accelerator.num_processes)
-    inner = accelerator.unwrap_model(model)
     model.train()
     stop.training_begins(checkpoint_bytes=12 * sum(p.numel() for p in model.parameters() if p.requires_grad))
     stop_reason = None

@@ -304,34 +304,48 @@ def test_disabled_adapter_reference_equals_a_frozen_copy(dpo_recipe):
 
 
 def test_mfu_counts_the_positions_and_images_a_pair_step_computes(dpo_recipe):
-    """The log line's model FLOPs of a pair batch: the positions the LLM really runs (each prompt once, both replies;
-    again for the reference forward unless precomputed) and each pair's images once."""
+    """The log line's model FLOPs of a pair batch (image pairs and a text-only one): the positions the LLM really
+    runs (each prompt once, both replies; again for the reference forward unless precomputed), the attention pairs
+    its mask allows (counted as a row of n counts n^2), and each pair's images once; mmca: the whole rows."""
+    import dataclasses
+
     import settings
     import step
+    from data import DataArguments, build_dataset
     from flops import TrainFlops
     model_args, _, args = settings.parse_args(["--data_path", dpo_recipe["data_path"], *sum(
         ([f"--{k}", str(v)] for k, v in dpo_recipe.items() if k not in ("data_path",)), [])])
     tokenizer = step.load_tokenizer(model_args.llm)
     policy = step.build(model_args, args, tokenizer)
-    batch = recipe_pairs(policy, dpo_recipe, tokenizer)
-    positions = []                      # real (non-padding) positions of every LLM forward: policy, then reference
-    hook = policy.llm.get_base_model().register_forward_pre_hook(
-        lambda module, args, kw: positions.append(int((kw["inputs_embeds"].abs().sum(-1) > 0).sum())),
-        with_kwargs=True)
+    data = DataArguments(dpo_recipe["data_path"], image_folder=dpo_recipe["image_folder"], template="vicuna_v1")
+    dataset = build_dataset(data, tokenizer, policy.image_settings(), policy.tokens_per_image, pairs=True)
+    batch = collate_pairs([dataset[i] for i in (0, 1, 2, 12)], tokenizer.pad_token_id)    # 12: text only
+    seen = []                           # (real positions, allowed (query, key) pairs among them) of every LLM forward
+    def record(module, args, kw):
+        real = kw["inputs_embeds"].abs().sum(-1) > 0
+        allowed = (kw["attention_mask"][:, 0] == 0) & real[:, :, None] & real[:, None, :]
+        seen.append((int(real.sum()), int(allowed.sum())))
+    hook = policy.llm.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
     model = dpo.PreferenceModel(policy, reference="adapter")
     with torch.no_grad():
         model(**batch)
     hook.remove()
-    assert len(positions) == 2 and positions[0] == positions[1]
-    assert positions[0] < sum(step.sample_lengths(batch, step.image_load(model, batch)[0]))   # < the two rows
-    per_position = TrainFlops(1.0, 0.0, 0.0, llm_forward_per_token=1.0)
-    per_image = TrainFlops(0.0, 0.0, 1.0)
+    (positions, allowed), reference = seen
+    assert reference == (positions, allowed)
     placeholders = step.image_load(model, batch)[0]
-    assert dpo.pair_flops(per_position, batch, placeholders, model) == (2 * positions[0],) * 2
-    pairs_images = int(batch["image_counts"][:len(batch["image_counts"]) // 2].sum())
-    assert dpo.pair_flops(per_image, batch, placeholders, model)[1] == pairs_images == placeholders.numel() / 2 > 0
+    assert positions < sum(step.sample_lengths(batch, placeholders))          # fewer than the two rows whole
+    per_position = TrainFlops(1.0, 0.0, 0.0, llm_forward_per_token=1.0)
+    assert dpo.pair_flops(per_position, batch, placeholders, model) == (2 * positions,) * 2
+    per_pair = TrainFlops(0.0, 1.0, 0.0)
+    assert dpo.pair_flops(per_pair, batch, placeholders, model)[0] == 2 * allowed - positions
+    per_image = TrainFlops(0.0, 0.0, 1.0)
+    assert dpo.pair_flops(per_image, batch, placeholders, model)[1] == len(batch["images"]) == 3
     precomputed = dpo.PreferenceModel(policy, reference="precomputed")
-    assert dpo.pair_flops(per_position, batch, placeholders, precomputed) == (positions[0],) * 2
+    assert dpo.pair_flops(per_position, batch, placeholders, precomputed) == (positions,) * 2
+    policy.config = dataclasses.replace(policy.config, attention="mmca")     # mmca runs the rows whole
+    rows = TrainFlops(1.0, 1.0, 0.0)
+    assert dpo.pair_flops(rows, batch, placeholders, precomputed) == \
+        rows.of(step.sample_lengths(batch, placeholders), images=3)
 
 
 def test_precomputed_reference_gives_the_run_of_the_on_the_fly_one(dpo_recipe, tmp_path):

@@ -368,12 +368,13 @@ def test_train_flops_of_samples_count_attention_per_sample():
 
 def test_train_flops_of_preference_pairs_count_the_prompt_once():
     """A pair of prompt p and replies c, r (stage dpo): p + c + r positions; the prompt attends to itself, each reply
-    to the prompt and itself; the images once; a reference forward over the same positions unless precomputed."""
+    to the prompt and itself (counted as `of` counts a row: p^2 + c^2 + r^2 + 2p(c + r), a row of p + c being
+    (p + c)^2); the images once; a reference forward over the same positions unless precomputed."""
     from model import TrainFlops
     flops = TrainFlops(llm_per_token=10.0, llm_per_pair=1.0, per_image=100.0, llm_forward_per_token=3.0,
                        llm_forward_per_pair=0.5)
     p, c, r = torch.tensor([5, 2]), torch.tensor([2, 1]), torch.tensor([3, 1])
-    positions, attended = 7 + 3 + 4, (25 + 2 * 7 + 3 * 8) + (4 + 1 * 3 + 1 * 3)
+    positions, attended = 7 + 3 + 4, (25 + 4 + 9 + 2 * 5 * 5) + (4 + 1 + 1 + 2 * 2 * 2)
     llm = 10 * positions + attended
     assert flops.of_pairs(p, c, r, images=1, reference=False) == (llm, llm + 100)
     with_reference = llm + 3 * positions + 0.5 * attended
