@@ -85,8 +85,9 @@ def build_dataset(data_args: DataArguments, tokenizer, image_settings: dict | No
     if image_settings is not None:
         processor = image_processor(image_settings, data_args.image_aspect_ratio)
     if pairs:
-        return PreferenceDataset(records, tokenizer, data_args, processor, tokens_per_image, reference=reference)
-    dataset = SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
+        dataset = PreferenceDataset(records, tokenizer, data_args, processor, tokens_per_image, reference=reference)
+    else:
+        dataset = SupervisedDataset(records, tokenizer, data_args, processor, tokens_per_image)
     if data_args.packing or dataset.anyres:
         dataset.measure_lengths()
     return dataset
@@ -278,6 +279,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
                                  num_frames=a.num_frames)
         settings.max_image_pixels, anyres = a.max_image_pixels, None
         names = ["id", "conversations", "video", "n_images", "problem"]    # no bytes, unless AnyRes needs sizes
+        pairs = isinstance(self, PreferenceDataset)     # a pair's length: its longer row
+        if pairs:
+            names.append("rejected")
         if self.anyres:
             p = self.processor
             anyres = dict(image_size=p.image_size, image_grid_pinpoints=p.pinpoints, anyres_max_tiles=p.max_tiles,
@@ -288,7 +292,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             _measure_batch, batched=True, remove_columns=columns.column_names, num_proc=a.num_proc,
             features=datasets.Features({"length": datasets.Value("int32")}), desc="measuring token lengths",
             fn_kwargs={"tokenizer": self.tokenizer, "args": settings, "tokens_per_image": self.tokens_per_image,
-                       "anyres": anyres})
+                       "anyres": anyres, "pairs": pairs})
         self.measured_lengths = np.asarray(measured.with_format("numpy")["length"], dtype=np.int64)
         return self.measured_lengths
 
@@ -561,11 +565,11 @@ def _natural_key(name: str) -> list:
 
 
 def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image: int,
-                   anyres: dict | None = None) -> dict:
+                   anyres: dict | None = None, pairs: bool = False) -> dict:
     """SupervisedDataset.measure_lengths' map function: a batch of records (the image column only for AnyRes,
-    whose settings `anyres` holds) -> {"length"}."""
+    whose settings `anyres` holds; pairs: preference records) -> {"length"}."""
     processor = ImageProcessor(**anyres, aspect_ratio="anyres") if anyres else None
-    measurer = SupervisedDataset(None, tokenizer, args, processor, tokens_per_image)
+    measurer = (PreferenceDataset if pairs else SupervisedDataset)(None, tokenizer, args, processor, tokens_per_image)
     lengths = []
     for j in range(len(batch["id"])):
         record = {k: v[j] for k, v in batch.items()}
@@ -574,8 +578,8 @@ def _measure_batch(batch: dict, tokenizer, args: DataArguments, tokens_per_image
         try:
             conversations, sources = measurer.parse(record)
             per_image = measurer.image_tokens(sources)
-            tokens = measurer.tokenize(conversations, len(sources), per_image)
-            lengths.append(expanded_length(tokens["input_ids"], per_image))
+            tokens = measurer.encode(record, conversations, len(sources), per_image)
+            lengths.append(measurer.positions(tokens, per_image))
         except BadSample:
             lengths.append(0)
     return {"length": lengths}

@@ -300,6 +300,8 @@ def test_anyres_pairs_give_the_log_probs_of_whole_rows(anyres_data, anyres_pairs
     torch.testing.assert_close(ours, whole, rtol=1e-5, atol=1e-5)
     positions = step.image_load(model, batch)[0]
     assert len(positions) == int(batch["image_counts"].sum()) == 2 * len(batch["image_sizes"])
+    rows = step.sample_lengths(batch, positions)                      # each row's length, its images expanded
+    assert dataset.lengths().tolist() == torch.maximum(rows[:8], rows[8:]).tolist()   # a pair: its longer row
 
 
 def test_stage_dpo_from_a_converted_llava_next_on_anyres_pairs(anyres_data, anyres_pairs, converted, tmp_path,
