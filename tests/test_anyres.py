@@ -307,7 +307,11 @@ def test_anyres_pairs_give_the_log_probs_of_whole_rows(anyres_data, anyres_pairs
 def test_stage_dpo_from_a_converted_llava_next_on_anyres_pairs(anyres_data, anyres_pairs, converted, tmp_path,
                                                                 capsys):
     """train.py stage dpo, init_from the converted LLaVA-NeXT (AnyRes comes with it), LoRA with the disabled adapter
-    as reference: the first loss is log 2, the run exports; --plan traces the same step."""
+    as reference: the first loss is log 2, the run exports, merged it goes back to transformers' LlavaNext
+    (recipes/llava_next_7b_dpo_lora.yaml's way); --plan traces the same step."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from model import merge_lora_export
     from tests.test_train import metrics, run_in_process, write_recipe
     recipe = write_recipe(tmp_path / "r.yaml", dict(
         init_from=str(converted), dtype="float32", data_path=str(anyres_pairs), image_folder=str(anyres_data),
@@ -317,7 +321,9 @@ def test_stage_dpo_from_a_converted_llava_next_on_anyres_pairs(anyres_data, anyr
     export = run_in_process([str(recipe)])
     logged = metrics(tmp_path / "run")
     assert len(logged) == 2 and abs(logged[0]["loss"] - 0.6931472) < 1e-5
-    assert MiniGemini.from_pretrained(export).pinpoints
+    merge_lora_export(export, tmp_path / "merged")
+    to_llava_next(tmp_path / "merged", tmp_path / "hf")
+    assert LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf").config.image_grid_pinpoints == PINPOINTS
     capsys.readouterr()
     run_in_process([str(recipe), "--plan", "--device_memory_gb", "24", "--output_dir", str(tmp_path / "plan")])
     assert "verdict: fits" in capsys.readouterr().out
